@@ -1,0 +1,464 @@
+//! The master's session cache: pure data structure, no I/O, no OpenSSL.
+//!
+//! - Key: (namespace, session id). Value: session DER and an absolute expiry (unix seconds).
+//! - Bounded by bytes: each entry costs its key, its DER and `ENTRY_OVERHEAD`. When a store
+//!   would exceed the budget, least-recently-used entries are evicted first; lookups refresh
+//!   recency.
+//! - Expired entries are never returned. `sweep` removes them in expiry order through a
+//!   min-heap, so it never scans the whole table.
+//! - Every DER leaving the cache (evicted, expired, removed, overwritten, dropped) is wiped.
+//! - A lookup that misses allocates nothing: the key is assembled on the stack.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+
+use crate::protocol::{MAX_ID_LEN, MAX_NAMESPACE_LEN};
+use crate::wipe::wipe;
+
+/// Fixed bytes charged per entry on top of key and DER: the slab slot, the hash-map slot,
+/// the expiry-heap item and the allocator's headers, rounded up. Measured by the memory
+/// benchmark; it keeps the budget an honest bound on the master's memory.
+pub const ENTRY_OVERHEAD: usize = 128;
+
+const NIL: u32 = u32::MAX;
+const KEY_BUF: usize = 1 + MAX_NAMESPACE_LEN + MAX_ID_LEN;
+
+/// Counters kept by the cache itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheCounters {
+    /// Lookups that found a live entry.
+    pub hits: u64,
+    /// Lookups that found nothing (or only an expired entry).
+    pub misses: u64,
+    /// Entries stored (new or overwritten).
+    pub stores: u64,
+    /// Entries evicted to stay within the byte budget.
+    pub evictions: u64,
+    /// Entries dropped because their expiry passed.
+    pub expirations: u64,
+    /// Stores refused because the session was larger than allowed.
+    pub oversize: u64,
+    /// Entries removed on request.
+    pub removes: u64,
+}
+
+/// What `Cache::put` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// Stored as a new entry.
+    Stored,
+    /// Replaced an entry with the same key.
+    Replaced,
+    /// Refused: larger than the per-session cap or the whole budget.
+    Oversize,
+    /// Refused: already expired, or a malformed key.
+    Rejected,
+}
+
+struct Entry {
+    key: Box<[u8]>,
+    der: Box<[u8]>,
+    expiry: u64,
+    prev: u32,
+    next: u32,
+    generation: u32,
+}
+
+/// A byte-bounded LRU cache of TLS sessions with absolute expiry.
+pub struct Cache {
+    budget: usize,
+    max_session: usize,
+    bytes: usize,
+    map: HashMap<Box<[u8]>, u32>,
+    slots: Vec<Option<Entry>>,
+    free: Vec<u32>,
+    /// Most recently used.
+    head: u32,
+    /// Least recently used: evicted first.
+    tail: u32,
+    expiries: BinaryHeap<Reverse<(u64, u32, u32)>>,
+    next_generation: u32,
+    counters: CacheCounters,
+}
+
+fn make_key<'b>(buf: &'b mut [u8; KEY_BUF], namespace: &[u8], id: &[u8]) -> Option<&'b [u8]> {
+    if namespace.len() > MAX_NAMESPACE_LEN || id.len() > MAX_ID_LEN {
+        return None;
+    }
+    buf[0] = namespace.len() as u8;
+    buf[1..1 + namespace.len()].copy_from_slice(namespace);
+    let end = 1 + namespace.len() + id.len();
+    buf[1 + namespace.len()..end].copy_from_slice(id);
+    Some(&buf[..end])
+}
+
+impl Cache {
+    /// A cache holding at most `budget` bytes (see `ENTRY_OVERHEAD`) of sessions no larger
+    /// than `max_session` bytes of DER each.
+    pub fn new(budget: usize, max_session: usize) -> Cache {
+        Cache {
+            budget,
+            max_session,
+            bytes: 0,
+            map: HashMap::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            head: NIL,
+            tail: NIL,
+            expiries: BinaryHeap::new(),
+            next_generation: 0,
+            counters: CacheCounters::default(),
+        }
+    }
+
+    /// Bytes charged against the budget now.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Entries held now (expired ones not yet swept included).
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True when nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// The counters so far.
+    pub fn counters(&self) -> CacheCounters {
+        self.counters
+    }
+
+    /// The cost of one entry against the budget.
+    pub fn entry_cost(key_len: usize, der_len: usize) -> usize {
+        key_len + der_len + ENTRY_OVERHEAD
+    }
+
+    /// Store `der` under (namespace, id) until `expiry` (unix seconds).
+    pub fn put(&mut self, namespace: &[u8], id: &[u8], der: &[u8], expiry: u64, now: u64) -> PutOutcome {
+        let mut buf = [0u8; KEY_BUF];
+        let Some(key) = make_key(&mut buf, namespace, id) else {
+            return PutOutcome::Rejected;
+        };
+        if expiry <= now || id.is_empty() {
+            return PutOutcome::Rejected;
+        }
+        let cost = Self::entry_cost(key.len(), der.len());
+        if der.len() > self.max_session || cost > self.budget {
+            self.counters.oversize += 1;
+            return PutOutcome::Oversize;
+        }
+        let generation = self.bump_generation();
+        if let Some(&slot) = self.map.get(key) {
+            self.unlink(slot);
+            let entry = self.slots[slot as usize].as_mut().expect("mapped slot is occupied");
+            let old_cost = Self::entry_cost(entry.key.len(), entry.der.len());
+            wipe(&mut entry.der);
+            entry.der = der.into();
+            entry.expiry = expiry;
+            entry.generation = generation;
+            self.bytes = self.bytes - old_cost + cost;
+            self.push_front(slot);
+            self.expiries.push(Reverse((expiry, slot, generation)));
+            self.counters.stores += 1;
+            self.evict_to_budget(slot);
+            self.compact_expiries();
+            return PutOutcome::Replaced;
+        }
+        // Make room first so the new entry is never its own victim.
+        while self.bytes + cost > self.budget && self.tail != NIL {
+            self.evict_tail();
+        }
+        let entry = Entry { key: key.into(), der: der.into(), expiry, prev: NIL, next: NIL, generation };
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.slots[s as usize] = Some(entry);
+                s
+            }
+            None => {
+                self.slots.push(Some(entry));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let key = self.slots[slot as usize].as_ref().map(|e| e.key.clone()).unwrap_or_default();
+        self.map.insert(key, slot);
+        self.bytes += cost;
+        self.push_front(slot);
+        self.expiries.push(Reverse((expiry, slot, generation)));
+        self.counters.stores += 1;
+        self.compact_expiries();
+        PutOutcome::Stored
+    }
+
+    /// Look up (namespace, id) at time `now`. A hit refreshes recency; an expired entry is
+    /// removed and reported as a miss. Reads never extend the expiry.
+    pub fn get(&mut self, namespace: &[u8], id: &[u8], now: u64) -> Option<&[u8]> {
+        let mut buf = [0u8; KEY_BUF];
+        let slot = make_key(&mut buf, namespace, id).and_then(|key| self.map.get(key).copied());
+        let Some(slot) = slot else {
+            self.counters.misses += 1;
+            return None;
+        };
+        let expired = self.slots[slot as usize].as_ref().is_none_or(|e| e.expiry <= now);
+        if expired {
+            self.remove_slot(slot);
+            self.counters.expirations += 1;
+            self.counters.misses += 1;
+            return None;
+        }
+        self.unlink(slot);
+        self.push_front(slot);
+        self.counters.hits += 1;
+        self.slots[slot as usize].as_ref().map(|e| &e.der[..])
+    }
+
+    /// Remove (namespace, id). Returns whether something was removed.
+    pub fn remove(&mut self, namespace: &[u8], id: &[u8]) -> bool {
+        let mut buf = [0u8; KEY_BUF];
+        let slot = make_key(&mut buf, namespace, id).and_then(|key| self.map.get(key).copied());
+        match slot {
+            Some(slot) => {
+                self.remove_slot(slot);
+                self.counters.removes += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drop every entry whose expiry is at or before `now`; returns how many went.
+    /// Costs O(k log n) for k expired entries, never a scan of the table.
+    pub fn sweep(&mut self, now: u64) -> usize {
+        let mut removed = 0;
+        while let Some(&Reverse((expiry, slot, generation))) = self.expiries.peek() {
+            if expiry > now {
+                break;
+            }
+            self.expiries.pop();
+            let live = self.slots.get(slot as usize).and_then(|s| s.as_ref()).is_some_and(|e| e.generation == generation);
+            if live {
+                self.remove_slot(slot);
+                self.counters.expirations += 1;
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    fn bump_generation(&mut self) -> u32 {
+        self.next_generation = self.next_generation.wrapping_add(1);
+        self.next_generation
+    }
+
+    /// Overwrites leave stale heap items behind; rebuild the heap when they dominate so it
+    /// stays proportional to the live entries.
+    fn compact_expiries(&mut self) {
+        if self.expiries.len() > 2 * self.map.len() + 1024 {
+            let live: Vec<_> = self
+                .slots
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| s.as_ref().map(|e| Reverse((e.expiry, i as u32, e.generation))))
+                .collect();
+            self.expiries = BinaryHeap::from(live);
+        }
+    }
+
+    fn evict_to_budget(&mut self, keep: u32) {
+        while self.bytes > self.budget && self.tail != NIL && self.tail != keep {
+            self.evict_tail();
+        }
+    }
+
+    fn evict_tail(&mut self) {
+        let victim = self.tail;
+        self.remove_slot(victim);
+        self.counters.evictions += 1;
+    }
+
+    fn remove_slot(&mut self, slot: u32) {
+        self.unlink(slot);
+        if let Some(mut entry) = self.slots[slot as usize].take() {
+            self.map.remove(&entry.key);
+            self.bytes -= Self::entry_cost(entry.key.len(), entry.der.len());
+            wipe(&mut entry.der);
+            self.free.push(slot);
+        }
+    }
+
+    fn push_front(&mut self, slot: u32) {
+        let old_head = self.head;
+        if let Some(e) = self.slots[slot as usize].as_mut() {
+            e.prev = NIL;
+            e.next = old_head;
+        }
+        if old_head != NIL {
+            if let Some(h) = self.slots[old_head as usize].as_mut() {
+                h.prev = slot;
+            }
+        } else {
+            self.tail = slot;
+        }
+        self.head = slot;
+    }
+
+    fn unlink(&mut self, slot: u32) {
+        let Some((prev, next)) = self.slots[slot as usize].as_ref().map(|e| (e.prev, e.next)) else {
+            return;
+        };
+        if prev != NIL {
+            if let Some(p) = self.slots[prev as usize].as_mut() {
+                p.next = next;
+            }
+        } else if self.head == slot {
+            self.head = next;
+        }
+        if next != NIL {
+            if let Some(n) = self.slots[next as usize].as_mut() {
+                n.prev = prev;
+            }
+        } else if self.tail == slot {
+            self.tail = prev;
+        }
+        if let Some(e) = self.slots[slot as usize].as_mut() {
+            e.prev = NIL;
+            e.next = NIL;
+        }
+    }
+}
+
+impl Drop for Cache {
+    fn drop(&mut self) {
+        for entry in self.slots.iter_mut().flatten() {
+            wipe(&mut entry.der);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_000;
+
+    fn id(n: u32) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        b[..4].copy_from_slice(&n.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn stores_and_finds_by_namespace_and_id() {
+        let mut c = Cache::new(1 << 20, 1024);
+        assert_eq!(c.put(b"a", &id(1), b"one", NOW + 10, NOW), PutOutcome::Stored);
+        assert_eq!(c.get(b"a", &id(1), NOW), Some(&b"one"[..]));
+        assert_eq!(c.get(b"b", &id(1), NOW), None, "namespaces are isolated");
+        assert_eq!(c.counters().hits, 1);
+        assert_eq!(c.counters().misses, 1);
+    }
+
+    #[test]
+    fn expiry_is_absolute_and_reads_do_not_extend_it() {
+        let mut c = Cache::new(1 << 20, 1024);
+        c.put(b"", &id(1), b"x", NOW + 5, NOW);
+        for t in NOW..NOW + 5 {
+            assert!(c.get(b"", &id(1), t).is_some());
+        }
+        assert_eq!(c.get(b"", &id(1), NOW + 5), None);
+        assert_eq!(c.counters().expirations, 1);
+        assert_eq!(c.len(), 0);
+        assert_eq!(c.bytes(), 0);
+    }
+
+    #[test]
+    fn sweep_removes_only_expired_entries_in_order() {
+        let mut c = Cache::new(1 << 20, 1024);
+        for i in 0..100u32 {
+            c.put(b"", &id(i), b"x", NOW + 1 + u64::from(i % 10), NOW);
+        }
+        // Overwrite some with longer lifetimes: their stale heap items must not remove them.
+        for i in 0..10u32 {
+            c.put(b"", &id(i), b"y", NOW + 100, NOW);
+        }
+        // Expiring by NOW+5: i % 10 in 0..=4, 50 entries, less the 5 overwritten ones.
+        assert_eq!(c.sweep(NOW + 5), 45);
+        assert_eq!(c.len(), 55);
+        assert_eq!(c.sweep(NOW + 50), 45);
+        assert_eq!(c.len(), 10);
+        assert_eq!(c.get(b"", &id(3), NOW + 50), Some(&b"y"[..]));
+    }
+
+    #[test]
+    fn evicts_least_recently_used_at_the_byte_budget() {
+        let der = [0u8; 100];
+        let cost = Cache::entry_cost(1 + 32, 100);
+        let mut c = Cache::new(cost * 3, 1024);
+        for i in 0..3 {
+            c.put(b"", &id(i), &der, NOW + 100, NOW);
+        }
+        assert!(c.get(b"", &id(0), NOW).is_some(), "touch 0 so 1 is the oldest");
+        c.put(b"", &id(3), &der, NOW + 100, NOW);
+        assert_eq!(c.len(), 3);
+        assert!(c.get(b"", &id(1), NOW).is_none(), "LRU entry evicted");
+        assert!(c.get(b"", &id(0), NOW).is_some());
+        assert!(c.get(b"", &id(2), NOW).is_some());
+        assert!(c.get(b"", &id(3), NOW).is_some());
+        assert_eq!(c.counters().evictions, 1);
+        assert!(c.bytes() <= cost * 3);
+    }
+
+    #[test]
+    fn never_exceeds_budget_under_many_stores() {
+        let budget = 64 * 1024;
+        let mut c = Cache::new(budget, 4096);
+        let mut s: u64 = 12345;
+        for i in 0..50_000u32 {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let len = (s >> 40) as usize % 2000;
+            let der = vec![1u8; len];
+            c.put(b"ns", &id(i % 5000), &der, NOW + 1 + (s >> 60), NOW);
+            assert!(c.bytes() <= budget);
+            if i % 97 == 0 {
+                c.remove(b"ns", &id(i / 2));
+            }
+        }
+        c.sweep(u64::MAX);
+        assert_eq!(c.bytes(), 0);
+        assert_eq!(c.len(), 0);
+    }
+
+    #[test]
+    fn refuses_oversize_sessions_and_counts_them() {
+        let mut c = Cache::new(1 << 20, 100);
+        assert_eq!(c.put(b"", &id(1), &[0u8; 101], NOW + 1, NOW), PutOutcome::Oversize);
+        let mut tiny = Cache::new(64, 1000);
+        assert_eq!(tiny.put(b"", &id(1), &[0u8; 10], NOW + 1, NOW), PutOutcome::Oversize);
+        assert_eq!(c.counters().oversize, 1);
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn rejects_expired_and_malformed_keys() {
+        let mut c = Cache::new(1 << 20, 100);
+        assert_eq!(c.put(b"", &id(1), b"x", NOW, NOW), PutOutcome::Rejected);
+        assert_eq!(c.put(b"", &[0u8; 33], b"x", NOW + 1, NOW), PutOutcome::Rejected);
+        assert_eq!(c.put(&[b'n'; 65], &id(1), b"x", NOW + 1, NOW), PutOutcome::Rejected);
+        assert_eq!(c.put(b"", b"", b"x", NOW + 1, NOW), PutOutcome::Rejected);
+        assert_eq!(c.get(b"", &[0u8; 40], NOW), None);
+    }
+
+    #[test]
+    fn overwrite_and_remove_keep_accounting_exact() {
+        let mut c = Cache::new(1 << 20, 1000);
+        c.put(b"", &id(1), &[1u8; 10], NOW + 9, NOW);
+        assert_eq!(c.put(b"", &id(1), &[2u8; 500], NOW + 9, NOW), PutOutcome::Replaced);
+        assert_eq!(c.bytes(), Cache::entry_cost(33, 500));
+        assert_eq!(c.get(b"", &id(1), NOW), Some(&[2u8; 500][..]));
+        assert!(c.remove(b"", &id(1)));
+        assert!(!c.remove(b"", &id(1)));
+        assert_eq!(c.bytes(), 0);
+        assert_eq!(c.counters().removes, 1);
+    }
+}

@@ -1,0 +1,355 @@
+//! OpenSSL's session-cache callbacks, written over openssl-sys.
+//!
+//! We do not use the openssl crate's `set_*_session_callback`: they find their closure through
+//! ex_data that only `Ssl::new` fills, so on an `SSL*` made by C code they panic inside an
+//! `extern "C"` function and abort the host. Our trampolines keep their per-context state
+//! (the namespace) in an ex_data slot of our own on the `SSL_CTX`, freed with the context.
+//!
+//! Every trampoline runs inside `ffi_boundary!`: a panic becomes "no session" (a miss or a
+//! skipped store), never an unwind into OpenSSL.
+
+use std::ffi::{c_int, c_long, c_uchar, c_uint, c_void};
+use std::sync::atomic::{AtomicI32, Ordering::SeqCst};
+
+use openssl_sys as ffi;
+
+use crate::channel::{self, Channel};
+use crate::fork;
+use crate::master::{self, Master};
+use crate::protocol::{MAX_ID_LEN, MAX_NAMESPACE_LEN};
+use crate::stats::{bump, WORKER};
+use crate::wipe::SecretBuf;
+use crate::Error;
+
+extern "C" {
+    // Not bound by openssl-sys; exported by libssl 3.
+    fn SSL_get_options(ssl: *const ffi::SSL) -> u64;
+    fn ERR_set_mark() -> c_int;
+    fn ERR_pop_to_mark() -> c_int;
+}
+
+const TLS1_3_VERSION: c_int = 0x0304;
+
+/// Per-`SSL_CTX` state, owned by the context's ex_data slot.
+struct CtxState {
+    namespace: Box<[u8]>,
+}
+
+/// Where this process's lookups go.
+enum Backend {
+    /// The master itself (a server with no workers): the cache, in process.
+    InProcess(&'static Master),
+    /// A worker: the channel to the master.
+    Channel(&'static Channel),
+}
+
+fn backend() -> Option<Backend> {
+    if let Some(m) = master::get() {
+        return Some(Backend::InProcess(m));
+    }
+    channel::current().ok().map(Backend::Channel)
+}
+
+static EX_INDEX: AtomicI32 = AtomicI32::new(-1);
+
+unsafe extern "C" fn free_ctx_state(
+    _parent: *mut c_void,
+    ptr: *mut c_void,
+    _ad: *mut ffi::CRYPTO_EX_DATA,
+    _idx: c_int,
+    _argl: c_long,
+    _argp: *mut c_void,
+) {
+    ffi_boundary!((), {
+        if !ptr.is_null() {
+            // SAFETY: non-null values in our slot are only ever Box<CtxState> set by
+            // `install`; OpenSSL calls this once, when the context is freed.
+            drop(unsafe { Box::from_raw(ptr.cast::<CtxState>()) });
+        }
+    })
+}
+
+fn ex_index() -> Result<c_int, Error> {
+    let idx = EX_INDEX.load(SeqCst);
+    if idx >= 0 {
+        return Ok(idx);
+    }
+    // SAFETY: registers a new ex_data index with a free callback of the right signature.
+    let new = unsafe { ffi::SSL_CTX_get_ex_new_index(0, std::ptr::null_mut(), None, None, Some(free_ctx_state)) };
+    if new < 0 {
+        return Err(Error::OpenSsl("SSL_CTX_get_ex_new_index failed".into()));
+    }
+    // Two racing first calls each get an index; one wins and the other index stays unused.
+    match EX_INDEX.compare_exchange(-1, new, SeqCst, SeqCst) {
+        Ok(_) => Ok(new),
+        Err(existing) => Ok(existing),
+    }
+}
+
+/// State of a context, if `install` ran on it.
+///
+/// # Safety
+/// `ctx` must be a valid `SSL_CTX` pointer.
+unsafe fn ctx_state<'a>(ctx: *const ffi::SSL_CTX) -> Option<&'a CtxState> {
+    let idx = EX_INDEX.load(SeqCst);
+    if idx < 0 || ctx.is_null() {
+        return None;
+    }
+    // SAFETY: caller guarantees `ctx` is valid; our slot holds a Box<CtxState> or NULL, alive
+    // as long as the context.
+    unsafe { ffi::SSL_CTX_get_ex_data(ctx, idx).cast::<CtxState>().as_ref() }
+}
+
+/// Options for `install`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ShareOptions {
+    /// Keep the session id context the host set instead of deriving one from the namespace.
+    pub keep_session_id_context: bool,
+}
+
+/// Check a namespace for use on the wire.
+pub fn check_namespace(ns: &[u8]) -> Result<(), Error> {
+    if ns.len() > MAX_NAMESPACE_LEN {
+        return Err(Error::InvalidNamespace(format!("{} bytes, at most {MAX_NAMESPACE_LEN}", ns.len())));
+    }
+    Ok(())
+}
+
+/// The session id context derived from a namespace: SHA-256 of a fixed label and the
+/// namespace (32 bytes, the TLS maximum).
+fn session_id_context(ns: &[u8]) -> [u8; 32] {
+    let mut h = openssl::sha::Sha256::new();
+    h.update(b"cluster-tls-store session id context\0");
+    h.update(ns);
+    h.finish()
+}
+
+/// Install the callbacks on `ctx` for namespace `ns`.
+///
+/// # Safety
+/// `ctx` must be a valid `SSL_CTX` pointer; the caller must not be running handshakes on it
+/// concurrently (OpenSSL's setters are not synchronised).
+pub unsafe fn install(ctx: *mut ffi::SSL_CTX, ns: &[u8], opts: ShareOptions) -> Result<(), Error> {
+    check_namespace(ns)?;
+    // Find the backend first: with no master, the context is left untouched.
+    match backend() {
+        Some(_) => {}
+        None => return Err(channel::current().err().unwrap_or(Error::NoMaster)),
+    }
+    let idx = ex_index()?;
+    if !opts.keep_session_id_context {
+        let sid = session_id_context(ns);
+        // SAFETY: `ctx` is valid (caller); `sid` is 32 bytes, the maximum OpenSSL accepts.
+        if unsafe { ffi::SSL_CTX_set_session_id_context(ctx, sid.as_ptr(), sid.len() as c_uint) } != 1 {
+            return Err(Error::OpenSsl("SSL_CTX_set_session_id_context failed".into()));
+        }
+    }
+    let state = Box::into_raw(Box::new(CtxState { namespace: ns.into() }));
+    // SAFETY: `ctx` is valid; the previous value (if any) is ours and is freed after the
+    // new one is in place.
+    unsafe {
+        let old = ffi::SSL_CTX_get_ex_data(ctx, idx);
+        if ffi::SSL_CTX_set_ex_data(ctx, idx, state.cast()) != 1 {
+            drop(Box::from_raw(state));
+            return Err(Error::OpenSsl("SSL_CTX_set_ex_data failed".into()));
+        }
+        if !old.is_null() {
+            drop(Box::from_raw(old.cast::<CtxState>()));
+        }
+        ffi::SSL_CTX_sess_set_new_cb(ctx, Some(new_session_cb));
+        ffi::SSL_CTX_sess_set_get_cb(ctx, Some(get_session_cb));
+        ffi::SSL_CTX_sess_set_remove_cb(ctx, Some(remove_session_cb));
+        // The shared cache is the only cache: OpenSSL's per-process one would serve
+        // sessions that were removed or expired cluster-wide and grow without our bound.
+        ffi::SSL_CTX_set_session_cache_mode(ctx, ffi::SSL_SESS_CACHE_SERVER | ffi::SSL_SESS_CACHE_NO_INTERNAL);
+    }
+    Ok(())
+}
+
+/// True for TLS 1.3 sessions that ride in stateless tickets: the ticket holds the state,
+/// storing it would only waste the cache (nginx skips them the same way).
+///
+/// # Safety
+/// `ssl` must be a valid `SSL` pointer.
+unsafe fn is_stateless_tls13(ssl: *const ffi::SSL) -> bool {
+    // SAFETY: caller guarantees `ssl` is valid.
+    unsafe { ffi::SSL_version(ssl) >= TLS1_3_VERSION && SSL_get_options(ssl) & ffi::SSL_OP_NO_TICKET as u64 == 0 }
+}
+
+unsafe extern "C" fn new_session_cb(ssl: *mut ffi::SSL, sess: *mut ffi::SSL_SESSION) -> c_int {
+    // Returning 0 tells OpenSSL we kept no reference: it frees its own.
+    ffi_boundary!(0, {
+        // SAFETY: OpenSSL passes a valid SSL and SESSION for the duration of the callback.
+        unsafe { store_session(ssl, sess) };
+        0
+    })
+}
+
+/// # Safety
+/// `ssl` and `sess` must be valid.
+unsafe fn store_session(ssl: *mut ffi::SSL, sess: *mut ffi::SSL_SESSION) {
+    // SAFETY: both pointers are valid (caller).
+    unsafe {
+        if is_stateless_tls13(ssl) {
+            bump(&WORKER.stateless_skipped);
+            return;
+        }
+        let Some(state) = ctx_state(ffi::SSL_get_SSL_CTX(ssl)) else { return };
+        let Some(backend) = backend() else { return };
+        let mut id_len: c_uint = 0;
+        let id_ptr = ffi::SSL_SESSION_get_id(sess, &mut id_len);
+        if id_ptr.is_null() || id_len == 0 || id_len as usize > MAX_ID_LEN {
+            return;
+        }
+        let id = std::slice::from_raw_parts(id_ptr, id_len as usize);
+        let der_len = ffi::i2d_SSL_SESSION(sess, std::ptr::null_mut());
+        if der_len <= 0 {
+            return;
+        }
+        let der_len = der_len as usize;
+        if der_len > channel::max_session_bytes() {
+            bump(&WORKER.oversize);
+            return;
+        }
+        let time = ffi::SSL_SESSION_get_time(sess).max(0) as u64;
+        let timeout = ffi::SSL_SESSION_get_timeout(sess).max(0) as u64;
+        let expiry = time.saturating_add(timeout);
+        // i2d into the tail of `out`; the bytes are wiped with the buffer after the send.
+        let encode = |out: &mut Vec<u8>| -> bool {
+            let start = out.len();
+            out.resize(start + der_len, 0);
+            let mut p = out.as_mut_ptr().add(start);
+            let written = ffi::i2d_SSL_SESSION(sess, &mut p);
+            if written as usize != der_len {
+                out.truncate(start);
+                return false;
+            }
+            true
+        };
+        match backend {
+            Backend::Channel(ch) => ch.put(&state.namespace, id, expiry, der_len, encode),
+            Backend::InProcess(m) => {
+                let mut buf = SecretBuf::with_capacity(der_len);
+                if encode(buf.vec()) {
+                    m.put(&state.namespace, id, &buf, expiry);
+                    bump(&WORKER.puts);
+                }
+            }
+        }
+    }
+}
+
+unsafe extern "C" fn get_session_cb(
+    ssl: *mut ffi::SSL,
+    id: *const c_uchar,
+    len: c_int,
+    copy: *mut c_int,
+) -> *mut ffi::SSL_SESSION {
+    ffi_boundary!(std::ptr::null_mut(), {
+        // SAFETY: OpenSSL passes a valid SSL, `len` readable bytes at `id`, and a valid `copy`.
+        unsafe { lookup_session(ssl, id, len, copy) }
+    })
+}
+
+/// # Safety
+/// As for `get_session_cb`.
+unsafe fn lookup_session(ssl: *mut ffi::SSL, id: *const c_uchar, len: c_int, copy: *mut c_int) -> *mut ffi::SSL_SESSION {
+    if id.is_null() || len <= 0 || len as usize > MAX_ID_LEN {
+        return std::ptr::null_mut();
+    }
+    // SAFETY: see the function's contract.
+    unsafe {
+        let id = std::slice::from_raw_parts(id, len as usize);
+        let Some(state) = ctx_state(ffi::SSL_get_SSL_CTX(ssl)) else {
+            return std::ptr::null_mut();
+        };
+        let der = match backend() {
+            Some(Backend::Channel(ch)) => ch.get(&state.namespace, id),
+            Some(Backend::InProcess(m)) => {
+                bump(&WORKER.gets);
+                let mut cache = m.cache();
+                let found = cache.get(&state.namespace, id, master::now_secs()).map(|d| {
+                    let mut b = SecretBuf::with_capacity(d.len());
+                    b.vec().extend_from_slice(d);
+                    b
+                });
+                drop(cache);
+                if found.is_none() {
+                    bump(&WORKER.misses);
+                }
+                found
+            }
+            None => None,
+        };
+        let Some(der) = der else { return std::ptr::null_mut() };
+        let sess = decode_session(&der, id);
+        if sess.is_null() {
+            bump(&WORKER.decode_failures);
+            return std::ptr::null_mut();
+        }
+        bump(&WORKER.hits);
+        // A freshly decoded session: hand OpenSSL our only reference.
+        if !copy.is_null() {
+            *copy = 0;
+        }
+        sess
+    }
+}
+
+/// Decode a session and check it is the one asked for; NULL otherwise. OpenSSL errors from a
+/// bad DER are popped so the host's error queue is left as it was.
+fn decode_session(der: &[u8], id: &[u8]) -> *mut ffi::SSL_SESSION {
+    let Ok(len) = c_long::try_from(der.len()) else { return std::ptr::null_mut() };
+    // SAFETY: d2i reads at most `len` bytes from `p`; the mark/pop pair only touches this
+    // thread's error queue; the returned session is owned by us until handed to OpenSSL.
+    unsafe {
+        ERR_set_mark();
+        let mut p = der.as_ptr();
+        let sess = ffi::d2i_SSL_SESSION(std::ptr::null_mut(), &mut p, len);
+        ERR_pop_to_mark();
+        if sess.is_null() {
+            return sess;
+        }
+        let mut got_len: c_uint = 0;
+        let got = ffi::SSL_SESSION_get_id(sess, &mut got_len);
+        if got.is_null() || std::slice::from_raw_parts(got, got_len as usize) != id {
+            ffi::SSL_SESSION_free(sess);
+            return std::ptr::null_mut();
+        }
+        sess
+    }
+}
+
+unsafe extern "C" fn remove_session_cb(ctx: *mut ffi::SSL_CTX, sess: *mut ffi::SSL_SESSION) {
+    ffi_boundary!((), {
+        // SAFETY: OpenSSL passes a valid context and session.
+        unsafe {
+            let Some(state) = ctx_state(ctx) else { return };
+            let mut id_len: c_uint = 0;
+            let id_ptr = ffi::SSL_SESSION_get_id(sess, &mut id_len);
+            if id_ptr.is_null() || id_len == 0 || id_len as usize > MAX_ID_LEN {
+                return;
+            }
+            let id = std::slice::from_raw_parts(id_ptr, id_len as usize);
+            match backend() {
+                Some(Backend::Channel(ch)) => ch.del(&state.namespace, id),
+                Some(Backend::InProcess(m)) => {
+                    m.cache().remove(&state.namespace, id);
+                    bump(&WORKER.dels);
+                }
+                None => {}
+            }
+        }
+    })
+}
+
+/// What this process is, for stats.
+pub(crate) fn role() -> u32 {
+    if fork::is_master() {
+        crate::stats::ROLE_MASTER
+    } else if channel::current().is_ok() {
+        crate::stats::ROLE_WORKER
+    } else {
+        crate::stats::ROLE_NONE
+    }
+}

@@ -1,0 +1,295 @@
+//! The C API. Thin wrappers: convert pointers and codes, call the Rust API, never unwind.
+//!
+//! Conventions (all functions):
+//! - the return value is a `cts_result`; 0 (`CTS_OK`) means success;
+//! - NULL arguments are checked and reported (`CTS_ERR_NULL_ARGUMENT`) unless documented as
+//!   optional; output parameters are written only on success;
+//! - on failure, `cts_last_error` gives a readable message for the calling thread;
+//! - a panic inside the library is caught and reported as `CTS_ERR_PANIC`.
+#![allow(non_camel_case_types)]
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, CStr, CString};
+use std::time::Duration;
+
+use openssl_sys::SSL_CTX;
+
+use crate::stats::Stats;
+use crate::{Config, Error, ShareOptions};
+
+/// Result codes. Numbers are stable and never reused.
+#[repr(i32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum cts_result {
+    /// Success.
+    CTS_OK = 0,
+    /// A required pointer argument was NULL.
+    CTS_ERR_NULL_ARGUMENT = 1,
+    /// A configuration value is out of range (`cts_last_error` names it).
+    CTS_ERR_INVALID_CONFIG = 2,
+    /// `cts_master_setup` was called in a worker.
+    CTS_ERR_IN_WORKER = 3,
+    /// No master: `cts_master_setup` was not called before this process was forked (and no
+    /// channel was passed with `CTS_CHANNEL_FD`). The `SSL_CTX` was left untouched.
+    CTS_ERR_NO_MASTER = 4,
+    /// The namespace is longer than 64 bytes.
+    CTS_ERR_INVALID_NAMESPACE = 5,
+    /// An OpenSSL call failed.
+    CTS_ERR_OPENSSL = 6,
+    /// A system call failed.
+    CTS_ERR_SYSTEM = 7,
+    /// Internal error: a panic was caught at the boundary.
+    CTS_ERR_PANIC = 8,
+    /// This process inherited its parent worker's channel (it is a helper forked by a worker)
+    /// and may not use it. The `SSL_CTX` was left untouched.
+    CTS_ERR_NOT_CHANNEL_OWNER = 9,
+}
+
+/// Flag for `cts_share_sessions_ex`: keep the session id context already set on the
+/// `SSL_CTX` instead of deriving one from the namespace.
+pub const CTS_SHARE_KEEP_SESSION_ID_CONTEXT: u32 = 1;
+
+/// Configuration of `cts_master_setup`. Fill with `cts_config_init`, then change fields.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct cts_config {
+    /// Byte budget of the master's cache; LRU eviction beyond it. Default 64 MiB.
+    pub cache_bytes: u64,
+    /// Largest session (DER bytes) stored; larger ones are refused and counted.
+    /// Default 16384; allowed 256..=65536.
+    pub max_session_bytes: u32,
+    /// Cap on a session's lifetime in the cache, in seconds. Default 86400.
+    pub max_lifetime_secs: u32,
+    /// How long a worker's lookup waits for the master, in microseconds; then it is a miss.
+    /// Default 10000 (10 ms).
+    pub get_timeout_us: u32,
+    /// Longest pause of lookups after the master failed to answer, in milliseconds.
+    /// Default 500.
+    pub breaker_max_backoff_ms: u32,
+}
+
+impl From<&Config> for cts_config {
+    fn from(c: &Config) -> cts_config {
+        cts_config {
+            cache_bytes: c.cache_bytes as u64,
+            max_session_bytes: c.max_session_bytes.min(u32::MAX as usize) as u32,
+            max_lifetime_secs: c.max_lifetime.as_secs().min(u32::MAX as u64) as u32,
+            get_timeout_us: c.get_timeout.as_micros().min(u32::MAX as u128) as u32,
+            breaker_max_backoff_ms: c.breaker_max_backoff.as_millis().min(u32::MAX as u128) as u32,
+        }
+    }
+}
+
+impl From<&cts_config> for Config {
+    fn from(c: &cts_config) -> Config {
+        Config {
+            cache_bytes: usize::try_from(c.cache_bytes).unwrap_or(usize::MAX),
+            max_session_bytes: c.max_session_bytes as usize,
+            max_lifetime: Duration::from_secs(u64::from(c.max_lifetime_secs)),
+            get_timeout: Duration::from_micros(u64::from(c.get_timeout_us)),
+            breaker_max_backoff: Duration::from_millis(u64::from(c.breaker_max_backoff_ms)),
+        }
+    }
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<Option<CString>> = const { RefCell::new(None) };
+}
+
+fn set_last_error(msg: String) {
+    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    let _ = LAST_ERROR.try_with(|e| *e.borrow_mut() = Some(c));
+}
+
+fn code_of(e: &Error) -> cts_result {
+    use cts_result::*;
+    match e.code() {
+        1 => CTS_ERR_NULL_ARGUMENT,
+        2 => CTS_ERR_INVALID_CONFIG,
+        3 => CTS_ERR_IN_WORKER,
+        4 => CTS_ERR_NO_MASTER,
+        5 => CTS_ERR_INVALID_NAMESPACE,
+        6 => CTS_ERR_OPENSSL,
+        7 => CTS_ERR_SYSTEM,
+        9 => CTS_ERR_NOT_CHANNEL_OWNER,
+        _ => CTS_ERR_PANIC,
+    }
+}
+
+/// Report a Rust result as a C code, remembering the message of an error.
+fn report(r: Result<(), Error>) -> cts_result {
+    match r {
+        Ok(()) => cts_result::CTS_OK,
+        Err(e) => {
+            set_last_error(e.to_string());
+            code_of(&e)
+        }
+    }
+}
+
+/// Run a C entry point's body behind the panic boundary.
+fn guarded(body: impl FnOnce() -> Result<(), Error>) -> cts_result {
+    ffi_boundary!(
+        {
+            set_last_error(Error::Panic.to_string());
+            cts_result::CTS_ERR_PANIC
+        },
+        { report(body()) }
+    )
+}
+
+/// Fill `*cfg` with the defaults.
+///
+/// May be called anywhere, any time; thread-safe. Returns `CTS_ERR_NULL_ARGUMENT` if `cfg` is
+/// NULL.
+#[no_mangle]
+pub extern "C" fn cts_config_init(cfg: *mut cts_config) -> cts_result {
+    guarded(|| {
+        // SAFETY: checked non-NULL; the caller gives a writable cts_config.
+        let cfg = unsafe { cfg.as_mut() }.ok_or(Error::NullArgument("cfg"))?;
+        *cfg = cts_config::from(&Config::default());
+        Ok(())
+    })
+}
+
+/// Start the shared session cache in this process, the master.
+///
+/// Call once in the master, before it forks its workers. It starts the cache thread and
+/// registers fork handlers: every later `fork()` gives the child its own private channel
+/// (an AF_UNIX SOCK_SEQPACKET socketpair) to the cache. `cfg` may be NULL for the defaults;
+/// it is copied, the caller keeps ownership.
+///
+/// Idempotent: a second call in the master returns `CTS_OK` and keeps the first
+/// configuration. Returns `CTS_ERR_IN_WORKER` in a process forked by the master,
+/// `CTS_ERR_INVALID_CONFIG` for out-of-range values, `CTS_ERR_SYSTEM` if the thread or
+/// descriptors cannot be created. Thread-safe.
+#[no_mangle]
+pub extern "C" fn cts_master_setup(cfg: *const cts_config) -> cts_result {
+    guarded(|| {
+        // SAFETY: NULL means defaults; otherwise the caller gives a readable cts_config.
+        let config = match unsafe { cfg.as_ref() } {
+            Some(c) => Config::from(c),
+            None => Config::default(),
+        };
+        crate::master_setup(config)
+    })
+}
+
+/// Share `ctx`'s TLS sessions with every worker through the master's cache.
+///
+/// Call in a worker (after the fork) for each `SSL_CTX` it serves, whether the context was
+/// made before or after the fork; or in the master itself for a server without workers
+/// (then the cache is used in-process). `ns` is the namespace, a NUL-terminated string of at
+/// most 64 bytes; NULL means the default namespace "". Contexts that must not resume each
+/// other's sessions use different namespaces.
+///
+/// It installs session new/get/remove callbacks, sets the session cache mode to
+/// `SSL_SESS_CACHE_SERVER | SSL_SESS_CACHE_NO_INTERNAL` (the shared cache is the only cache)
+/// and sets a session id context derived from the namespace (OpenSSL 3.0 cannot report one
+/// the host set; use `cts_share_sessions_ex` with `CTS_SHARE_KEEP_SESSION_ID_CONTEXT` to keep
+/// yours). The library keeps no reference to `ctx`; its state is freed with the context.
+///
+/// Returns `CTS_ERR_NO_MASTER` (or `CTS_ERR_NOT_CHANNEL_OWNER`) with `ctx` left untouched when
+/// this process cannot reach a master. Not thread-safe with respect to handshakes on the same
+/// `ctx`: call it before the context serves connections.
+#[no_mangle]
+pub extern "C" fn cts_share_sessions(ctx: *mut SSL_CTX, ns: *const c_char) -> cts_result {
+    cts_share_sessions_ex(ctx, ns, 0)
+}
+
+/// `cts_share_sessions` with flags (`CTS_SHARE_KEEP_SESSION_ID_CONTEXT`); unknown flag bits
+/// are ignored.
+#[no_mangle]
+pub extern "C" fn cts_share_sessions_ex(ctx: *mut SSL_CTX, ns: *const c_char, flags: u32) -> cts_result {
+    guarded(|| {
+        if ctx.is_null() {
+            return Err(Error::NullArgument("ctx"));
+        }
+        let ns: &[u8] = if ns.is_null() {
+            b""
+        } else {
+            // SAFETY: the caller gives a NUL-terminated string.
+            unsafe { CStr::from_ptr(ns) }.to_bytes()
+        };
+        let opts = ShareOptions { keep_session_id_context: flags & CTS_SHARE_KEEP_SESSION_ID_CONTEXT != 0 };
+        // SAFETY: `ctx` is a non-NULL SSL_CTX from the caller, not serving handshakes yet.
+        unsafe { crate::callbacks::install(ctx, ns, opts) }
+    })
+}
+
+/// Copy this process's counters into `*out`.
+///
+/// `out->worker` holds this process's own counters. `out->master` holds the cache's counters
+/// when `out->master_valid` is 1: always in the master; in a worker, when the master answered
+/// the request within the lookup deadline. `out->role` is `CTS_ROLE_*`. Callable from any
+/// thread, in any process.
+#[no_mangle]
+pub extern "C" fn cts_get_stats(out: *mut Stats) -> cts_result {
+    guarded(|| {
+        if out.is_null() {
+            return Err(Error::NullArgument("out"));
+        }
+        let s = crate::stats();
+        // SAFETY: checked non-NULL; the caller gives a writable cts_stats.
+        unsafe { *out = s };
+        Ok(())
+    })
+}
+
+/// A static, human-readable description of a result code. Never NULL; do not free.
+#[no_mangle]
+pub extern "C" fn cts_strerror(code: i32) -> *const c_char {
+    crate::error::code_message(code).as_ptr()
+}
+
+/// Copy the calling thread's last error message (from the most recent failing `cts_` call)
+/// into `buf` (`len` bytes, NUL-terminated, truncated to fit). Returns the message's full
+/// length without the NUL, 0 if there is none. `buf` may be NULL when `len` is 0.
+#[no_mangle]
+pub extern "C" fn cts_last_error(buf: *mut c_char, len: usize) -> usize {
+    ffi_boundary!(0, {
+        LAST_ERROR
+            .try_with(|e| {
+                let e = e.borrow();
+                let Some(msg) = e.as_ref() else { return 0 };
+                let bytes = msg.as_bytes();
+                if !buf.is_null() && len > 0 {
+                    let n = bytes.len().min(len - 1);
+                    // SAFETY: the caller gives `len` writable bytes at `buf`; we write n + 1 ≤ len.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(bytes.as_ptr().cast::<c_char>(), buf, n);
+                        *buf.add(n) = 0;
+                    }
+                }
+                bytes.len()
+            })
+            .unwrap_or(0)
+    })
+}
+
+/// This worker's channel descriptor, or -1 if the process has none of its own.
+///
+/// For servers whose workers `exec` a new program after the fork: clear the descriptor's
+/// `FD_CLOEXEC` flag and put its number in the environment variable `CTS_CHANNEL_FD` before
+/// `exec`; `cts_share_sessions` in the new program adopts it.
+#[no_mangle]
+pub extern "C" fn cts_channel_fd() -> c_int {
+    ffi_boundary!(-1, { crate::channel_fd().unwrap_or(-1) })
+}
+
+/// The library version, a static NUL-terminated string.
+#[no_mangle]
+pub extern "C" fn cts_version() -> *const c_char {
+    const V: &CStr = match CStr::from_bytes_with_nul(concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes()) {
+        Ok(v) => v,
+        Err(_) => c"unknown",
+    };
+    V.as_ptr()
+}
+
+/// `Stats::role` value: neither master nor worker.
+pub const CTS_ROLE_NONE: u32 = 0;
+/// `Stats::role` value: the master.
+pub const CTS_ROLE_MASTER: u32 = 1;
+/// `Stats::role` value: a worker connected to the master.
+pub const CTS_ROLE_WORKER: u32 = 2;

@@ -1,0 +1,429 @@
+//! The worker's side of the channel to the master.
+//!
+//! - PUT and DEL are fire-and-forget: sent non-blocking with `MSG_NOSIGNAL`; a full socket
+//!   buffer drops the message (counted), a dead master is noticed and remembered.
+//! - GET and STATS carry a request id and wait for the matching reply until a deadline.
+//!   Several threads may wait at once: whichever thread is the "reader" at the moment polls
+//!   the socket and files every reply under its request id; the others sleep on a condition
+//!   variable. A reply whose request already gave up finds no slot and is dropped.
+//! - A timeout opens a breaker: lookups are skipped (instant miss) for a back-off that
+//!   doubles up to `breaker_max_backoff`; then one probe is let through, and its answer closes
+//!   the breaker again. A stalled master costs about one timeout, not one per handshake.
+
+use std::cell::RefCell;
+use std::os::fd::RawFd;
+use std::ptr;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::fork::{self, ChannelFd};
+use crate::protocol::{self, Op, MAX_FRAME_LEN};
+use crate::stats::{bump, MasterStats, WORKER};
+use crate::wipe::{wipe, SecretBuf};
+use crate::Error;
+
+/// Environment variable naming an inherited channel descriptor, for workers that `exec`.
+pub const CHANNEL_FD_ENV: &str = "CTS_CHANNEL_FD";
+
+static GET_TIMEOUT_US: AtomicU64 = AtomicU64::new(10_000);
+static BACKOFF_MAX_MS: AtomicU64 = AtomicU64::new(500);
+static MAX_SESSION: AtomicU64 = AtomicU64::new(16 << 10);
+
+/// Publish the worker-side settings; set in the master before any fork, inherited by
+/// every worker.
+pub(crate) fn set_worker_config(cfg: &Config) {
+    GET_TIMEOUT_US.store(cfg.get_timeout.as_micros() as u64, SeqCst);
+    BACKOFF_MAX_MS.store(cfg.breaker_max_backoff.as_millis().max(1) as u64, SeqCst);
+    MAX_SESSION.store(cfg.max_session_bytes as u64, SeqCst);
+}
+
+/// Largest session DER a worker sends.
+pub(crate) fn max_session_bytes() -> usize {
+    MAX_SESSION.load(Relaxed) as usize
+}
+
+static CHANNEL: AtomicPtr<Channel> = AtomicPtr::new(ptr::null_mut());
+
+/// Forget (leak) the channel object inherited from a parent worker. Called from the fork
+/// child handler: an atomic store only.
+pub(crate) fn forget_parent_channel() {
+    CHANNEL.store(ptr::null_mut(), SeqCst);
+}
+
+/// This process's channel to the master, opened on first use.
+pub fn current() -> Result<&'static Channel, Error> {
+    let me = fork::pid();
+    let p = CHANNEL.load(SeqCst);
+    // SAFETY: a non-null CHANNEL points to a leaked Box<Channel> that is never freed.
+    if let Some(ch) = unsafe { p.as_ref() } {
+        if ch.pid == me {
+            return Ok(ch);
+        }
+    }
+    let fd = match fork::channel_fd() {
+        ChannelFd::Owned(fd) => fd,
+        ChannelFd::Inherited => return Err(Error::NotChannelOwner),
+        ChannelFd::None => adopt_from_env()?,
+    };
+    let fresh = Box::into_raw(Box::new(Channel::new(fd, me)));
+    match CHANNEL.compare_exchange(p, fresh, SeqCst, SeqCst) {
+        // SAFETY: `fresh` came from Box::into_raw above and is now published for good.
+        Ok(_) => Ok(unsafe { &*fresh }),
+        Err(winner) => {
+            // SAFETY: `fresh` was never published; we still own it.
+            drop(unsafe { Box::from_raw(fresh) });
+            // SAFETY: as above, published channels are never freed.
+            match unsafe { winner.as_ref() } {
+                Some(ch) if ch.pid == me => Ok(ch),
+                _ => Err(Error::NoMaster),
+            }
+        }
+    }
+}
+
+/// A worker that was exec'd gets its channel as an inherited descriptor named by
+/// `CTS_CHANNEL_FD`. The descriptor must be an AF_UNIX SOCK_SEQPACKET socket.
+fn adopt_from_env() -> Result<RawFd, Error> {
+    let Some(v) = std::env::var_os(CHANNEL_FD_ENV) else {
+        return Err(Error::NoMaster);
+    };
+    let fd: RawFd = v.to_str().and_then(|s| s.trim().parse().ok()).ok_or(Error::NoMaster)?;
+    let mut ty: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `ty`; an invalid fd fails with EBADF.
+    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut ty as *mut libc::c_int).cast(), &mut len) };
+    if rc != 0 || ty != libc::SOCK_SEQPACKET {
+        return Err(Error::NoMaster);
+    }
+    // SAFETY: fcntl on a valid descriptor; flags are plain integers.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+    fork::adopt_channel_fd(fd);
+    Ok(fd)
+}
+
+/// What a request got back.
+pub enum Reply {
+    /// The session DER (wiped when dropped).
+    Hit(SecretBuf),
+    /// Nothing stored under that key.
+    Miss,
+    /// The master's counters.
+    Stats(MasterStats),
+}
+
+struct Slot {
+    id: u64,
+    reply: Option<Reply>,
+}
+
+struct Waiters {
+    reader: bool,
+    slots: Vec<Slot>,
+}
+
+/// One process's channel to the master. Lives for the rest of the process (leaked).
+pub struct Channel {
+    fd: RawFd,
+    pid: i32,
+    next_id: AtomicU64,
+    waiters: Mutex<Waiters>,
+    cond: Condvar,
+    /// Monotonic ms until which lookups are skipped; 0 = breaker closed.
+    open_until_ms: AtomicU64,
+    backoff_ms: AtomicU64,
+    dead: AtomicBool,
+}
+
+thread_local! {
+    static SEND_BUF: RefCell<SecretBuf> = RefCell::new(SecretBuf::with_capacity(1024));
+    static RECV_BUF: RefCell<SecretBuf> = RefCell::new(SecretBuf::default());
+}
+
+fn mono_ms() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+impl Channel {
+    fn new(fd: RawFd, pid: i32) -> Channel {
+        Channel {
+            fd,
+            pid,
+            next_id: AtomicU64::new(0),
+            waiters: Mutex::new(Waiters { reader: false, slots: Vec::new() }),
+            cond: Condvar::new(),
+            open_until_ms: AtomicU64::new(0),
+            backoff_ms: AtomicU64::new(0),
+            dead: AtomicBool::new(false),
+        }
+    }
+
+    /// True once the master closed the channel.
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Relaxed)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Waiters> {
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn mark_dead(&self) {
+        if !self.dead.swap(true, SeqCst) {
+            WORKER.master_gone.store(1, Relaxed);
+        }
+        self.cond.notify_all();
+    }
+
+    /// Send one frame without blocking. The frame is built by `build` in a thread-local
+    /// buffer that is wiped afterwards. Returns false if it was not sent.
+    fn send_frame(&self, build: impl FnOnce(&mut Vec<u8>) -> bool) -> bool {
+        let send = |buf: &mut SecretBuf| -> bool {
+            buf.clear();
+            if !build(buf.vec()) {
+                buf.clear();
+                return false;
+            }
+            // SAFETY: `buf` is valid for its length; non-blocking, and MSG_NOSIGNAL keeps a
+            // dead master from raising SIGPIPE in the host.
+            let rc = unsafe {
+                libc::send(self.fd, buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            };
+            let err = std::io::Error::last_os_error().raw_os_error();
+            buf.clear();
+            if rc >= 0 {
+                return true;
+            }
+            match err {
+                Some(libc::EAGAIN) | Some(libc::ENOBUFS) | Some(libc::EINTR) => bump(&WORKER.send_drops),
+                _ => self.mark_dead(),
+            }
+            false
+        };
+        // The thread-local buffer saves an allocation per message; a re-entrant call or a
+        // thread being torn down falls back to a fresh buffer.
+        let mut send = Some(send);
+        let mut result = None;
+        let _ = SEND_BUF.try_with(|cell| {
+            if let (Ok(mut b), Some(f)) = (cell.try_borrow_mut(), send.take()) {
+                result = Some(f(&mut b));
+            }
+        });
+        match (result, send) {
+            (Some(r), _) => r,
+            (None, Some(f)) => f(&mut SecretBuf::with_capacity(512)),
+            (None, None) => false,
+        }
+    }
+
+    /// Fire-and-forget PUT: `der` fills the payload after the header.
+    pub fn put(&self, namespace: &[u8], id: &[u8], expiry: u64, der_len: usize, der: impl FnOnce(&mut Vec<u8>) -> bool) {
+        if self.is_dead() {
+            return;
+        }
+        let sent = self.send_frame(|out| {
+            out.reserve(protocol::frame_len(namespace, id, der_len));
+            protocol::encode_header(out, Op::Put, 0, expiry, namespace, id);
+            der(out)
+        });
+        if sent {
+            bump(&WORKER.puts);
+        }
+    }
+
+    /// Fire-and-forget DEL.
+    pub fn del(&self, namespace: &[u8], id: &[u8]) {
+        if self.is_dead() {
+            return;
+        }
+        if self.send_frame(|out| {
+            protocol::encode(out, Op::Del, 0, 0, namespace, id, &[]);
+            true
+        }) {
+            bump(&WORKER.dels);
+        }
+    }
+
+    /// Look up a session; `None` on a miss, a timeout, a skipped lookup or a dead master.
+    pub fn get(&self, namespace: &[u8], id: &[u8]) -> Option<SecretBuf> {
+        bump(&WORKER.gets);
+        match self.request(Op::Get, namespace, id)? {
+            Reply::Hit(der) => Some(der),
+            _ => {
+                bump(&WORKER.misses);
+                None
+            }
+        }
+    }
+
+    /// Ask the master for its counters.
+    pub fn master_stats(&self) -> Option<MasterStats> {
+        match self.request(Op::Stats, b"", b"")? {
+            Reply::Stats(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn admit(&self, now: u64) -> bool {
+        let until = self.open_until_ms.load(SeqCst);
+        if until == 0 {
+            return true;
+        }
+        if now < until {
+            return false;
+        }
+        // Half-open: exactly one caller probes; the window lasts one timeout.
+        let probe_end = now + GET_TIMEOUT_US.load(Relaxed) / 1000 + 1;
+        self.open_until_ms.compare_exchange(until, probe_end, SeqCst, SeqCst).is_ok()
+    }
+
+    fn trip(&self, now: u64) {
+        let until = self.open_until_ms.load(SeqCst);
+        if until != 0 && now < until {
+            return; // Another thread already opened it.
+        }
+        let max = BACKOFF_MAX_MS.load(Relaxed).max(1);
+        let prev = self.backoff_ms.load(SeqCst);
+        let next = if prev == 0 { (max / 8).max(1) } else { (prev * 2).min(max) };
+        self.backoff_ms.store(next, SeqCst);
+        self.open_until_ms.store(now + next, SeqCst);
+    }
+
+    fn close_breaker(&self) {
+        if self.open_until_ms.load(Relaxed) != 0 || self.backoff_ms.load(Relaxed) != 0 {
+            self.open_until_ms.store(0, SeqCst);
+            self.backoff_ms.store(0, SeqCst);
+        }
+    }
+
+    fn request(&self, op: Op, namespace: &[u8], id: &[u8]) -> Option<Reply> {
+        if self.is_dead() {
+            return None;
+        }
+        if !self.admit(mono_ms()) {
+            bump(&WORKER.breaker_skips);
+            return None;
+        }
+        let rid = self.next_id.fetch_add(1, Relaxed).wrapping_add(1);
+        self.lock().slots.push(Slot { id: rid, reply: None });
+        let deadline = Instant::now() + Duration::from_micros(GET_TIMEOUT_US.load(Relaxed));
+        let sent = self.send_frame(|out| {
+            protocol::encode(out, op, rid, 0, namespace, id, &[]);
+            true
+        });
+        let mut w = self.lock();
+        if !sent {
+            w.slots.retain(|s| s.id != rid);
+            return None;
+        }
+        loop {
+            if let Some(i) = w.slots.iter().position(|s| s.id == rid && s.reply.is_some()) {
+                let reply = w.slots.swap_remove(i).reply;
+                drop(w);
+                self.close_breaker();
+                return reply;
+            }
+            let now = Instant::now();
+            if now >= deadline || self.is_dead() {
+                w.slots.retain(|s| s.id != rid);
+                drop(w);
+                if !self.is_dead() {
+                    bump(&WORKER.timeouts);
+                    self.trip(mono_ms());
+                }
+                return None;
+            }
+            if !w.reader {
+                w.reader = true;
+                drop(w);
+                self.read_replies(deadline - now);
+                w = self.lock();
+                w.reader = false;
+                self.cond.notify_all();
+            } else {
+                w = self.cond.wait_timeout(w, deadline - now).map(|r| r.0).unwrap_or_else(|e| e.into_inner().0);
+            }
+        }
+    }
+
+    /// Wait up to `wait` for the socket to be readable, then file every reply there is.
+    fn read_replies(&self, wait: Duration) {
+        let mut pfd = libc::pollfd { fd: self.fd, events: libc::POLLIN, revents: 0 };
+        let ts = libc::timespec { tv_sec: wait.as_secs() as libc::time_t, tv_nsec: wait.subsec_nanos() as libc::c_long };
+        // SAFETY: one valid pollfd, a valid timespec, no signal mask change.
+        let n = unsafe { libc::ppoll(&mut pfd, 1, &ts, ptr::null()) };
+        if n <= 0 {
+            return;
+        }
+        let drain = |buf: &mut SecretBuf| {
+            let v = buf.vec();
+            if v.len() < MAX_FRAME_LEN + 1 {
+                v.resize(MAX_FRAME_LEN + 1, 0);
+            }
+            loop {
+                // SAFETY: `v` is valid for `v.len()` bytes; MSG_TRUNC reports oversized frames.
+                let n = unsafe { libc::recv(self.fd, v.as_mut_ptr().cast(), v.len(), libc::MSG_DONTWAIT | libc::MSG_TRUNC) };
+                if n == 0 {
+                    self.mark_dead();
+                    return;
+                }
+                if n < 0 {
+                    match std::io::Error::last_os_error().raw_os_error() {
+                        Some(libc::EAGAIN) | Some(libc::EINTR) => return,
+                        _ => {
+                            self.mark_dead();
+                            return;
+                        }
+                    }
+                }
+                let n = n as usize;
+                if n <= v.len() {
+                    self.file_reply(&v[..n]);
+                }
+                wipe(&mut v[..n.min(MAX_FRAME_LEN + 1)]);
+            }
+        };
+        let _ = RECV_BUF.try_with(|b| match b.try_borrow_mut() {
+            Ok(mut b) => drain(&mut b),
+            Err(_) => drain(&mut SecretBuf::default()),
+        });
+    }
+
+    fn file_reply(&self, frame: &[u8]) {
+        let Ok(msg) = protocol::decode(frame) else {
+            bump(&WORKER.decode_failures);
+            return;
+        };
+        let reply = match msg.op {
+            Op::Hit => {
+                let mut b = SecretBuf::with_capacity(msg.payload.len());
+                b.vec().extend_from_slice(msg.payload);
+                Reply::Hit(b)
+            }
+            Op::Miss => Reply::Miss,
+            Op::StatsReply => match MasterStats::decode(msg.payload) {
+                Some(s) => Reply::Stats(s),
+                None => {
+                    bump(&WORKER.decode_failures);
+                    return;
+                }
+            },
+            _ => {
+                bump(&WORKER.decode_failures);
+                return;
+            }
+        };
+        let mut w = self.lock();
+        match w.slots.iter_mut().find(|s| s.id == msg.request_id && s.reply.is_none()) {
+            Some(slot) => slot.reply = Some(reply),
+            None => bump(&WORKER.late_replies),
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! Configuration of the master's cache and of the workers' channel.
+
+use std::time::Duration;
+
+use crate::protocol::MAX_PAYLOAD_LEN;
+use crate::Error;
+
+/// How the shared cache behaves. `Config::default()` holds the documented defaults.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Byte budget of the master's cache (session DER + key + a fixed per-entry overhead).
+    /// Least-recently-used sessions are evicted beyond it. Default 64 MiB.
+    pub cache_bytes: usize,
+    /// Largest session DER stored; larger sessions are refused and counted. Default 16 KiB.
+    pub max_session_bytes: usize,
+    /// Upper bound on a session's lifetime in the cache, whatever its own timeout says.
+    /// Default 24 hours.
+    pub max_lifetime: Duration,
+    /// How long a worker's lookup waits for the master before it counts as a miss.
+    /// Default 10 ms.
+    pub get_timeout: Duration,
+    /// Longest pause of lookups after the master failed to answer (the breaker doubles its
+    /// pause from 1/8 of this up to this value). Default 500 ms.
+    pub breaker_max_backoff: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            cache_bytes: 64 << 20,
+            max_session_bytes: 16 << 10,
+            max_lifetime: Duration::from_secs(24 * 3600),
+            get_timeout: Duration::from_millis(10),
+            breaker_max_backoff: Duration::from_millis(500),
+        }
+    }
+}
+
+impl Config {
+    /// Check every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |why: String| Err(Error::InvalidConfig(why));
+        if self.max_session_bytes < 256 || self.max_session_bytes > MAX_PAYLOAD_LEN {
+            return bad(format!(
+                "max_session_bytes = {} (allowed 256..={MAX_PAYLOAD_LEN})",
+                self.max_session_bytes
+            ));
+        }
+        if self.cache_bytes < 64 << 10 {
+            return bad(format!("cache_bytes = {} (at least 65536)", self.cache_bytes));
+        }
+        if self.max_lifetime < Duration::from_secs(1) || self.max_lifetime > Duration::from_secs(7 * 24 * 3600) {
+            return bad(format!("max_lifetime = {:?} (allowed 1 s ..= 7 days)", self.max_lifetime));
+        }
+        if self.get_timeout < Duration::from_micros(100) || self.get_timeout > Duration::from_secs(10) {
+            return bad(format!("get_timeout = {:?} (allowed 100 µs ..= 10 s)", self.get_timeout));
+        }
+        if self.breaker_max_backoff < Duration::from_millis(1) || self.breaker_max_backoff > Duration::from_secs(60) {
+            return bad(format!(
+                "breaker_max_backoff = {:?} (allowed 1 ms ..= 60 s)",
+                self.breaker_max_backoff
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_are_named() {
+        assert!(Config::default().validate().is_ok());
+        let c = Config { max_session_bytes: 10, ..Config::default() };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("max_session_bytes"), "{e}");
+        let c = Config { get_timeout: Duration::ZERO, ..Config::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("get_timeout"));
+    }
+}

@@ -1,0 +1,205 @@
+//! Who this process is (master, worker, neither) and what happens at `fork()`.
+//!
+//! `master_setup` registers three `pthread_atfork` handlers:
+//! - prepare (in the forking thread of the master): make a fresh SOCK_SEQPACKET socketpair and
+//!   remember it in a thread-local;
+//! - parent: close the worker's end and hand the master's end to the cache thread;
+//! - child: adopt the worker's end as this process's channel and close every master-side
+//!   descriptor inherited from the master (other workers' channels, the cache thread's
+//!   wake-up fd), so no worker can read another worker's traffic.
+//!
+//! The child handler runs before `fork()` returns to the host, in a process whose only thread
+//! is the forking one: it touches only atomics, a const-initialised thread-local and
+//! async-signal-safe system calls (`getpid`, `close`). The master-side descriptors it must close
+//! are kept in a fixed, lock-free bitmap for that reason.
+
+use std::cell::Cell;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering::SeqCst};
+
+/// pid of the process that ran `master_setup`, 0 if none.
+static MASTER_PID: AtomicI32 = AtomicI32::new(0);
+/// The worker end of this process's channel, -1 if none.
+static CHANNEL_FD: AtomicI32 = AtomicI32::new(-1);
+/// pid of the process that owns `CHANNEL_FD`; a different pid means the fd was inherited.
+static CHANNEL_PID: AtomicI32 = AtomicI32::new(0);
+
+/// Master-side descriptors (fd numbers) that every forked child must close.
+const FD_BITMAP_WORDS: usize = 16 * 1024;
+/// Descriptors at or above this number cannot be tracked, so they are never handed out as
+/// channels (the fork proceeds without one and the worker reports `NoMaster`).
+pub(crate) const MAX_TRACKED_FD: RawFd = (FD_BITMAP_WORDS * 64) as RawFd;
+static MASTER_FDS: [AtomicU64; FD_BITMAP_WORDS] = [const { AtomicU64::new(0) }; FD_BITMAP_WORDS];
+
+thread_local! {
+    /// The pair made by `prepare` for the fork in progress on this thread: [master, worker].
+    static PENDING: Cell<[RawFd; 2]> = const { Cell::new([-1, -1]) };
+}
+
+/// The pid of this process. `getpid` is a real system call in current glibc (no cache), so
+/// this is always right after `fork`.
+pub fn pid() -> i32 {
+    // SAFETY: getpid has no preconditions and cannot fail.
+    unsafe { libc::getpid() }
+}
+
+/// True in the process that ran `master_setup`.
+pub fn is_master() -> bool {
+    let m = MASTER_PID.load(SeqCst);
+    m != 0 && m == pid()
+}
+
+/// True in a descendant of the master (a worker, or a worker's helper).
+pub fn is_descendant_of_master() -> bool {
+    let m = MASTER_PID.load(SeqCst);
+    m != 0 && m != pid()
+}
+
+pub(crate) fn set_master_pid(p: i32) {
+    MASTER_PID.store(p, SeqCst);
+}
+
+/// This process's channel fd, if it owns one.
+pub enum ChannelFd {
+    /// This process owns the worker end of a channel.
+    Owned(RawFd),
+    /// An fd is recorded but belongs to the parent process (a worker's helper).
+    Inherited,
+    /// No channel.
+    None,
+}
+
+/// What channel this process has.
+pub fn channel_fd() -> ChannelFd {
+    let fd = CHANNEL_FD.load(SeqCst);
+    if fd < 0 {
+        return ChannelFd::None;
+    }
+    if CHANNEL_PID.load(SeqCst) == pid() {
+        ChannelFd::Owned(fd)
+    } else {
+        ChannelFd::Inherited
+    }
+}
+
+/// Record `fd` as this process's channel (exec'd workers adopting an inherited descriptor).
+pub(crate) fn adopt_channel_fd(fd: RawFd) {
+    CHANNEL_PID.store(pid(), SeqCst);
+    CHANNEL_FD.store(fd, SeqCst);
+}
+
+/// Remember a master-side descriptor so children close it. Returns false when the fd is too
+/// large to track (the caller must not hand it out).
+pub(crate) fn track_master_fd(fd: RawFd) -> bool {
+    if !(0..MAX_TRACKED_FD).contains(&fd) {
+        return false;
+    }
+    MASTER_FDS[fd as usize / 64].fetch_or(1 << (fd % 64), SeqCst);
+    true
+}
+
+/// Forget a master-side descriptor. Call before closing it, so a concurrent fork never closes
+/// a number that was reused for something else.
+pub(crate) fn untrack_master_fd(fd: RawFd) {
+    if (0..MAX_TRACKED_FD).contains(&fd) {
+        MASTER_FDS[fd as usize / 64].fetch_and(!(1 << (fd % 64)), SeqCst);
+    }
+}
+
+/// Register the fork handlers. Called once, by `master_setup`.
+pub(crate) fn install_handlers() -> Result<(), crate::Error> {
+    // SAFETY: the three handlers are `extern "C"` functions with the signature pthread_atfork
+    // expects; they never unwind (see each body).
+    let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
+    if rc != 0 {
+        return Err(crate::Error::System(format!(
+            "pthread_atfork: {}",
+            std::io::Error::from_raw_os_error(rc)
+        )));
+    }
+    Ok(())
+}
+
+extern "C" fn prepare() {
+    // Only the master hands out channels; a worker forking a helper gets nothing here.
+    if !is_master() || !crate::master::accepting_workers() {
+        return;
+    }
+    let mut fds = [-1 as RawFd; 2];
+    // SAFETY: `fds` is a valid array of two ints for socketpair to fill.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return; // The child will have no channel: its lookups report NoMaster, nothing worse.
+    }
+    if fds[1] >= MAX_TRACKED_FD || !track_master_fd(fds[0]) {
+        // SAFETY: both fds were just created by socketpair and are owned here.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+        return;
+    }
+    PENDING.with(|p| p.set(fds));
+}
+
+extern "C" fn parent() {
+    let [master_end, worker_end] = PENDING.with(|p| p.replace([-1, -1]));
+    if master_end < 0 {
+        return;
+    }
+    // SAFETY: `worker_end` was created by `prepare` on this thread and belongs to the child
+    // now; the master's copy is closed here exactly once.
+    unsafe { libc::close(worker_end) };
+    // If fork failed there is no child: the master end will see EOF at once and be closed
+    // by the cache thread like any departed worker.
+    let handed = std::panic::catch_unwind(|| crate::master::adopt_worker_fd(master_end));
+    if handed.is_err() {
+        untrack_master_fd(master_end);
+        // SAFETY: the fd was not handed over (the closure panicked before taking it).
+        unsafe { libc::close(master_end) };
+    }
+}
+
+extern "C" fn child() {
+    // Async-signal-safe only: atomics, a const thread-local, getpid, close.
+    let [_master_end, worker_end] = PENDING.with(|p| p.replace([-1, -1]));
+    let me = pid();
+
+    // A channel inherited from the parent worker is the parent's: close our copy so a helper
+    // can neither read the parent's replies nor keep the channel open after the parent dies.
+    let inherited = CHANNEL_FD.load(SeqCst);
+    if inherited >= 0 && CHANNEL_PID.load(SeqCst) != me {
+        // SAFETY: the fd number was the parent's channel, inherited by this fork; this
+        // process never uses it and closes its copy once.
+        unsafe { libc::close(inherited) };
+        CHANNEL_FD.store(-1, SeqCst);
+        CHANNEL_PID.store(0, SeqCst);
+    }
+
+    // Every master-side descriptor (all channels' master ends, including the one just made,
+    // and the cache thread's wake-up fd) is closed in the child.
+    for (w, word) in MASTER_FDS.iter().enumerate() {
+        let mut bits = word.swap(0, SeqCst);
+        while bits != 0 {
+            let b = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            // SAFETY: the bit was set only while the master owned that fd; the child's copy
+            // is closed once and never used.
+            unsafe { libc::close((w * 64 + b) as RawFd) };
+        }
+    }
+
+    if worker_end >= 0 {
+        CHANNEL_PID.store(me, SeqCst);
+        CHANNEL_FD.store(worker_end, SeqCst);
+    }
+    crate::stats::WORKER.reset();
+    crate::channel::forget_parent_channel();
+}

@@ -1,0 +1,149 @@
+//! # cluster-tls-store
+//!
+//! Share one TLS session cache across the worker processes of a prefork OpenSSL server.
+//!
+//! The master calls [`master_setup`] once before it forks; from then on every `fork()` hands
+//! the child a private AF_UNIX SOCK_SEQPACKET channel to the master's cache thread. Each
+//! worker calls [`share_sessions`] on its `SSL_CTX`; OpenSSL's new/get/remove session callbacks
+//! then store and fetch sessions (as DER) in the master, so a client resumes on any worker.
+//!
+//! The C API (`include/cluster_tls_store.h`) is a thin layer over these same functions.
+//!
+//! ```no_run
+//! use cluster_tls_store::{master_setup, share_sessions, Config};
+//! use openssl::ssl::{SslAcceptor, SslMethod};
+//!
+//! // In the master, before forking:
+//! master_setup(Config::default())?;
+//! // ... fork workers; in each worker, per SSL_CTX:
+//! let mut acceptor = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls())?;
+//! // (certificate and key set here)
+//! share_sessions(&acceptor, Some("web"))?;
+//! let acceptor = acceptor.build();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Lookups never fail a handshake: a miss, a timeout, a dead master or a garbled reply is a
+//! full handshake. Session bytes hold the master secret; they are wiped wherever this library
+//! lets go of them and never written to disk or logged.
+
+#![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+/// Run `$body`; a panic becomes `$default` instead of unwinding into C or OpenSSL.
+macro_rules! ffi_boundary {
+    ($default:expr, $body:block) => {
+        match ::std::panic::catch_unwind(::std::panic::AssertUnwindSafe(|| $body)) {
+            Ok(v) => v,
+            Err(_) => $default,
+        }
+    };
+}
+
+pub mod cache;
+mod callbacks;
+pub mod capi;
+mod channel;
+mod config;
+mod error;
+mod fork;
+mod master;
+pub mod protocol;
+mod stats;
+mod wipe;
+
+use foreign_types::ForeignTypeRef;
+use openssl::ssl::{SslContext, SslContextBuilder, SslContextRef};
+
+pub use callbacks::ShareOptions;
+pub use channel::CHANNEL_FD_ENV;
+pub use config::Config;
+pub use error::Error;
+pub use stats::{MasterStats, Stats, WorkerStats, ROLE_MASTER, ROLE_NONE, ROLE_WORKER};
+
+/// Start the shared cache in this process (the master) and arrange that every later `fork()`
+/// gives the child its own channel to it.
+///
+/// Call once, before forking workers. Calling again in the master is a no-op (the first
+/// configuration stays). Called in a worker it returns [`Error::InWorker`].
+pub fn master_setup(config: Config) -> Result<(), Error> {
+    master::setup(config)
+}
+
+/// Anything that wraps an `SSL_CTX`: the openssl crate's builder, context and context ref.
+pub trait AsSslContext {
+    /// The raw context pointer; not owned by the caller.
+    fn as_ssl_ctx_ptr(&self) -> *mut openssl_sys::SSL_CTX;
+}
+
+impl AsSslContext for SslContextRef {
+    fn as_ssl_ctx_ptr(&self) -> *mut openssl_sys::SSL_CTX {
+        self.as_ptr()
+    }
+}
+
+impl AsSslContext for SslContext {
+    fn as_ssl_ctx_ptr(&self) -> *mut openssl_sys::SSL_CTX {
+        (**self).as_ptr()
+    }
+}
+
+impl AsSslContext for SslContextBuilder {
+    fn as_ssl_ctx_ptr(&self) -> *mut openssl_sys::SSL_CTX {
+        self.as_ptr()
+    }
+}
+
+impl AsSslContext for openssl::ssl::SslAcceptorBuilder {
+    fn as_ssl_ctx_ptr(&self) -> *mut openssl_sys::SSL_CTX {
+        (**self).as_ptr()
+    }
+}
+
+/// Make `ctx` store its sessions in, and resume them from, the shared cache under
+/// `namespace` (`None` = the default namespace, at most 64 bytes otherwise).
+///
+/// Call in a worker (or in the master for a server without workers), before the context
+/// serves handshakes. It installs the session callbacks, turns OpenSSL's per-process cache
+/// off and sets a session id context derived from the namespace (see [`share_sessions_with`]
+/// to keep your own). Without a master it returns [`Error::NoMaster`] and leaves `ctx` as it
+/// was.
+pub fn share_sessions<C: AsSslContext + ?Sized>(ctx: &C, namespace: Option<&str>) -> Result<(), Error> {
+    share_sessions_with(ctx, namespace, ShareOptions::default())
+}
+
+/// [`share_sessions`] with options.
+pub fn share_sessions_with<C: AsSslContext + ?Sized>(
+    ctx: &C,
+    namespace: Option<&str>,
+    options: ShareOptions,
+) -> Result<(), Error> {
+    let ns = namespace.unwrap_or("").as_bytes();
+    // SAFETY: the pointer comes from a live openssl-crate wrapper borrowed for this call.
+    unsafe { callbacks::install(ctx.as_ssl_ctx_ptr(), ns, options) }
+}
+
+/// Counters of this process and, when reachable, of the master.
+///
+/// In a worker this asks the master (waiting at most the lookup deadline); `master_valid`
+/// says whether it answered.
+pub fn stats() -> Stats {
+    let worker = stats::WORKER.snapshot();
+    let role = callbacks::role();
+    let master = match role {
+        ROLE_MASTER => master::get().map(|m| m.stats()),
+        ROLE_WORKER => channel::current().ok().and_then(|c| c.master_stats()),
+        _ => None,
+    };
+    Stats { role, master_valid: u32::from(master.is_some()), master: master.unwrap_or_default(), worker }
+}
+
+/// This worker's channel descriptor, for servers whose workers `exec` a new program: clear
+/// its close-on-exec flag and pass its number in the environment variable
+/// [`CHANNEL_FD_ENV`]. `None` when this process has no channel of its own.
+pub fn channel_fd() -> Option<std::os::fd::RawFd> {
+    match fork::channel_fd() {
+        fork::ChannelFd::Owned(fd) => Some(fd),
+        _ => None,
+    }
+}

@@ -1,0 +1,287 @@
+//! The master's side: the cache thread and its poll loop.
+//!
+//! One thread serves every worker channel from a single `poll(2)` loop. All sockets are
+//! non-blocking: a worker that stops reading loses its replies (counted), it never stalls the
+//! loop; a worker that dies gives EOF and its fd is closed and forgotten.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::cache::{Cache, PutOutcome};
+use crate::config::Config;
+use crate::fork;
+use crate::protocol::{self, Op, MAX_FRAME_LEN};
+use crate::stats::MasterStats;
+use crate::wipe::wipe;
+use crate::Error;
+
+/// Messages read from one worker before the loop moves on to the next (fairness).
+const BATCH: usize = 64;
+/// How often expired sessions are swept when nothing else wakes the loop.
+const SWEEP_INTERVAL_MS: i32 = 1000;
+
+/// State shared between the cache thread, the fork handlers and in-process callers.
+pub struct Master {
+    pub(crate) config: Config,
+    cache: Mutex<Cache>,
+    incoming: Mutex<Vec<OwnedFd>>,
+    wake: OwnedFd,
+    workers: AtomicU64,
+    bad_frames: AtomicU64,
+    reply_drops: AtomicU64,
+}
+
+static MASTER: OnceLock<Master> = OnceLock::new();
+static ACCEPTING: AtomicBool = AtomicBool::new(false);
+
+/// The master state, in the master process only.
+pub fn get() -> Option<&'static Master> {
+    if fork::is_master() {
+        MASTER.get()
+    } else {
+        None
+    }
+}
+
+/// True once the cache thread runs and forks should get a channel.
+pub fn accepting_workers() -> bool {
+    ACCEPTING.load(Relaxed)
+}
+
+/// Unix time in seconds.
+pub fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+static SETUP: Mutex<()> = Mutex::new(());
+
+/// Start the cache thread and install the fork handlers. Idempotent in the master.
+pub fn setup(config: Config) -> Result<(), Error> {
+    if fork::is_master() {
+        return Ok(());
+    }
+    if fork::is_descendant_of_master() || !matches!(fork::channel_fd(), fork::ChannelFd::None) {
+        return Err(Error::InWorker);
+    }
+    if std::env::var_os(crate::channel::CHANNEL_FD_ENV).is_some() {
+        return Err(Error::InWorker);
+    }
+    config.validate()?;
+    let _guard = SETUP.lock().unwrap_or_else(|e| e.into_inner());
+    if fork::is_master() {
+        return Ok(());
+    }
+    // SAFETY: eventfd has no memory preconditions; the result is checked before use.
+    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if raw < 0 {
+        return Err(Error::system("eventfd"));
+    }
+    // SAFETY: `raw` is a fresh descriptor owned by nobody else.
+    let wake = unsafe { OwnedFd::from_raw_fd(raw) };
+    if !fork::track_master_fd(wake.as_raw_fd()) {
+        return Err(Error::System("eventfd descriptor number too large to track".into()));
+    }
+    let cache = Cache::new(config.cache_bytes, config.max_session_bytes);
+    let master = Master {
+        config,
+        cache: Mutex::new(cache),
+        incoming: Mutex::new(Vec::new()),
+        wake,
+        workers: AtomicU64::new(0),
+        bad_frames: AtomicU64::new(0),
+        reply_drops: AtomicU64::new(0),
+    };
+    if MASTER.set(master).is_err() {
+        return Err(Error::System("cache master state already initialised".into()));
+    }
+    let master = MASTER.get().ok_or(Error::Panic)?;
+    crate::channel::set_worker_config(&master.config);
+    fork::install_handlers()?;
+    std::thread::Builder::new()
+        .name("cts-cache".into())
+        .spawn(move || master.run())
+        .map_err(|e| Error::System(format!("spawning the cache thread: {e}")))?;
+    fork::set_master_pid(fork::pid());
+    ACCEPTING.store(true, Relaxed);
+    Ok(())
+}
+
+/// Hand a new worker's channel to the cache thread (called by the fork parent handler).
+pub(crate) fn adopt_worker_fd(fd: RawFd) {
+    // SAFETY: `fd` is the master end made by the prepare handler; ownership moves here.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let Some(master) = MASTER.get() else {
+        fork::untrack_master_fd(fd);
+        return; // dropping closes it
+    };
+    master.incoming.lock().unwrap_or_else(|e| e.into_inner()).push(owned);
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a valid u64 to our own eventfd; failure (counter full) is
+    // harmless because the loop drains `incoming` on any wake-up.
+    unsafe { libc::write(master.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+impl Master {
+    /// Lock the cache (in-process callers and the loop). A poisoned lock is recovered: the
+    /// cache's invariants hold between calls, which never panic midway by design.
+    pub(crate) fn cache(&self) -> MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Store a session, capping its lifetime by the configured maximum.
+    pub(crate) fn put(&self, namespace: &[u8], id: &[u8], der: &[u8], expiry: u64) -> PutOutcome {
+        let now = now_secs();
+        let cap = now.saturating_add(self.config.max_lifetime.as_secs());
+        self.cache().put(namespace, id, der, expiry.min(cap), now)
+    }
+
+    /// The master's counters now.
+    pub fn stats(&self) -> MasterStats {
+        let cache = self.cache();
+        let c = cache.counters();
+        MasterStats {
+            hits: c.hits,
+            misses: c.misses,
+            stores: c.stores,
+            evictions: c.evictions,
+            expirations: c.expirations,
+            oversize: c.oversize,
+            removes: c.removes,
+            entries: cache.len() as u64,
+            bytes: cache.bytes() as u64,
+            budget_bytes: self.config.cache_bytes as u64,
+            workers: self.workers.load(Relaxed),
+            bad_frames: self.bad_frames.load(Relaxed),
+            reply_drops: self.reply_drops.load(Relaxed),
+        }
+    }
+
+    fn run(&'static self) {
+        let mut conns: Vec<OwnedFd> = Vec::new();
+        let mut pfds: Vec<libc::pollfd> = Vec::new();
+        let mut buf = vec![0u8; MAX_FRAME_LEN + 1];
+        let mut out: Vec<u8> = Vec::with_capacity(MAX_FRAME_LEN);
+        let mut last_sweep = now_secs();
+        loop {
+            pfds.clear();
+            pfds.push(libc::pollfd { fd: self.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+            pfds.extend(conns.iter().map(|c| libc::pollfd { fd: c.as_raw_fd(), events: libc::POLLIN, revents: 0 }));
+            // SAFETY: `pfds` is a valid, initialised array of `pfds.len()` pollfd structs.
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, SWEEP_INTERVAL_MS) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                continue;
+            }
+            if pfds[0].revents != 0 {
+                self.drain_wake();
+                let mut incoming = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
+                conns.append(&mut incoming);
+            }
+            // Walk backwards so removing a closed channel keeps earlier indices valid.
+            for i in (1..pfds.len()).rev() {
+                let revents = pfds[i].revents;
+                if revents == 0 {
+                    continue;
+                }
+                // Readable, hung up or broken: `serve` reads what is there and tells whether
+                // the channel lives on (EOF and hard errors end it).
+                let keep = self.serve(conns[i - 1].as_raw_fd(), &mut buf, &mut out);
+                if !keep {
+                    let fd = conns.swap_remove(i - 1);
+                    fork::untrack_master_fd(fd.as_raw_fd());
+                    drop(fd);
+                }
+            }
+            self.workers.store(conns.len() as u64, Relaxed);
+            let now = now_secs();
+            if now != last_sweep {
+                last_sweep = now;
+                self.cache().sweep(now);
+            }
+        }
+    }
+
+    fn drain_wake(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads at most 8 bytes into a valid u64 from our non-blocking eventfd.
+        unsafe { libc::read(self.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
+
+    /// Read and answer up to `BATCH` messages from one worker. Returns false when the channel
+    /// is finished (EOF or a hard error).
+    fn serve(&self, fd: RawFd, buf: &mut [u8], out: &mut Vec<u8>) -> bool {
+        for _ in 0..BATCH {
+            // SAFETY: `buf` is valid for `buf.len()` bytes; MSG_TRUNC makes recv return the
+            // datagram's real length so an oversized frame is detected, not silently cut.
+            let n = unsafe {
+                libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_TRUNC)
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    Some(libc::EAGAIN) | Some(libc::EINTR) => true,
+                    _ => false,
+                };
+            }
+            if n == 0 {
+                return false; // EOF: the worker is gone.
+            }
+            let n = n as usize;
+            if n > buf.len() {
+                self.bad_frames.fetch_add(1, Relaxed);
+                wipe(buf);
+                continue;
+            }
+            self.handle(fd, &buf[..n], out);
+            wipe(&mut buf[..n]);
+        }
+        true
+    }
+
+    fn handle(&self, fd: RawFd, frame: &[u8], out: &mut Vec<u8>) {
+        let Ok(msg) = protocol::decode(frame) else {
+            self.bad_frames.fetch_add(1, Relaxed);
+            return;
+        };
+        out.clear();
+        match msg.op {
+            Op::Put => {
+                self.put(msg.namespace, msg.id, msg.payload, msg.expiry);
+            }
+            Op::Del => {
+                self.cache().remove(msg.namespace, msg.id);
+            }
+            Op::Get => {
+                let mut cache = self.cache();
+                match cache.get(msg.namespace, msg.id, now_secs()) {
+                    Some(der) => protocol::encode(out, Op::Hit, msg.request_id, 0, msg.namespace, msg.id, der),
+                    None => protocol::encode(out, Op::Miss, msg.request_id, 0, msg.namespace, msg.id, &[]),
+                }
+            }
+            Op::Stats => {
+                let s = self.stats().encode();
+                protocol::encode(out, Op::StatsReply, msg.request_id, 0, b"", b"", &s);
+            }
+            Op::Hit | Op::Miss | Op::StatsReply => {
+                self.bad_frames.fetch_add(1, Relaxed);
+            }
+        }
+        if !out.is_empty() {
+            // SAFETY: `out` is valid for `out.len()` bytes. Non-blocking and no SIGPIPE: a
+            // full or closed worker socket costs that worker its reply, nothing else.
+            let sent = unsafe {
+                libc::send(fd, out.as_ptr().cast(), out.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            };
+            if sent < 0 {
+                self.reply_drops.fetch_add(1, Relaxed);
+            }
+            let len = out.len();
+            wipe(&mut out[..len]);
+        }
+    }
+}

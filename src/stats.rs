@@ -1,0 +1,250 @@
+//! Counters for operators. The master keeps the cache's counters; every process that shares
+//! sessions keeps its own handshake-side counters in atomics.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// The master's counters: the shared cache as a whole.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MasterStats {
+    /// Lookups that found a live session.
+    pub hits: u64,
+    /// Lookups that found nothing.
+    pub misses: u64,
+    /// Sessions stored (new or replaced).
+    pub stores: u64,
+    /// Sessions evicted to stay within the byte budget.
+    pub evictions: u64,
+    /// Sessions dropped because they expired.
+    pub expirations: u64,
+    /// Sessions refused because they were larger than `max_session_bytes`.
+    pub oversize: u64,
+    /// Sessions removed on request (OpenSSL's remove callback).
+    pub removes: u64,
+    /// Sessions held now.
+    pub entries: u64,
+    /// Bytes charged against the budget now.
+    pub bytes: u64,
+    /// The byte budget.
+    pub budget_bytes: u64,
+    /// Worker channels open now.
+    pub workers: u64,
+    /// Malformed frames received and dropped.
+    pub bad_frames: u64,
+    /// Replies dropped because a worker's socket buffer was full.
+    pub reply_drops: u64,
+}
+
+/// This process's own handshake-side counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// Lookups asked of the cache (OpenSSL's get-session callback).
+    pub gets: u64,
+    /// Lookups answered with a session that OpenSSL then got.
+    pub hits: u64,
+    /// Lookups answered "not found".
+    pub misses: u64,
+    /// Sessions sent to the cache.
+    pub puts: u64,
+    /// Removals sent to the cache.
+    pub dels: u64,
+    /// Messages dropped because the channel was full (never blocks the handshake).
+    pub send_drops: u64,
+    /// Lookups that gave up at the deadline.
+    pub timeouts: u64,
+    /// Lookups skipped at once while the breaker was open after timeouts.
+    pub breaker_skips: u64,
+    /// Replies whose session DER did not decode (a miss).
+    pub decode_failures: u64,
+    /// Sessions not sent because they were larger than `max_session_bytes`.
+    pub oversize: u64,
+    /// TLS 1.3 stateless-ticket sessions not stored (the ticket carries the state).
+    pub stateless_skipped: u64,
+    /// Replies that arrived after their request gave up, dropped.
+    pub late_replies: u64,
+    /// 1 when the master closed the channel (dead): lookups are misses from then on.
+    pub master_gone: u64,
+}
+
+/// `Stats::role`: neither master nor connected worker.
+pub const ROLE_NONE: u32 = 0;
+/// `Stats::role`: the process that ran `master_setup`.
+pub const ROLE_MASTER: u32 = 1;
+/// `Stats::role`: a process that talks to the master over its channel.
+pub const ROLE_WORKER: u32 = 2;
+
+/// A snapshot of the counters (`cts_stats` in C).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// What this process is: `CTS_ROLE_NONE` (0), `CTS_ROLE_MASTER` (1) or `CTS_ROLE_WORKER` (2).
+    pub role: u32,
+    /// 1 when `master` holds the master's counters (always in the master; in a worker, when
+    /// the master answered the stats request in time), else 0.
+    pub master_valid: u32,
+    /// The shared cache's counters.
+    pub master: MasterStats,
+    /// This process's own counters.
+    pub worker: WorkerStats,
+}
+
+/// Encoded size of `MasterStats` on the wire.
+pub const MASTER_STATS_WIRE_LEN: usize = 13 * 8;
+
+impl MasterStats {
+    fn fields(&self) -> [u64; 13] {
+        [
+            self.hits,
+            self.misses,
+            self.stores,
+            self.evictions,
+            self.expirations,
+            self.oversize,
+            self.removes,
+            self.entries,
+            self.bytes,
+            self.budget_bytes,
+            self.workers,
+            self.bad_frames,
+            self.reply_drops,
+        ]
+    }
+
+    /// Little-endian u64 fields in declaration order.
+    pub fn encode(&self) -> [u8; MASTER_STATS_WIRE_LEN] {
+        let mut out = [0u8; MASTER_STATS_WIRE_LEN];
+        for (chunk, v) in out.chunks_exact_mut(8).zip(self.fields()) {
+            chunk.copy_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    /// The inverse of `encode`; `None` when the length is wrong.
+    pub fn decode(bytes: &[u8]) -> Option<MasterStats> {
+        if bytes.len() != MASTER_STATS_WIRE_LEN {
+            return None;
+        }
+        let mut f = [0u64; 13];
+        for (v, chunk) in f.iter_mut().zip(bytes.chunks_exact(8)) {
+            *v = u64::from_le_bytes(chunk.try_into().ok()?);
+        }
+        Some(MasterStats {
+            hits: f[0],
+            misses: f[1],
+            stores: f[2],
+            evictions: f[3],
+            expirations: f[4],
+            oversize: f[5],
+            removes: f[6],
+            entries: f[7],
+            bytes: f[8],
+            budget_bytes: f[9],
+            workers: f[10],
+            bad_frames: f[11],
+            reply_drops: f[12],
+        })
+    }
+}
+
+/// The live, lock-free form of `WorkerStats`. One per process (see `WORKER`); reset in a
+/// forked child so a worker counts only its own work.
+pub struct WorkerCounters {
+    pub(crate) gets: AtomicU64,
+    pub(crate) hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) puts: AtomicU64,
+    pub(crate) dels: AtomicU64,
+    pub(crate) send_drops: AtomicU64,
+    pub(crate) timeouts: AtomicU64,
+    pub(crate) breaker_skips: AtomicU64,
+    pub(crate) decode_failures: AtomicU64,
+    pub(crate) oversize: AtomicU64,
+    pub(crate) stateless_skipped: AtomicU64,
+    pub(crate) late_replies: AtomicU64,
+    pub(crate) master_gone: AtomicU64,
+}
+
+/// This process's counters.
+pub static WORKER: WorkerCounters = WorkerCounters::new();
+
+impl WorkerCounters {
+    const fn new() -> WorkerCounters {
+        WorkerCounters {
+            gets: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            puts: AtomicU64::new(0),
+            dels: AtomicU64::new(0),
+            send_drops: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            breaker_skips: AtomicU64::new(0),
+            decode_failures: AtomicU64::new(0),
+            oversize: AtomicU64::new(0),
+            stateless_skipped: AtomicU64::new(0),
+            late_replies: AtomicU64::new(0),
+            master_gone: AtomicU64::new(0),
+        }
+    }
+
+    fn all(&self) -> [&AtomicU64; 13] {
+        [
+            &self.gets,
+            &self.hits,
+            &self.misses,
+            &self.puts,
+            &self.dels,
+            &self.send_drops,
+            &self.timeouts,
+            &self.breaker_skips,
+            &self.decode_failures,
+            &self.oversize,
+            &self.stateless_skipped,
+            &self.late_replies,
+            &self.master_gone,
+        ]
+    }
+
+    /// Zero every counter. Atomics only: safe in a forked child.
+    pub(crate) fn reset(&self) {
+        for c in self.all() {
+            c.store(0, Relaxed);
+        }
+    }
+
+    /// A consistent-enough snapshot (each counter read once).
+    pub fn snapshot(&self) -> WorkerStats {
+        let v = self.all().map(|c| c.load(Relaxed));
+        WorkerStats {
+            gets: v[0],
+            hits: v[1],
+            misses: v[2],
+            puts: v[3],
+            dels: v[4],
+            send_drops: v[5],
+            timeouts: v[6],
+            breaker_skips: v[7],
+            decode_failures: v[8],
+            oversize: v[9],
+            stateless_skipped: v[10],
+            late_replies: v[11],
+            master_gone: v[12],
+        }
+    }
+}
+
+pub(crate) fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn master_stats_round_trip_on_the_wire() {
+        let s = MasterStats { hits: 1, misses: 2, stores: 3, evictions: 4, expirations: 5, oversize: 6, removes: 7, entries: 8, bytes: 9, budget_bytes: 10, workers: 11, bad_frames: 12, reply_drops: u64::MAX };
+        assert_eq!(MasterStats::decode(&s.encode()), Some(s));
+        assert_eq!(MasterStats::decode(&s.encode()[1..]), None);
+    }
+}
