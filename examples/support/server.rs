@@ -1,0 +1,226 @@
+//! A small prefork HTTPS server on the Rust API: the master sets up the shared cache, forks
+//! workers that each build their `SSL_CTX` after the fork, share sessions and answer every
+//! request with `worker <pid> reused <0|1> proto <version>`.
+//!
+//! Used by the demo (`examples/demo.rs`) and by the `cts-prefork-server` binary the tests run.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use openssl::ssl::{SslContext, SslContextBuilder, SslFiletype, SslMethod, SslOptions, SslVersion};
+
+use cluster_tls_store::{share_sessions_with, ShareOptions};
+
+/// How the server runs.
+#[derive(Clone, Debug)]
+pub struct ServerOpts {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub share: bool,
+    pub no_tickets: bool,
+    pub tls12: bool,
+    pub namespace: Option<String>,
+    /// A second listener with this namespace (for isolation tests).
+    pub second_namespace: Option<String>,
+    /// Set the same host-chosen session id context on every context and ask the library to
+    /// keep it, so only the namespace separates the caches.
+    pub keep_sid_ctx: bool,
+    /// Session timeout in seconds (OpenSSL's default is 300).
+    pub session_timeout: Option<u32>,
+    /// Accept threads per worker.
+    pub threads: usize,
+}
+
+/// A listening port reserved by the master: bound with SO_REUSEPORT but never listened on,
+/// so it only holds the port number; each worker binds and listens on its own socket.
+pub struct Reserved {
+    _sock: OwnedFd,
+    pub port: u16,
+}
+
+fn reuseport_socket(port: u16) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain socket calls on a descriptor we own; arguments are valid structs.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fd = OwnedFd::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        for opt in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
+            libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, opt, (&one as *const libc::c_int).cast(), 4);
+        }
+        let mut sa: libc::sockaddr_in = std::mem::zeroed();
+        sa.sin_family = libc::AF_INET as libc::sa_family_t;
+        sa.sin_port = port.to_be();
+        sa.sin_addr.s_addr = u32::from_be_bytes([127, 0, 0, 1]).to_be();
+        if libc::bind(fd.as_raw_fd(), (&sa as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(fd)
+    }
+}
+
+/// Reserve `port` (0 = any free port) on 127.0.0.1.
+pub fn reserve(port: u16) -> std::io::Result<Reserved> {
+    let sock = reuseport_socket(port)?;
+    // SAFETY: getsockname fills a sockaddr_in of the size we pass.
+    let port = unsafe {
+        let mut sa: libc::sockaddr_in = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        libc::getsockname(sock.as_raw_fd(), (&mut sa as *mut libc::sockaddr_in).cast(), &mut len);
+        u16::from_be(sa.sin_port)
+    };
+    Ok(Reserved { _sock: sock, port })
+}
+
+/// A worker's own listener on a reserved port.
+pub fn listen(port: u16) -> std::io::Result<TcpListener> {
+    let fd = reuseport_socket(port)?;
+    // SAFETY: `fd` is a bound TCP socket we own.
+    if unsafe { libc::listen(fd.as_raw_fd(), 1024) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(TcpListener::from(fd))
+}
+
+/// Build a server context the way a host would, then hand it to the library.
+pub fn build_context(opts: &ServerOpts, namespace: Option<&str>) -> Result<SslContext, Box<dyn std::error::Error>> {
+    let mut b = SslContextBuilder::new(SslMethod::tls_server())?;
+    b.set_min_proto_version(Some(SslVersion::TLS1_2))?;
+    b.set_certificate_chain_file(&opts.cert)?;
+    b.set_private_key_file(&opts.key, SslFiletype::PEM)?;
+    if opts.tls12 {
+        b.set_max_proto_version(Some(SslVersion::TLS1_2))?;
+    }
+    if opts.no_tickets {
+        b.set_options(SslOptions::NO_TICKET);
+    }
+    if let Some(t) = opts.session_timeout {
+        extern "C" {
+            fn SSL_CTX_set_timeout(ctx: *mut openssl_sys::SSL_CTX, t: libc::c_long) -> libc::c_long;
+        }
+        // SAFETY: `b` owns a valid SSL_CTX; SSL_CTX_set_timeout only stores a number.
+        unsafe { SSL_CTX_set_timeout(b.as_ptr(), libc::c_long::from(t)) };
+    }
+    if opts.keep_sid_ctx {
+        b.set_session_id_context(b"host-chosen-context")?;
+    }
+    if opts.share {
+        let o = ShareOptions { keep_session_id_context: opts.keep_sid_ctx };
+        share_sessions_with(&b, namespace, o)?;
+    }
+    Ok(b.build())
+}
+
+/// Serve connections on `listener` forever with `threads` threads.
+pub fn serve(listener: TcpListener, ctx: SslContext, threads: usize) -> ! {
+    let listener = std::sync::Arc::new(listener);
+    let mut handles = Vec::new();
+    for _ in 1..threads.max(1) {
+        let (l, c) = (listener.clone(), ctx.clone());
+        handles.push(std::thread::spawn(move || accept_loop(&l, &c)));
+    }
+    accept_loop(&listener, &ctx);
+    for h in handles {
+        let _ = h.join();
+    }
+    std::process::exit(0)
+}
+
+fn accept_loop(listener: &TcpListener, ctx: &SslContext) {
+    loop {
+        let Ok((tcp, _)) = listener.accept() else { continue };
+        let _ = handle(tcp, ctx);
+    }
+}
+
+fn handle(tcp: TcpStream, ctx: &SslContext) -> Result<(), Box<dyn std::error::Error>> {
+    tcp.set_read_timeout(Some(Duration::from_secs(2)))?;
+    tcp.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let ssl = openssl::ssl::Ssl::new(ctx)?;
+    let mut s = ssl.accept(tcp)?;
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+    let pid = std::process::id();
+    let reused = u8::from(s.ssl().session_reused());
+    let body = if req.starts_with(b"GET /stats") {
+        let st = cluster_tls_store::stats();
+        format!(
+            "stats role={} master_valid={} hits={} misses={} stores={} entries={} evictions={} expirations={} workers={} w_gets={} w_hits={} w_timeouts={} w_breaker_skips={} w_stateless_skipped={} w_master_gone={}\n",
+            st.role, st.master_valid, st.master.hits, st.master.misses, st.master.stores, st.master.entries,
+            st.master.evictions, st.master.expirations, st.master.workers, st.worker.gets, st.worker.hits,
+            st.worker.timeouts, st.worker.breaker_skips, st.worker.stateless_skipped, st.worker.master_gone
+        )
+    } else {
+        format!("worker {pid} reused {reused} proto {}\n", s.ssl().version_str())
+    };
+    let resp = format!(
+        "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(resp.as_bytes())?;
+    // A clean shutdown: OpenSSL removes (cluster-wide, through our remove callback) the
+    // session of a connection freed without one.
+    let _ = s.shutdown();
+    Ok(())
+}
+
+/// A running set of workers, forked from this process.
+pub struct Workers {
+    pub pids: Vec<i32>,
+    pub port: u16,
+    pub port2: Option<u16>,
+}
+
+/// Fork `n` workers serving `opts` on a reserved port (and a second one for the second
+/// namespace). Returns in the parent only.
+pub fn fork_workers(n: usize, opts: &ServerOpts, port: &Reserved, port2: Option<&Reserved>) -> Workers {
+    let mut pids = Vec::new();
+    for _ in 0..n {
+        // SAFETY: the child only builds its own state and serves; it never returns.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            worker_main(opts, port.port, port2.map(|p| p.port));
+        }
+        if pid > 0 {
+            pids.push(pid);
+        }
+    }
+    Workers { pids, port: port.port, port2: port2.map(|p| p.port) }
+}
+
+/// A worker: contexts built after the fork, then serve.
+pub fn worker_main(opts: &ServerOpts, port: u16, port2: Option<u16>) -> ! {
+    let run = || -> Result<(), Box<dyn std::error::Error>> {
+        if let (Some(p2), Some(ns2)) = (port2, opts.second_namespace.as_deref()) {
+            let ctx2 = build_context(opts, Some(ns2))?;
+            let l2 = listen(p2)?;
+            let threads = opts.threads;
+            std::thread::spawn(move || serve(l2, ctx2, threads));
+        }
+        let ctx = build_context(opts, opts.namespace.as_deref())?;
+        let l = listen(port)?;
+        serve(l, ctx, opts.threads)
+    };
+    if let Err(e) = run() {
+        eprintln!("worker {}: {e}", std::process::id());
+        std::process::exit(1);
+    }
+    std::process::exit(0)
+}
+
+/// The address of a port on loopback.
+pub fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
