@@ -20,12 +20,14 @@ pub fn make_cert(dir: &Path) -> Result<(PathBuf, PathBuf), openssl::error::Error
     let name = name.build();
     let mut b = X509Builder::new()?;
     b.set_version(2)?;
-    b.set_serial_number(&BigNum::from_u32(1)?.to_asn1_integer()?)?;
+    let serial = BigNum::from_u32(1)?.to_asn1_integer()?;
+    b.set_serial_number(&serial)?;
     b.set_subject_name(&name)?;
     b.set_issuer_name(&name)?;
     b.set_pubkey(&key)?;
-    b.set_not_before(&Asn1Time::days_from_now(0)?)?;
-    b.set_not_after(&Asn1Time::days_from_now(2)?)?;
+    let (from, until) = (Asn1Time::days_from_now(0)?, Asn1Time::days_from_now(2)?);
+    b.set_not_before(&from)?;
+    b.set_not_after(&until)?;
     b.sign(&key, MessageDigest::sha256())?;
     let cert = b.build();
     let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
