@@ -91,6 +91,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         keep_sid_ctx: false,
         session_timeout: None,
         threads: 1,
+        check_worker_api: false,
     };
     let mut ok = true;
     for (tls12, proto) in [(true, "TLS 1.2 session ids"), (false, "TLS 1.3 stateful tickets")] {

@@ -33,7 +33,11 @@ pub struct ServerOpts {
     pub session_timeout: Option<u32>,
     /// Accept threads per worker.
     pub threads: usize,
+    /// Each worker calls `master_setup` and reports the result code in `/stats`.
+    pub check_worker_api: bool,
 }
+
+static WORKER_SETUP_CODE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
 /// A listening port reserved by the master: bound with SO_REUSEPORT but never listened on,
 /// so it only holds the port number; each worker binds and listens on its own socket.
@@ -157,10 +161,11 @@ fn handle(tcp: TcpStream, ctx: &SslContext) -> Result<(), Box<dyn std::error::Er
     let body = if req.starts_with(b"GET /stats") {
         let st = cluster_tls_store::stats();
         format!(
-            "stats role={} master_valid={} hits={} misses={} stores={} entries={} evictions={} expirations={} workers={} w_gets={} w_hits={} w_timeouts={} w_breaker_skips={} w_stateless_skipped={} w_master_gone={}\n",
+            "stats role={} master_valid={} hits={} misses={} stores={} entries={} evictions={} expirations={} workers={} w_gets={} w_hits={} w_timeouts={} w_breaker_skips={} w_stateless_skipped={} w_master_gone={} worker_setup_code={}\n",
             st.role, st.master_valid, st.master.hits, st.master.misses, st.master.stores, st.master.entries,
             st.master.evictions, st.master.expirations, st.master.workers, st.worker.gets, st.worker.hits,
-            st.worker.timeouts, st.worker.breaker_skips, st.worker.stateless_skipped, st.worker.master_gone
+            st.worker.timeouts, st.worker.breaker_skips, st.worker.stateless_skipped, st.worker.master_gone,
+            WORKER_SETUP_CODE.load(std::sync::atomic::Ordering::Relaxed)
         )
     } else {
         format!("worker {pid} reused {reused} proto {}\n", s.ssl().version_str())
@@ -202,6 +207,13 @@ pub fn fork_workers(n: usize, opts: &ServerOpts, port: &Reserved, port2: Option<
 
 /// A worker: contexts built after the fork, then serve.
 pub fn worker_main(opts: &ServerOpts, port: u16, port2: Option<u16>) -> ! {
+    if opts.check_worker_api {
+        let code = match cluster_tls_store::master_setup(cluster_tls_store::Config::default()) {
+            Ok(()) => 0,
+            Err(e) => e.code(),
+        };
+        WORKER_SETUP_CODE.store(code, std::sync::atomic::Ordering::Relaxed);
+    }
     let run = || -> Result<(), Box<dyn std::error::Error>> {
         if let (Some(p2), Some(ns2)) = (port2, opts.second_namespace.as_deref()) {
             let ctx2 = build_context(opts, Some(ns2))?;

@@ -35,6 +35,7 @@ fn main() {
         keep_sid_ctx: false,
         session_timeout: None,
         threads: 1,
+        check_worker_api: false,
     };
     let mut config = Config::default();
     let (mut port, mut workers) = (0u16, 4usize);
@@ -54,6 +55,7 @@ fn main() {
             "--ns" => opts.namespace = Some(val()),
             "--ns2" => opts.second_namespace = Some(val()),
             "--keep-sid-ctx" => opts.keep_sid_ctx = true,
+            "--check-worker-api" => opts.check_worker_api = true,
             "--session-timeout" => opts.session_timeout = Some(num(val()) as u32),
             "--get-timeout-us" => config.get_timeout = Duration::from_micros(num(val())),
             "--cache-bytes" => config.cache_bytes = num(val()) as usize,

@@ -1,0 +1,542 @@
+/*
+ * prefork_server: a small prefork HTTPS server whose workers share one TLS session cache
+ * through cluster-tls-store. Written only against include/cluster_tls_store.h.
+ *
+ *   prefork_server --port P --workers N --cert F --key F [--no-share] [--no-tickets]
+ *                  [--tls12] [--ns NAME] [--get-timeout-us N]
+ *
+ * The master reserves the port (a bound, non-listening SO_REUSEPORT socket; port 0 picks a
+ * free one), sets up the shared cache, and forks N workers. Each worker opens its own
+ * SO_REUSEPORT listening socket on that port, so the kernel spreads connections across the
+ * workers: a client that resumes usually lands on a worker that did not make its session.
+ *
+ * Every response body is one line:
+ *   GET /       -> "worker <pid> reused <0|1> proto <TLS version>"
+ *   GET /stats  -> "stats role=.. master_valid=.. hits=.. misses=.. stores=.. entries=..
+ *                   w_gets=.. w_hits=.. w_timeouts=.."   (one line)
+ *
+ * The one rule every server using the library must follow: shut a connection down
+ * (SSL_shutdown) before SSL_free. SSL_free on a connection that was not shut down makes
+ * OpenSSL remove its session, and with a shared cache that removal is cluster-wide.
+ */
+#define _GNU_SOURCE
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
+
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+
+#include "cluster_tls_store.h"
+
+#define MAX_WORKERS 256
+#define REQUEST_MAX 8192
+#define LISTEN_BACKLOG 128
+
+struct options {
+    int port;
+    int workers;
+    const char *cert;
+    const char *key;
+    const char *ns;
+    int share;
+    int tickets;
+    int tls12;
+    long get_timeout_us; /* -1: library default */
+};
+
+static volatile sig_atomic_t stop_signal = 0;
+
+static void on_stop(int sig) { stop_signal = sig; }
+
+/* Only there so that SIGCHLD interrupts sigsuspend(); the reaping happens in the loop. */
+static void on_child(int sig) { (void)sig; }
+
+static void usage(const char *argv0)
+{
+    fprintf(stderr,
+            "usage: %s --port P --workers N --cert FILE --key FILE [--no-share] [--no-tickets]\n"
+            "          [--tls12] [--ns NAME] [--get-timeout-us N]\n",
+            argv0);
+}
+
+static int parse_long(const char *s, long min, long max, long *out)
+{
+    char *end = NULL;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno != 0 || end == s || *end != '\0' || v < min || v > max)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static int parse_args(int argc, char **argv, struct options *o)
+{
+    long v;
+    memset(o, 0, sizeof *o);
+    o->port = -1;
+    o->workers = -1;
+    o->share = 1;
+    o->tickets = 1;
+    o->get_timeout_us = -1;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *next = i + 1 < argc ? argv[i + 1] : NULL;
+        if (strcmp(a, "--no-share") == 0) {
+            o->share = 0;
+        } else if (strcmp(a, "--no-tickets") == 0) {
+            o->tickets = 0;
+        } else if (strcmp(a, "--tls12") == 0) {
+            o->tls12 = 1;
+        } else if (next == NULL) {
+            fprintf(stderr, "unknown option or missing value: %s\n", a);
+            return -1;
+        } else if (strcmp(a, "--port") == 0) {
+            if (parse_long(next, 0, 65535, &v) != 0) {
+                fprintf(stderr, "bad --port: %s\n", next);
+                return -1;
+            }
+            o->port = (int)v;
+            i++;
+        } else if (strcmp(a, "--workers") == 0) {
+            if (parse_long(next, 1, MAX_WORKERS, &v) != 0) {
+                fprintf(stderr, "bad --workers (1..%d): %s\n", MAX_WORKERS, next);
+                return -1;
+            }
+            o->workers = (int)v;
+            i++;
+        } else if (strcmp(a, "--get-timeout-us") == 0) {
+            if (parse_long(next, 0, 0xffffffffL, &v) != 0) {
+                fprintf(stderr, "bad --get-timeout-us: %s\n", next);
+                return -1;
+            }
+            o->get_timeout_us = v;
+            i++;
+        } else if (strcmp(a, "--cert") == 0) {
+            o->cert = next;
+            i++;
+        } else if (strcmp(a, "--key") == 0) {
+            o->key = next;
+            i++;
+        } else if (strcmp(a, "--ns") == 0) {
+            o->ns = next;
+            i++;
+        } else {
+            fprintf(stderr, "unknown option: %s\n", a);
+            return -1;
+        }
+    }
+    if (o->port < 0 || o->workers < 0 || o->cert == NULL || o->key == NULL) {
+        fprintf(stderr, "--port, --workers, --cert and --key are required\n");
+        return -1;
+    }
+    return 0;
+}
+
+static void print_cts_error(const char *what, cts_result rc)
+{
+    char detail[256];
+    size_t n = cts_last_error(detail, sizeof detail);
+    fprintf(stderr, "[%ld] %s failed: %s (%d)%s%s\n", (long)getpid(), what, cts_strerror(rc), (int)rc,
+            n > 0 ? ": " : "", n > 0 ? detail : "");
+}
+
+/* A TCP socket on 127.0.0.1:port with SO_REUSEADDR and SO_REUSEPORT, bound but not listening. */
+static int bound_socket(int port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        perror("socket");
+        return -1;
+    }
+    int one = 1;
+    if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+        setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0) {
+        perror("setsockopt");
+        close(fd);
+        return -1;
+    }
+    struct sockaddr_in addr;
+    memset(&addr, 0, sizeof addr);
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons((uint16_t)port);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (bind(fd, (struct sockaddr *)&addr, sizeof addr) != 0) {
+        perror("bind");
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static int bound_port(int fd)
+{
+    struct sockaddr_in addr;
+    socklen_t len = sizeof addr;
+    if (getsockname(fd, (struct sockaddr *)&addr, &len) != 0) {
+        perror("getsockname");
+        return -1;
+    }
+    return ntohs(addr.sin_port);
+}
+
+static void set_timeouts(int fd, long ms)
+{
+    struct timeval tv;
+    tv.tv_sec = ms / 1000;
+    tv.tv_usec = (ms % 1000) * 1000;
+    (void)setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    (void)setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+}
+
+static SSL_CTX *make_ctx(const struct options *o)
+{
+    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+    if (ctx == NULL)
+        goto fail;
+    if (SSL_CTX_use_certificate_chain_file(ctx, o->cert) != 1 ||
+        SSL_CTX_use_PrivateKey_file(ctx, o->key, SSL_FILETYPE_PEM) != 1 ||
+        SSL_CTX_check_private_key(ctx) != 1)
+        goto fail;
+    if (o->tls12 && SSL_CTX_set_max_proto_version(ctx, TLS1_2_VERSION) != 1)
+        goto fail;
+    if (!o->tickets) {
+        /* TLS 1.2: session ids only. TLS 1.3: stateful tickets, whose state lives in the
+         * (shared) session cache, so they resume on any worker. */
+        SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET);
+    }
+    return ctx;
+fail:
+    fprintf(stderr, "[%ld] cannot build the SSL_CTX:\n", (long)getpid());
+    ERR_print_errors_fp(stderr);
+    SSL_CTX_free(ctx);
+    return NULL;
+}
+
+/* Reads the request up to the end of its headers. Returns 0 when the server should answer
+ * (complete request, the client stopped sending, or nothing came within the receive
+ * timeout: `openssl s_client` may send nothing and still wait for an answer), -1 when the
+ * connection failed. */
+static int read_request(SSL *ssl, char *buf, size_t cap)
+{
+    size_t len = 0;
+    buf[0] = '\0';
+    while (len + 1 < cap) {
+        int n = SSL_read(ssl, buf + len, (int)(cap - 1 - len));
+        if (n > 0) {
+            len += (size_t)n;
+            buf[len] = '\0';
+            if (strstr(buf, "\r\n\r\n") != NULL)
+                return 0;
+            continue;
+        }
+        switch (SSL_get_error(ssl, n)) {
+        case SSL_ERROR_WANT_READ:   /* SO_RCVTIMEO expired */
+        case SSL_ERROR_ZERO_RETURN: /* close_notify: the client may still read */
+            ERR_clear_error();
+            return 0;
+        default:
+            return -1;
+        }
+    }
+    return 0; /* headers too long: answer what we have */
+}
+
+static int is_stats_request(const char *req)
+{
+    const char *sp = strchr(req, ' ');
+    if (sp == NULL)
+        return 0;
+    const char *path = sp + 1;
+    size_t plen = strcspn(path, " \r\n?");
+    return plen == 6 && strncmp(path, "/stats", 6) == 0;
+}
+
+static void stats_body(char *body, size_t cap)
+{
+    cts_stats st;
+    cts_result rc = cts_get_stats(&st);
+    if (rc != CTS_OK) {
+        snprintf(body, cap, "stats error=%d %s\n", (int)rc, cts_strerror(rc));
+        return;
+    }
+    snprintf(body, cap,
+             "stats role=%" PRIu32 " master_valid=%" PRIu32 " hits=%" PRIu64 " misses=%" PRIu64
+             " stores=%" PRIu64 " entries=%" PRIu64 " w_gets=%" PRIu64 " w_hits=%" PRIu64
+             " w_timeouts=%" PRIu64 "\n",
+             st.role, st.master_valid, st.master.hits, st.master.misses, st.master.stores,
+             st.master.entries, st.worker.gets, st.worker.hits, st.worker.timeouts);
+}
+
+static int write_all(SSL *ssl, const char *buf, size_t len)
+{
+    while (len > 0) {
+        int n = SSL_write(ssl, buf, (int)len);
+        if (n <= 0)
+            return -1;
+        buf += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+static void serve_connection(SSL_CTX *ctx, int fd)
+{
+    static char req[REQUEST_MAX];
+    char body[512];
+    char resp[1024];
+
+    /* Bounds every step: the handshake, the request, the reply. One client at a time, so a
+     * silent client must not hold the worker for long. */
+    set_timeouts(fd, 2000);
+    SSL *ssl = SSL_new(ctx);
+    if (ssl == NULL || SSL_set_fd(ssl, fd) != 1)
+        goto out;
+    if (SSL_accept(ssl) != 1)
+        goto out; /* failed handshake: drop the connection (no session was kept) */
+    if (read_request(ssl, req, sizeof req) != 0)
+        goto out;
+
+    if (is_stats_request(req))
+        stats_body(body, sizeof body);
+    else
+        snprintf(body, sizeof body, "worker %ld reused %d proto %s\n", (long)getpid(),
+                 SSL_session_reused(ssl) ? 1 : 0, SSL_get_version(ssl));
+    int rlen = snprintf(resp, sizeof resp,
+                        "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+                        "Content-Length: %zu\r\n\r\n%s",
+                        strlen(body), body);
+    if (rlen < 0 || (size_t)rlen >= sizeof resp || write_all(ssl, resp, (size_t)rlen) != 0)
+        goto out;
+
+    /* Send our close_notify. We do not wait for the client's (it may never send one); what
+     * matters for the session is that we sent ours before SSL_free. */
+    if (SSL_shutdown(ssl) < 0) {
+        /* The peer left early, but the exchange was complete: the session is good. Mark the
+         * connection as shut down so SSL_free does not remove the session everywhere. */
+        SSL_set_shutdown(ssl, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN);
+    }
+
+out:
+    ERR_clear_error();
+    SSL_free(ssl);
+    /* Linger briefly for the client's close: closing with unread bytes (its close_notify)
+     * in our receive buffer would send a RST that can destroy the reply in flight. */
+    if (shutdown(fd, SHUT_WR) == 0) {
+        char sink[4096];
+        size_t total = 0;
+        set_timeouts(fd, 1000);
+        for (;;) {
+            ssize_t n = recv(fd, sink, sizeof sink, 0);
+            if (n <= 0)
+                break;
+            total += (size_t)n;
+            if (total > 65536)
+                break;
+        }
+    }
+    close(fd);
+}
+
+static void worker_main(const struct options *o, int port, int ready_fd)
+{
+#ifdef __linux__
+    /* Do not outlive a master that was killed with SIGKILL. */
+    pid_t master = getppid();
+    (void)prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() != master)
+        _exit(1);
+#endif
+    int lfd = bound_socket(port);
+    if (lfd < 0 || listen(lfd, LISTEN_BACKLOG) != 0) {
+        if (lfd >= 0)
+            perror("listen");
+        exit(1);
+    }
+
+    /* The SSL_CTX is made after the fork, as a real prefork server would (the library copes
+     * with either order). */
+    SSL_CTX *ctx = make_ctx(o);
+    if (ctx == NULL)
+        exit(1);
+    if (o->share) {
+        cts_result rc = cts_share_sessions(ctx, o->ns);
+        if (rc != CTS_OK) {
+            print_cts_error("cts_share_sessions", rc);
+            exit(1);
+        }
+    }
+
+    char ok = 'R';
+    if (write(ready_fd, &ok, 1) != 1)
+        exit(1);
+    close(ready_fd);
+
+    for (;;) {
+        int cfd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+        if (cfd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED || errno == EAGAIN)
+                continue;
+            perror("accept");
+            sleep(1); /* e.g. EMFILE: do not spin */
+            continue;
+        }
+        serve_connection(ctx, cfd);
+    }
+}
+
+int main(int argc, char **argv)
+{
+    struct options o;
+    if (parse_args(argc, argv, &o) != 0) {
+        usage(argv[0]);
+        return 2;
+    }
+
+    /* Own process group, so a supervisor (or a test) can signal master and workers at once. */
+    (void)setpgid(0, 0);
+    signal(SIGPIPE, SIG_IGN);
+
+    int reserve = bound_socket(o.port);
+    if (reserve < 0)
+        return 1;
+    int port = bound_port(reserve);
+    if (port <= 0)
+        return 1;
+
+    if (o.share) {
+        cts_config cfg;
+        cts_result rc = cts_config_init(&cfg);
+        if (rc == CTS_OK && o.get_timeout_us >= 0) {
+            cfg.get_timeout_us = (uint32_t)o.get_timeout_us;
+        }
+        if (rc == CTS_OK)
+            rc = cts_master_setup(&cfg);
+        if (rc != CTS_OK) {
+            print_cts_error("cts_master_setup", rc);
+            return 1;
+        }
+    }
+
+    /* Hold the stop signals until the workers are up and the master waits in sigsuspend():
+     * no signal can slip in between a check and the wait. */
+    sigset_t block, orig;
+    sigemptyset(&block);
+    sigaddset(&block, SIGTERM);
+    sigaddset(&block, SIGINT);
+    sigaddset(&block, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &block, &orig);
+
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sigemptyset(&sa.sa_mask);
+    sa.sa_handler = on_stop;
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sa.sa_handler = on_child;
+    sigaction(SIGCHLD, &sa, NULL);
+
+    int ready[2];
+    if (pipe2(ready, O_CLOEXEC) != 0) {
+        perror("pipe");
+        return 1;
+    }
+
+    pid_t pids[MAX_WORKERS];
+    int alive = 0;
+    for (int i = 0; i < o.workers; i++) {
+        fflush(NULL); /* nothing buffered may be written twice */
+        pid_t pid = fork();
+        if (pid < 0) {
+            perror("fork");
+            break;
+        }
+        if (pid == 0) {
+            signal(SIGTERM, SIG_DFL);
+            signal(SIGINT, SIG_DFL);
+            signal(SIGCHLD, SIG_DFL);
+            sigprocmask(SIG_SETMASK, &orig, NULL);
+            close(ready[0]);
+            close(reserve);
+            worker_main(&o, port, ready[1]);
+            _exit(1);
+        }
+        pids[alive++] = pid;
+    }
+    close(ready[1]);
+
+    /* Wait until every worker listens (one byte each); EOF first means one failed. */
+    int up = 0;
+    while (up < alive) {
+        char c;
+        ssize_t n = read(ready[0], &c, 1);
+        if (n == 1)
+            up++;
+        else if (n < 0 && errno == EINTR)
+            continue;
+        else
+            break;
+    }
+    close(ready[0]);
+
+    int status = 0;
+    if (up == o.workers) {
+        printf("ready port=%d workers=%d\n", port, o.workers);
+        for (int i = 0; i < alive; i++)
+            printf("worker pid=%ld\n", (long)pids[i]);
+        fflush(stdout);
+    } else {
+        fprintf(stderr, "only %d of %d workers started; stopping\n", up, o.workers);
+        stop_signal = SIGTERM;
+        status = 1;
+    }
+
+    /* Supervise: reap workers (no respawn), forward SIGTERM/SIGINT, exit when all are gone. */
+    int forwarded = 0;
+    for (;;) {
+        int st;
+        pid_t pid;
+        while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
+            for (int i = 0; i < alive; i++) {
+                if (pids[i] == pid) {
+                    pids[i] = pids[--alive];
+                    break;
+                }
+            }
+            if (!stop_signal) {
+                if (WIFSIGNALED(st))
+                    fprintf(stderr, "worker pid=%ld killed by signal %d (not respawned)\n", (long)pid,
+                            WTERMSIG(st));
+                else
+                    fprintf(stderr, "worker pid=%ld exited with %d (not respawned)\n", (long)pid,
+                            WEXITSTATUS(st));
+            }
+        }
+        if (stop_signal && !forwarded) {
+            for (int i = 0; i < alive; i++)
+                kill(pids[i], stop_signal == SIGINT ? SIGINT : SIGTERM);
+            forwarded = 1;
+        }
+        if (stop_signal && alive == 0)
+            break;
+        sigsuspend(&orig);
+    }
+    close(reserve);
+    return status;
+}

@@ -1,0 +1,168 @@
+//! End to end: real forked workers, real handshakes, a real client (openssl crate).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{distinct_pids, resume_n, Client, Server};
+
+fn all_resumed_on_several_workers(server: &Server, tls12: bool, proto: &str) {
+    let out = resume_n(server.addr(), tls12, 60);
+    let resumed = out.iter().filter(|o| o.reused).count();
+    assert_eq!(resumed, 60, "every connection resumes: {out:?}");
+    assert!(out.iter().all(|o| o.proto == proto), "protocol {proto}: {out:?}");
+    let pids = distinct_pids(&out);
+    assert!(pids >= 2, "resumptions landed on {pids} worker(s) only; the test proves nothing");
+    for o in &out {
+        assert!(server.workers.contains(&(o.pid as i32)), "answer from a known worker: {o:?}");
+    }
+}
+
+#[test]
+fn tls12_session_ids_resume_across_workers() {
+    let s = Server::start(&["--workers", "4", "--tls12", "--no-tickets"]);
+    all_resumed_on_several_workers(&s, true, "TLSv1.2");
+    let st = s.stats();
+    assert_eq!(st["master_valid"], 1);
+    assert!(st["hits"] >= 60, "{st:?}");
+}
+
+#[test]
+fn tls13_stateful_tickets_resume_across_workers() {
+    let s = Server::start(&["--workers", "4", "--no-tickets"]);
+    all_resumed_on_several_workers(&s, false, "TLSv1.3");
+}
+
+#[test]
+fn without_sharing_cross_worker_resumptions_miss() {
+    let s = Server::start(&["--workers", "4", "--tls12", "--no-tickets", "--no-share"]);
+    let out = resume_n(s.addr(), true, 60);
+    let resumed = out.iter().filter(|o| o.reused).count();
+    assert!(resumed < 60, "without the shared cache some connections must miss: {resumed}/60");
+}
+
+#[test]
+fn master_alone_uses_the_cache_in_process() {
+    let s = Server::start(&["--workers", "0", "--tls12", "--no-tickets"]);
+    let out = resume_n(s.addr(), true, 20);
+    assert!(out.iter().all(|o| o.reused));
+    let st = s.stats();
+    assert_eq!(st["role"], 1, "the master serves itself: {st:?}");
+    assert!(st["hits"] >= 20);
+}
+
+#[test]
+fn namespaces_are_isolated() {
+    // Both contexts keep the same host-chosen session id context, so only the namespace
+    // keeps their sessions apart.
+    let s = Server::start(&["--workers", "2", "--tls12", "--no-tickets", "--ns", "alpha", "--ns2", "beta", "--keep-sid-ctx"]);
+    let mut c = Client::new(true);
+    let first = c.request(s.addr(), "/").expect("alpha");
+    assert!(!first.reused);
+    let saved = c.session.clone();
+    for _ in 0..10 {
+        c.session = saved.clone();
+        let o = c.request(s.addr2(), "/").expect("beta");
+        assert!(!o.reused, "a session of namespace alpha resumed in namespace beta");
+    }
+    for _ in 0..10 {
+        c.session = saved.clone();
+        assert!(c.request(s.addr(), "/").expect("alpha again").reused, "alpha still resumes its own session");
+    }
+}
+
+#[test]
+fn tls13_stateless_tickets_are_not_stored() {
+    // Tickets on (the OpenSSL default): the ticket carries the session, the cache must not.
+    let s = Server::start(&["--workers", "1"]);
+    let mut c = Client::new(false);
+    for _ in 0..5 {
+        c.request(s.addr(), "/").expect("tls 1.3 connection");
+    }
+    let st = s.stats();
+    assert_eq!(st["stores"], 0, "{st:?}");
+    assert!(st["w_stateless_skipped"] >= 5, "{st:?}");
+}
+
+#[test]
+fn sessions_expire_at_their_timeout() {
+    let s = Server::start(&["--workers", "4", "--tls12", "--no-tickets", "--session-timeout", "1"]);
+    let mut c = Client::new(true);
+    c.request(s.addr(), "/").expect("full");
+    assert!(c.request(s.addr(), "/").expect("resume").reused);
+    let saved = c.session.clone();
+    std::thread::sleep(Duration::from_millis(2600));
+    c.session = saved;
+    let o = c.request(s.addr(), "/").expect("after expiry");
+    assert!(!o.reused, "an expired session must not resume");
+    let st = s.stats();
+    assert!(st["expirations"] >= 1 || st["entries"] <= 1, "expired entries are gone: {st:?}");
+}
+
+#[test]
+fn max_lifetime_caps_a_long_session_timeout() {
+    let s = Server::start(&["--workers", "2", "--tls12", "--no-tickets", "--session-timeout", "3600", "--max-lifetime", "1"]);
+    let mut c = Client::new(true);
+    c.request(s.addr(), "/").expect("full");
+    let saved = c.session.clone();
+    std::thread::sleep(Duration::from_millis(2600));
+    // The cache dropped it; the worker that made it has no internal cache either.
+    c.session = saved;
+    assert!(!c.request(s.addr(), "/").expect("after the cap").reused);
+}
+
+#[test]
+fn cache_evicts_least_recently_used_at_the_byte_budget() {
+    let budget = 65_536u64;
+    let s = Server::start(&["--workers", "2", "--tls12", "--no-tickets", "--cache-bytes", &budget.to_string()]);
+    let mut oldest = Client::new(true);
+    oldest.request(s.addr(), "/").expect("oldest");
+    let oldest_session = oldest.session.clone();
+    // Each session costs ~350 bytes against the budget: 400 fresh sessions overflow it.
+    for _ in 0..400 {
+        Client::new(true).request(s.addr(), "/").expect("filler");
+    }
+    let st = s.stats();
+    assert!(st["evictions"] > 0, "{st:?}");
+    assert!(st["entries"] < 400, "{st:?}");
+    oldest.session = oldest_session;
+    assert!(!oldest.request(s.addr(), "/").expect("oldest again").reused, "the LRU session was evicted");
+}
+
+#[test]
+fn eight_threads_per_worker_resume_their_own_sessions() {
+    let s = Server::start(&["--workers", "3", "--threads", "8", "--tls12", "--no-tickets"]);
+    let addr = s.addr();
+    let handles: Vec<_> = (0..24)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut c = Client::new(true);
+                c.request(addr, "/").expect("full");
+                let mut pids = Vec::new();
+                for i in 0..15 {
+                    let offered = c.session.as_ref().expect("session").id().to_vec();
+                    let o = c.request(addr, "/").unwrap_or_else(|e| panic!("thread {t} conn {i}: {e}"));
+                    assert!(o.reused, "thread {t} conn {i} did not resume");
+                    let got = c.session.as_ref().expect("session").id().to_vec();
+                    assert_eq!(offered, got, "thread {t} got another client's session back");
+                    pids.push(o.pid);
+                }
+                pids
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.join().expect("client thread"));
+    }
+    all.sort_unstable();
+    all.dedup();
+    assert!(all.len() >= 2, "connections spread over workers");
+}
+
+#[test]
+fn master_setup_in_a_worker_is_refused() {
+    let s = Server::start(&["--workers", "2", "--check-worker-api"]);
+    let st = s.stats();
+    assert_eq!(st["worker_setup_code"], 3, "CTS_ERR_IN_WORKER: {st:?}");
+}
