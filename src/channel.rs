@@ -271,22 +271,28 @@ impl Channel {
         }
     }
 
-    fn admit(&self, now: u64) -> bool {
+    /// May a lookup go to the master now? `Some(true)` for the single probe of a half-open
+    /// breaker, `Some(false)` while it is closed, `None` while it is open.
+    fn admit(&self, now: u64) -> Option<bool> {
         let until = self.open_until_ms.load(SeqCst);
         if until == 0 {
-            return true;
+            return Some(false);
         }
         if now < until {
-            return false;
+            return None;
         }
-        // Half-open: exactly one caller probes; the window lasts one timeout.
-        let probe_end = now + GET_TIMEOUT_US.load(Relaxed) / 1000 + 1;
-        self.open_until_ms.compare_exchange(until, probe_end, SeqCst, SeqCst).is_ok()
+        // Half-open: exactly one caller probes; the others keep skipping until it answers
+        // (closing the breaker) or times out (re-opening it for longer).
+        let probe_end = now + GET_TIMEOUT_US.load(Relaxed) / 1000 + 1000;
+        match self.open_until_ms.compare_exchange(until, probe_end, SeqCst, SeqCst) {
+            Ok(_) => Some(true),
+            Err(_) => None,
+        }
     }
 
-    fn trip(&self, now: u64) {
+    fn trip(&self, now: u64, was_probe: bool) {
         let until = self.open_until_ms.load(SeqCst);
-        if until != 0 && now < until {
+        if !was_probe && until != 0 && now < until {
             return; // Another thread already opened it.
         }
         let max = BACKOFF_MAX_MS.load(Relaxed).max(1);
@@ -307,10 +313,10 @@ impl Channel {
         if self.is_dead() {
             return None;
         }
-        if !self.admit(mono_ms()) {
+        let Some(was_probe) = self.admit(mono_ms()) else {
             bump(&WORKER.breaker_skips);
             return None;
-        }
+        };
         let rid = self.next_id.fetch_add(1, Relaxed).wrapping_add(1);
         self.lock().slots.push(Slot { id: rid, reply: None });
         let deadline = Instant::now() + Duration::from_micros(GET_TIMEOUT_US.load(Relaxed));
@@ -321,6 +327,11 @@ impl Channel {
         let mut w = self.lock();
         if !sent {
             w.slots.retain(|s| s.id != rid);
+            drop(w);
+            if was_probe {
+                // A probe that could not even be sent (the master's socket is full) failed.
+                self.trip(mono_ms(), true);
+            }
             return None;
         }
         loop {
@@ -336,7 +347,7 @@ impl Channel {
                 drop(w);
                 if !self.is_dead() {
                     bump(&WORKER.timeouts);
-                    self.trip(mono_ms());
+                    self.trip(mono_ms(), was_probe);
                 }
                 return None;
             }
