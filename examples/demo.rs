@@ -99,10 +99,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let r_on = run(&on, &format!("{proto}, sharing ON"))?;
         let off = ServerOpts { share: false, ..on };
         let r_off = run(&off, &format!("{proto}, sharing OFF (OpenSSL's per-process cache)"))?;
-        println!(
-            "  => {proto}: {}/{RESUMES} resumed with sharing, {}/{RESUMES} without",
-            r_on.resumed, r_off.resumed
-        );
+        println!("  => {proto}: {}/{RESUMES} resumed with sharing, {}/{RESUMES} without", r_on.resumed, r_off.resumed);
         ok &= r_on.resumed == RESUMES && r_on.workers_seen > 1;
     }
     let st = cluster_tls_store::stats();

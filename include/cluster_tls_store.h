@@ -276,6 +276,9 @@ extern "C" {
  *
  * May be called anywhere, any time; thread-safe. Returns `CTS_ERR_NULL_ARGUMENT` if `cfg` is
  * NULL.
+ *
+ * # Safety
+ * `cfg` must be NULL or point to a writable `cts_config`.
  */
 cts_result cts_config_init(struct cts_config *cfg);
 
@@ -291,6 +294,9 @@ cts_result cts_config_init(struct cts_config *cfg);
  * configuration. Returns `CTS_ERR_IN_WORKER` in a process forked by the master,
  * `CTS_ERR_INVALID_CONFIG` for out-of-range values, `CTS_ERR_SYSTEM` if the thread or
  * descriptors cannot be created. Thread-safe.
+ *
+ * # Safety
+ * `cfg` must be NULL or point to a readable `cts_config`.
  */
 cts_result cts_master_setup(const struct cts_config *cfg);
 
@@ -312,12 +318,18 @@ cts_result cts_master_setup(const struct cts_config *cfg);
  * Returns `CTS_ERR_NO_MASTER` (or `CTS_ERR_NOT_CHANNEL_OWNER`) with `ctx` left untouched when
  * this process cannot reach a master. Not thread-safe with respect to handshakes on the same
  * `ctx`: call it before the context serves connections.
+ *
+ * # Safety
+ * `ctx` must be NULL or a valid `SSL_CTX`; `ns` NULL or a NUL-terminated string.
  */
 cts_result cts_share_sessions(SSL_CTX *ctx, const char *ns);
 
 /**
  * `cts_share_sessions` with flags (`CTS_SHARE_KEEP_SESSION_ID_CONTEXT`); unknown flag bits
  * are ignored.
+ *
+ * # Safety
+ * As for `cts_share_sessions`.
  */
 cts_result cts_share_sessions_ex(SSL_CTX *ctx, const char *ns, uint32_t flags);
 
@@ -328,6 +340,9 @@ cts_result cts_share_sessions_ex(SSL_CTX *ctx, const char *ns, uint32_t flags);
  * when `out->master_valid` is 1: always in the master; in a worker, when the master answered
  * the request within the lookup deadline. `out->role` is `CTS_ROLE_*`. Callable from any
  * thread, in any process.
+ *
+ * # Safety
+ * `out` must be NULL or point to a writable `cts_stats`.
  */
 cts_result cts_get_stats(struct cts_stats *out);
 
@@ -340,6 +355,9 @@ const char *cts_strerror(int32_t code);
  * Copy the calling thread's last error message (from the most recent failing `cts_` call)
  * into `buf` (`len` bytes, NUL-terminated, truncated to fit). Returns the message's full
  * length without the NUL, 0 if there is none. `buf` may be NULL when `len` is 0.
+ *
+ * # Safety
+ * `buf` must be NULL or point to `len` writable bytes.
  */
 size_t cts_last_error(char *buf, size_t len);
 

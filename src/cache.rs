@@ -237,7 +237,8 @@ impl Cache {
                 break;
             }
             self.expiries.pop();
-            let live = self.slots.get(slot as usize).and_then(|s| s.as_ref()).is_some_and(|e| e.generation == generation);
+            let live =
+                self.slots.get(slot as usize).and_then(|s| s.as_ref()).is_some_and(|e| e.generation == generation);
             if live {
                 self.remove_slot(slot);
                 self.counters.expirations += 1;

@@ -173,7 +173,7 @@ pub unsafe fn install(ctx: *mut ffi::SSL_CTX, ns: &[u8], opts: ShareOptions) -> 
 /// `ssl` must be a valid `SSL` pointer.
 unsafe fn is_stateless_tls13(ssl: *const ffi::SSL) -> bool {
     // SAFETY: caller guarantees `ssl` is valid.
-    unsafe { ffi::SSL_version(ssl) >= TLS1_3_VERSION && SSL_get_options(ssl) & ffi::SSL_OP_NO_TICKET as u64 == 0 }
+    unsafe { ffi::SSL_version(ssl) >= TLS1_3_VERSION && SSL_get_options(ssl) & ffi::SSL_OP_NO_TICKET == 0 }
 }
 
 unsafe extern "C" fn new_session_cb(ssl: *mut ffi::SSL, sess: *mut ffi::SSL_SESSION) -> c_int {
@@ -253,7 +253,12 @@ unsafe extern "C" fn get_session_cb(
 
 /// # Safety
 /// As for `get_session_cb`.
-unsafe fn lookup_session(ssl: *mut ffi::SSL, id: *const c_uchar, len: c_int, copy: *mut c_int) -> *mut ffi::SSL_SESSION {
+unsafe fn lookup_session(
+    ssl: *mut ffi::SSL,
+    id: *const c_uchar,
+    len: c_int,
+    copy: *mut c_int,
+) -> *mut ffi::SSL_SESSION {
     if id.is_null() || len <= 0 || len as usize > MAX_ID_LEN {
         return std::ptr::null_mut();
     }

@@ -142,8 +142,11 @@ fn guarded(body: impl FnOnce() -> Result<(), Error>) -> cts_result {
 ///
 /// May be called anywhere, any time; thread-safe. Returns `CTS_ERR_NULL_ARGUMENT` if `cfg` is
 /// NULL.
+///
+/// # Safety
+/// `cfg` must be NULL or point to a writable `cts_config`.
 #[no_mangle]
-pub extern "C" fn cts_config_init(cfg: *mut cts_config) -> cts_result {
+pub unsafe extern "C" fn cts_config_init(cfg: *mut cts_config) -> cts_result {
     guarded(|| {
         // SAFETY: checked non-NULL; the caller gives a writable cts_config.
         let cfg = unsafe { cfg.as_mut() }.ok_or(Error::NullArgument("cfg"))?;
@@ -163,8 +166,11 @@ pub extern "C" fn cts_config_init(cfg: *mut cts_config) -> cts_result {
 /// configuration. Returns `CTS_ERR_IN_WORKER` in a process forked by the master,
 /// `CTS_ERR_INVALID_CONFIG` for out-of-range values, `CTS_ERR_SYSTEM` if the thread or
 /// descriptors cannot be created. Thread-safe.
+///
+/// # Safety
+/// `cfg` must be NULL or point to a readable `cts_config`.
 #[no_mangle]
-pub extern "C" fn cts_master_setup(cfg: *const cts_config) -> cts_result {
+pub unsafe extern "C" fn cts_master_setup(cfg: *const cts_config) -> cts_result {
     guarded(|| {
         // SAFETY: NULL means defaults; otherwise the caller gives a readable cts_config.
         let config = match unsafe { cfg.as_ref() } {
@@ -192,15 +198,22 @@ pub extern "C" fn cts_master_setup(cfg: *const cts_config) -> cts_result {
 /// Returns `CTS_ERR_NO_MASTER` (or `CTS_ERR_NOT_CHANNEL_OWNER`) with `ctx` left untouched when
 /// this process cannot reach a master. Not thread-safe with respect to handshakes on the same
 /// `ctx`: call it before the context serves connections.
+///
+/// # Safety
+/// `ctx` must be NULL or a valid `SSL_CTX`; `ns` NULL or a NUL-terminated string.
 #[no_mangle]
-pub extern "C" fn cts_share_sessions(ctx: *mut SSL_CTX, ns: *const c_char) -> cts_result {
-    cts_share_sessions_ex(ctx, ns, 0)
+pub unsafe extern "C" fn cts_share_sessions(ctx: *mut SSL_CTX, ns: *const c_char) -> cts_result {
+    // SAFETY: same contract as this function.
+    unsafe { cts_share_sessions_ex(ctx, ns, 0) }
 }
 
 /// `cts_share_sessions` with flags (`CTS_SHARE_KEEP_SESSION_ID_CONTEXT`); unknown flag bits
 /// are ignored.
+///
+/// # Safety
+/// As for `cts_share_sessions`.
 #[no_mangle]
-pub extern "C" fn cts_share_sessions_ex(ctx: *mut SSL_CTX, ns: *const c_char, flags: u32) -> cts_result {
+pub unsafe extern "C" fn cts_share_sessions_ex(ctx: *mut SSL_CTX, ns: *const c_char, flags: u32) -> cts_result {
     guarded(|| {
         if ctx.is_null() {
             return Err(Error::NullArgument("ctx"));
@@ -223,8 +236,11 @@ pub extern "C" fn cts_share_sessions_ex(ctx: *mut SSL_CTX, ns: *const c_char, fl
 /// when `out->master_valid` is 1: always in the master; in a worker, when the master answered
 /// the request within the lookup deadline. `out->role` is `CTS_ROLE_*`. Callable from any
 /// thread, in any process.
+///
+/// # Safety
+/// `out` must be NULL or point to a writable `cts_stats`.
 #[no_mangle]
-pub extern "C" fn cts_get_stats(out: *mut Stats) -> cts_result {
+pub unsafe extern "C" fn cts_get_stats(out: *mut Stats) -> cts_result {
     guarded(|| {
         if out.is_null() {
             return Err(Error::NullArgument("out"));
@@ -245,8 +261,11 @@ pub extern "C" fn cts_strerror(code: i32) -> *const c_char {
 /// Copy the calling thread's last error message (from the most recent failing `cts_` call)
 /// into `buf` (`len` bytes, NUL-terminated, truncated to fit). Returns the message's full
 /// length without the NUL, 0 if there is none. `buf` may be NULL when `len` is 0.
+///
+/// # Safety
+/// `buf` must be NULL or point to `len` writable bytes.
 #[no_mangle]
-pub extern "C" fn cts_last_error(buf: *mut c_char, len: usize) -> usize {
+pub unsafe extern "C" fn cts_last_error(buf: *mut c_char, len: usize) -> usize {
     ffi_boundary!(0, {
         LAST_ERROR
             .try_with(|e| {

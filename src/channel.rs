@@ -93,7 +93,9 @@ fn adopt_from_env() -> Result<RawFd, Error> {
     let mut ty: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `ty`; an invalid fd fails with EBADF.
-    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut ty as *mut libc::c_int).cast(), &mut len) };
+    let rc = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut ty as *mut libc::c_int).cast(), &mut len)
+    };
     if rc != 0 || ty != libc::SOCK_SEQPACKET {
         return Err(Error::NoMaster);
     }
@@ -193,9 +195,8 @@ impl Channel {
             }
             // SAFETY: `buf` is valid for its length; non-blocking, and MSG_NOSIGNAL keeps a
             // dead master from raising SIGPIPE in the host.
-            let rc = unsafe {
-                libc::send(self.fd, buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-            };
+            let rc =
+                unsafe { libc::send(self.fd, buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
             let err = std::io::Error::last_os_error().raw_os_error();
             buf.clear();
             if rc >= 0 {
@@ -224,7 +225,14 @@ impl Channel {
     }
 
     /// Fire-and-forget PUT: `der` fills the payload after the header.
-    pub fn put(&self, namespace: &[u8], id: &[u8], expiry: u64, der_len: usize, der: impl FnOnce(&mut Vec<u8>) -> bool) {
+    pub fn put(
+        &self,
+        namespace: &[u8],
+        id: &[u8],
+        expiry: u64,
+        der_len: usize,
+        der: impl FnOnce(&mut Vec<u8>) -> bool,
+    ) {
         if self.is_dead() {
             return;
         }
@@ -367,7 +375,8 @@ impl Channel {
     /// Wait up to `wait` for the socket to be readable, then file every reply there is.
     fn read_replies(&self, wait: Duration) {
         let mut pfd = libc::pollfd { fd: self.fd, events: libc::POLLIN, revents: 0 };
-        let ts = libc::timespec { tv_sec: wait.as_secs() as libc::time_t, tv_nsec: wait.subsec_nanos() as libc::c_long };
+        let ts =
+            libc::timespec { tv_sec: wait.as_secs() as libc::time_t, tv_nsec: wait.subsec_nanos() as libc::c_long };
         // SAFETY: one valid pollfd, a valid timespec, no signal mask change.
         let n = unsafe { libc::ppoll(&mut pfd, 1, &ts, ptr::null()) };
         if n <= 0 {
@@ -380,7 +389,9 @@ impl Channel {
             }
             loop {
                 // SAFETY: `v` is valid for `v.len()` bytes; MSG_TRUNC reports oversized frames.
-                let n = unsafe { libc::recv(self.fd, v.as_mut_ptr().cast(), v.len(), libc::MSG_DONTWAIT | libc::MSG_TRUNC) };
+                let n = unsafe {
+                    libc::recv(self.fd, v.as_mut_ptr().cast(), v.len(), libc::MSG_DONTWAIT | libc::MSG_TRUNC)
+                };
                 if n == 0 {
                     self.mark_dead();
                     return;

@@ -41,10 +41,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |why: String| Err(Error::InvalidConfig(why));
         if self.max_session_bytes < 256 || self.max_session_bytes > MAX_PAYLOAD_LEN {
-            return bad(format!(
-                "max_session_bytes = {} (allowed 256..={MAX_PAYLOAD_LEN})",
-                self.max_session_bytes
-            ));
+            return bad(format!("max_session_bytes = {} (allowed 256..={MAX_PAYLOAD_LEN})", self.max_session_bytes));
         }
         if self.cache_bytes < 64 << 10 {
             return bad(format!("cache_bytes = {} (at least 65536)", self.cache_bytes));
@@ -56,10 +53,7 @@ impl Config {
             return bad(format!("get_timeout = {:?} (allowed 100 µs ..= 10 s)", self.get_timeout));
         }
         if self.breaker_max_backoff < Duration::from_millis(1) || self.breaker_max_backoff > Duration::from_secs(60) {
-            return bad(format!(
-                "breaker_max_backoff = {:?} (allowed 1 ms ..= 60 s)",
-                self.breaker_max_backoff
-            ));
+            return bad(format!("breaker_max_backoff = {:?} (allowed 1 ms ..= 60 s)", self.breaker_max_backoff));
         }
         Ok(())
     }

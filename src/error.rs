@@ -55,9 +55,9 @@ impl fmt::Display for Error {
         match self {
             Error::NullArgument(name) => write!(f, "required argument `{name}` is NULL"),
             Error::InvalidConfig(why) => write!(f, "invalid configuration: {why}"),
-            Error::InWorker => f.write_str(
-                "cts_master_setup called in a worker: call it once in the master, before it forks",
-            ),
+            Error::InWorker => {
+                f.write_str("cts_master_setup called in a worker: call it once in the master, before it forks")
+            }
             Error::NoMaster => f.write_str(
                 "no session cache master: call cts_master_setup in the master before forking \
                  (or pass the channel with CTS_CHANNEL_FD to an exec'd worker); the SSL_CTX was \

@@ -112,10 +112,7 @@ pub(crate) fn install_handlers() -> Result<(), crate::Error> {
     // expects; they never unwind (see each body).
     let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
     if rc != 0 {
-        return Err(crate::Error::System(format!(
-            "pthread_atfork: {}",
-            std::io::Error::from_raw_os_error(rc)
-        )));
+        return Err(crate::Error::System(format!("pthread_atfork: {}", std::io::Error::from_raw_os_error(rc))));
     }
     Ok(())
 }

@@ -218,15 +218,10 @@ impl Master {
         for _ in 0..BATCH {
             // SAFETY: `buf` is valid for `buf.len()` bytes; MSG_TRUNC makes recv return the
             // datagram's real length so an oversized frame is detected, not silently cut.
-            let n = unsafe {
-                libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_TRUNC)
-            };
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_TRUNC) };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
-                return match e.raw_os_error() {
-                    Some(libc::EAGAIN) | Some(libc::EINTR) => true,
-                    _ => false,
-                };
+                return matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR));
             }
             if n == 0 {
                 return false; // EOF: the worker is gone.
@@ -274,9 +269,8 @@ impl Master {
         if !out.is_empty() {
             // SAFETY: `out` is valid for `out.len()` bytes. Non-blocking and no SIGPIPE: a
             // full or closed worker socket costs that worker its reply, nothing else.
-            let sent = unsafe {
-                libc::send(fd, out.as_ptr().cast(), out.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-            };
+            let sent =
+                unsafe { libc::send(fd, out.as_ptr().cast(), out.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
             if sent < 0 {
                 self.reply_drops.fetch_add(1, Relaxed);
             }

@@ -243,7 +243,21 @@ mod tests {
 
     #[test]
     fn master_stats_round_trip_on_the_wire() {
-        let s = MasterStats { hits: 1, misses: 2, stores: 3, evictions: 4, expirations: 5, oversize: 6, removes: 7, entries: 8, bytes: 9, budget_bytes: 10, workers: 11, bad_frames: 12, reply_drops: u64::MAX };
+        let s = MasterStats {
+            hits: 1,
+            misses: 2,
+            stores: 3,
+            evictions: 4,
+            expirations: 5,
+            oversize: 6,
+            removes: 7,
+            entries: 8,
+            bytes: 9,
+            budget_bytes: 10,
+            workers: 11,
+            bad_frames: 12,
+            reply_drops: u64::MAX,
+        };
         assert_eq!(MasterStats::decode(&s.encode()), Some(s));
         assert_eq!(MasterStats::decode(&s.encode()[1..]), None);
     }

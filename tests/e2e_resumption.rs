@@ -55,7 +55,17 @@ fn master_alone_uses_the_cache_in_process() {
 fn namespaces_are_isolated() {
     // Both contexts keep the same host-chosen session id context, so only the namespace
     // keeps their sessions apart.
-    let s = Server::start(&["--workers", "2", "--tls12", "--no-tickets", "--ns", "alpha", "--ns2", "beta", "--keep-sid-ctx"]);
+    let s = Server::start(&[
+        "--workers",
+        "2",
+        "--tls12",
+        "--no-tickets",
+        "--ns",
+        "alpha",
+        "--ns2",
+        "beta",
+        "--keep-sid-ctx",
+    ]);
     let mut c = Client::new(true);
     let first = c.request(s.addr(), "/").expect("alpha");
     assert!(!first.reused);
@@ -101,7 +111,16 @@ fn sessions_expire_at_their_timeout() {
 
 #[test]
 fn max_lifetime_caps_a_long_session_timeout() {
-    let s = Server::start(&["--workers", "2", "--tls12", "--no-tickets", "--session-timeout", "3600", "--max-lifetime", "1"]);
+    let s = Server::start(&[
+        "--workers",
+        "2",
+        "--tls12",
+        "--no-tickets",
+        "--session-timeout",
+        "3600",
+        "--max-lifetime",
+        "1",
+    ]);
     let mut c = Client::new(true);
     c.request(s.addr(), "/").expect("full");
     let saved = c.session.clone();

@@ -60,7 +60,8 @@ impl Client {
         let text = String::from_utf8_lossy(&resp).into_owned();
         let body = text.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_string();
         let mut words = body.split_whitespace();
-        let pid = if words.next() == Some("worker") { words.next().and_then(|p| p.parse().ok()).unwrap_or(0) } else { 0 };
+        let pid =
+            if words.next() == Some("worker") { words.next().and_then(|p| p.parse().ok()).unwrap_or(0) } else { 0 };
         let proto = body.split_whitespace().nth(5).unwrap_or("").to_string();
         Ok(Outcome { pid, reused, proto, body })
     }

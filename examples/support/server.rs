@@ -62,7 +62,12 @@ fn reuseport_socket(port: u16) -> std::io::Result<OwnedFd> {
         sa.sin_family = libc::AF_INET as libc::sa_family_t;
         sa.sin_port = port.to_be();
         sa.sin_addr.s_addr = u32::from_be_bytes([127, 0, 0, 1]).to_be();
-        if libc::bind(fd.as_raw_fd(), (&sa as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32) != 0 {
+        if libc::bind(
+            fd.as_raw_fd(),
+            (&sa as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        ) != 0
+        {
             return Err(std::io::Error::last_os_error());
         }
         Ok(fd)

@@ -75,7 +75,8 @@ fn main() {
         }
     }
     let reserved = server::reserve(port).unwrap_or_else(|e| usage(&format!("port {port}: {e}")));
-    let reserved2 = opts.second_namespace.as_ref().map(|_| server::reserve(0).unwrap_or_else(|e| usage(&e.to_string())));
+    let reserved2 =
+        opts.second_namespace.as_ref().map(|_| server::reserve(0).unwrap_or_else(|e| usage(&e.to_string())));
     let port2 = reserved2.as_ref().map(|r| format!(" port2={}", r.port)).unwrap_or_default();
     if workers == 0 {
         println!("ready port={}{port2} workers=0", reserved.port);
