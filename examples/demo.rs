@@ -92,6 +92,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         session_timeout: None,
         threads: 1,
         check_worker_api: false,
+        ctx_before_fork: false,
     };
     let mut ok = true;
     for (tls12, proto) in [(true, "TLS 1.2 session ids"), (false, "TLS 1.3 stateful tickets")] {

@@ -28,6 +28,12 @@ fn tls12_session_ids_resume_across_workers() {
 }
 
 #[test]
+fn context_built_before_the_fork_resumes_across_workers() {
+    let s = Server::start(&["--workers", "4", "--tls12", "--no-tickets", "--ctx-before-fork"]);
+    all_resumed_on_several_workers(&s, true, "TLSv1.2");
+}
+
+#[test]
 fn tls13_stateful_tickets_resume_across_workers() {
     let s = Server::start(&["--workers", "4", "--no-tickets"]);
     all_resumed_on_several_workers(&s, false, "TLSv1.3");

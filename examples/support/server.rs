@@ -35,6 +35,8 @@ pub struct ServerOpts {
     pub threads: usize,
     /// Each worker calls `master_setup` and reports the result code in `/stats`.
     pub check_worker_api: bool,
+    /// Build the `SSL_CTX` in the master before forking; workers share the inherited one.
+    pub ctx_before_fork: bool,
 }
 
 static WORKER_SETUP_CODE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
@@ -197,10 +199,27 @@ pub struct Workers {
 /// namespace). Returns in the parent only.
 pub fn fork_workers(n: usize, opts: &ServerOpts, port: &Reserved, port2: Option<&Reserved>) -> Workers {
     let mut pids = Vec::new();
+    let inherited = if opts.ctx_before_fork {
+        let unshared = ServerOpts { share: false, ..opts.clone() };
+        Some(build_context(&unshared, None).expect("context before fork"))
+    } else {
+        None
+    };
     for _ in 0..n {
         // SAFETY: the child only builds its own state and serves; it never returns.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
+            if let Some(ctx) = &inherited {
+                if opts.share {
+                    let o = ShareOptions { keep_session_id_context: opts.keep_sid_ctx };
+                    if let Err(e) = share_sessions_with(ctx, opts.namespace.as_deref(), o) {
+                        eprintln!("worker: {e}");
+                        std::process::exit(1);
+                    }
+                }
+                let l = listen(port.port).expect("listen");
+                serve(l, ctx.clone(), opts.threads);
+            }
             worker_main(opts, port.port, port2.map(|p| p.port));
         }
         if pid > 0 {

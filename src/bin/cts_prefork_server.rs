@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cts-prefork-server --cert F --key F [--port P] [--workers N] [--threads T] [--no-share]
-//!     [--no-tickets] [--tls12] [--ns NAME] [--ns2 NAME] [--keep-sid-ctx]
+//!     [--no-tickets] [--tls12] [--ns NAME] [--ns2 NAME] [--keep-sid-ctx] [--ctx-before-fork]
 //!     [--session-timeout S] [--get-timeout-us N] [--cache-bytes N] [--max-lifetime S]
 //! ```
 //! Prints `ready port=P [port2=Q] workers=N` and one `worker pid=X` line per worker, then
@@ -36,6 +36,7 @@ fn main() {
         session_timeout: None,
         threads: 1,
         check_worker_api: false,
+        ctx_before_fork: false,
     };
     let mut config = Config::default();
     let (mut port, mut workers) = (0u16, 4usize);
@@ -56,6 +57,7 @@ fn main() {
             "--ns2" => opts.second_namespace = Some(val()),
             "--keep-sid-ctx" => opts.keep_sid_ctx = true,
             "--check-worker-api" => opts.check_worker_api = true,
+            "--ctx-before-fork" => opts.ctx_before_fork = true,
             "--session-timeout" => opts.session_timeout = Some(num(val()) as u32),
             "--get-timeout-us" => config.get_timeout = Duration::from_micros(num(val())),
             "--cache-bytes" => config.cache_bytes = num(val()) as usize,
