@@ -8,17 +8,26 @@
 //!   min-heap, so it never scans the whole table.
 //! - Every DER leaving the cache (evicted, expired, removed, overwritten, dropped) is wiped.
 //! - A lookup that misses allocates nothing: the key is assembled on the stack.
+//! - Memory per entry: one allocation holding key and DER, a 40-byte slab slot, a 4-byte slot
+//!   number in the hash index (hashbrown's `HashTable`, so the key is stored once) and a
+//!   16-byte expiry-heap item.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::hash_map::RandomState;
+use std::collections::BinaryHeap;
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
 
 use crate::protocol::{MAX_ID_LEN, MAX_NAMESPACE_LEN};
 use crate::wipe::wipe;
 
-/// Fixed bytes charged per entry on top of key and DER: the slab slot, the hash-map slot,
-/// the expiry-heap item and the allocator's headers, rounded up. Measured by the memory
-/// benchmark; it keeps the budget an honest bound on the master's memory.
-pub const ENTRY_OVERHEAD: usize = 128;
+/// Fixed bytes charged per entry on top of key and DER: the slab slot (40), the index slot
+/// and its control byte at the lowest load factor (10), the expiry-heap item with the heap's
+/// spare capacity (32), the allocator's header and rounding (24), and the slab's spare
+/// capacity (up to 40), rounded up. The soak test checks it against the process's RSS, so
+/// the budget stays an honest bound on the master's memory.
+pub const ENTRY_OVERHEAD: usize = 160;
 
 const NIL: u32 = u32::MAX;
 const KEY_BUF: usize = 1 + MAX_NAMESPACE_LEN + MAX_ID_LEN;
@@ -56,8 +65,9 @@ pub enum PutOutcome {
 }
 
 struct Entry {
-    key: Box<[u8]>,
-    der: Box<[u8]>,
+    /// Key (`make_key` layout) followed by the session DER, in one allocation.
+    data: Box<[u8]>,
+    key_len: u8,
     expiry: u64,
     prev: u32,
     next: u32,
@@ -69,7 +79,8 @@ pub struct Cache {
     budget: usize,
     max_session: usize,
     bytes: usize,
-    map: HashMap<Box<[u8]>, u32>,
+    index: HashTable<u32>,
+    hasher: RandomState,
     slots: Vec<Option<Entry>>,
     free: Vec<u32>,
     /// Most recently used.
@@ -92,6 +103,21 @@ fn make_key<'b>(buf: &'b mut [u8; KEY_BUF], namespace: &[u8], id: &[u8]) -> Opti
     Some(&buf[..end])
 }
 
+impl Entry {
+    fn key(&self) -> &[u8] {
+        &self.data[..self.key_len as usize]
+    }
+
+    fn der(&self) -> &[u8] {
+        &self.data[self.key_len as usize..]
+    }
+
+    fn wipe_der(&mut self) {
+        let k = self.key_len as usize;
+        wipe(&mut self.data[k..]);
+    }
+}
+
 impl Cache {
     /// A cache holding at most `budget` bytes (see `ENTRY_OVERHEAD`) of sessions no larger
     /// than `max_session` bytes of DER each.
@@ -100,7 +126,8 @@ impl Cache {
             budget,
             max_session,
             bytes: 0,
-            map: HashMap::new(),
+            index: HashTable::new(),
+            hasher: RandomState::new(),
             slots: Vec::new(),
             free: Vec::new(),
             head: NIL,
@@ -118,12 +145,25 @@ impl Cache {
 
     /// Entries held now (expired ones not yet swept included).
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.index.len()
     }
 
     /// True when nothing is stored.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.index.is_empty()
+    }
+
+    fn find(&self, key: &[u8]) -> Option<u32> {
+        let hash = self.hasher.hash_one(key);
+        let slots = &self.slots;
+        self.index.find(hash, |&s| slots[s as usize].as_ref().is_some_and(|e| e.key() == key)).copied()
+    }
+
+    fn make_entry(key: &[u8], der: &[u8], expiry: u64, generation: u32) -> Entry {
+        let mut data = Vec::with_capacity(key.len() + der.len());
+        data.extend_from_slice(key);
+        data.extend_from_slice(der);
+        Entry { data: data.into_boxed_slice(), key_len: key.len() as u8, expiry, prev: NIL, next: NIL, generation }
     }
 
     /// The counters so far.
@@ -151,14 +191,12 @@ impl Cache {
             return PutOutcome::Oversize;
         }
         let generation = self.bump_generation();
-        if let Some(&slot) = self.map.get(key) {
+        if let Some(slot) = self.find(key) {
             self.unlink(slot);
-            let entry = self.slots[slot as usize].as_mut().expect("mapped slot is occupied");
-            let old_cost = Self::entry_cost(entry.key.len(), entry.der.len());
-            wipe(&mut entry.der);
-            entry.der = der.into();
-            entry.expiry = expiry;
-            entry.generation = generation;
+            let entry = self.slots[slot as usize].as_mut().expect("indexed slot is occupied");
+            let old_cost = Self::entry_cost(entry.key_len as usize, entry.der().len());
+            entry.wipe_der();
+            *entry = Self::make_entry(key, der, expiry, generation);
             self.bytes = self.bytes - old_cost + cost;
             self.push_front(slot);
             self.expiries.push(Reverse((expiry, slot, generation)));
@@ -171,7 +209,7 @@ impl Cache {
         while self.bytes + cost > self.budget && self.tail != NIL {
             self.evict_tail();
         }
-        let entry = Entry { key: key.into(), der: der.into(), expiry, prev: NIL, next: NIL, generation };
+        let entry = Self::make_entry(key, der, expiry, generation);
         let slot = match self.free.pop() {
             Some(s) => {
                 self.slots[s as usize] = Some(entry);
@@ -182,8 +220,9 @@ impl Cache {
                 (self.slots.len() - 1) as u32
             }
         };
-        let key = self.slots[slot as usize].as_ref().map(|e| e.key.clone()).unwrap_or_default();
-        self.map.insert(key, slot);
+        let hash = self.hasher.hash_one(key);
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        self.index.insert_unique(hash, slot, |&s| slots[s as usize].as_ref().map_or(0, |e| hasher.hash_one(e.key())));
         self.bytes += cost;
         self.push_front(slot);
         self.expiries.push(Reverse((expiry, slot, generation)));
@@ -196,7 +235,7 @@ impl Cache {
     /// removed and reported as a miss. Reads never extend the expiry.
     pub fn get(&mut self, namespace: &[u8], id: &[u8], now: u64) -> Option<&[u8]> {
         let mut buf = [0u8; KEY_BUF];
-        let slot = make_key(&mut buf, namespace, id).and_then(|key| self.map.get(key).copied());
+        let slot = make_key(&mut buf, namespace, id).and_then(|key| self.find(key));
         let Some(slot) = slot else {
             self.counters.misses += 1;
             return None;
@@ -211,13 +250,13 @@ impl Cache {
         self.unlink(slot);
         self.push_front(slot);
         self.counters.hits += 1;
-        self.slots[slot as usize].as_ref().map(|e| &e.der[..])
+        self.slots[slot as usize].as_ref().map(|e| e.der())
     }
 
     /// Remove (namespace, id). Returns whether something was removed.
     pub fn remove(&mut self, namespace: &[u8], id: &[u8]) -> bool {
         let mut buf = [0u8; KEY_BUF];
-        let slot = make_key(&mut buf, namespace, id).and_then(|key| self.map.get(key).copied());
+        let slot = make_key(&mut buf, namespace, id).and_then(|key| self.find(key));
         match slot {
             Some(slot) => {
                 self.remove_slot(slot);
@@ -256,7 +295,7 @@ impl Cache {
     /// Overwrites leave stale heap items behind; rebuild the heap when they dominate so it
     /// stays proportional to the live entries.
     fn compact_expiries(&mut self) {
-        if self.expiries.len() > 2 * self.map.len() + 1024 {
+        if self.expiries.len() > 2 * self.index.len() + 1024 {
             let live: Vec<_> = self
                 .slots
                 .iter()
@@ -281,10 +320,14 @@ impl Cache {
 
     fn remove_slot(&mut self, slot: u32) {
         self.unlink(slot);
+        let Some(entry) = self.slots[slot as usize].as_ref() else { return };
+        let hash = self.hasher.hash_one(entry.key());
+        if let Ok(found) = self.index.find_entry(hash, |&s| s == slot) {
+            found.remove();
+        }
         if let Some(mut entry) = self.slots[slot as usize].take() {
-            self.map.remove(&entry.key);
-            self.bytes -= Self::entry_cost(entry.key.len(), entry.der.len());
-            wipe(&mut entry.der);
+            self.bytes -= Self::entry_cost(entry.key_len as usize, entry.der().len());
+            entry.wipe_der();
             self.free.push(slot);
         }
     }
@@ -333,7 +376,7 @@ impl Cache {
 impl Drop for Cache {
     fn drop(&mut self) {
         for entry in self.slots.iter_mut().flatten() {
-            wipe(&mut entry.der);
+            entry.wipe_der();
         }
     }
 }

@@ -23,6 +23,9 @@ static MASTER_PID: AtomicI32 = AtomicI32::new(0);
 static CHANNEL_FD: AtomicI32 = AtomicI32::new(-1);
 /// pid of the process that owns `CHANNEL_FD`; a different pid means the fd was inherited.
 static CHANNEL_PID: AtomicI32 = AtomicI32::new(0);
+/// Set in a child whose parent was a worker: the parent's channel was closed here, and
+/// `share_sessions` says so instead of "no master".
+static PARENT_CHANNEL_CLOSED: AtomicI32 = AtomicI32::new(0);
 
 /// Master-side descriptors (fd numbers) that every forked child must close.
 const FD_BITMAP_WORDS: usize = 16 * 1024;
@@ -73,6 +76,9 @@ pub enum ChannelFd {
 pub fn channel_fd() -> ChannelFd {
     let fd = CHANNEL_FD.load(SeqCst);
     if fd < 0 {
+        if PARENT_CHANNEL_CLOSED.load(SeqCst) == pid() {
+            return ChannelFd::Inherited;
+        }
         return ChannelFd::None;
     }
     if CHANNEL_PID.load(SeqCst) == pid() {
@@ -178,6 +184,7 @@ extern "C" fn child() {
         unsafe { libc::close(inherited) };
         CHANNEL_FD.store(-1, SeqCst);
         CHANNEL_PID.store(0, SeqCst);
+        PARENT_CHANNEL_CLOSED.store(me, SeqCst);
     }
 
     // Every master-side descriptor (all channels' master ends, including the one just made,

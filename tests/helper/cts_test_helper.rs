@@ -1,0 +1,372 @@
+//! `cts-test-helper`: scenarios that need a master that forks, run as a child process of the
+//! tests (the test harness is multi-threaded and never forks itself). Each scenario prints
+//! `key=value` lines and exits 0 when it could run; the tests judge the values.
+//!
+//! ```text
+//! cts-test-helper churn N        fork N short-lived workers (some killed mid-request)
+//! cts-test-helper grandchild     a worker forks a helper that tries to use the channel
+//! cts-test-helper exec           a worker re-execs itself and adopts its channel by env var
+//! cts-test-helper hostile SECS   one worker writes garbage while another does PUT/GET
+//! cts-test-helper soak SECS MB   workers store distinct sessions through a small budget
+//! ```
+
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+use cluster_tls_store::protocol::{self, Op};
+use cluster_tls_store::{master_setup, share_sessions, stats, Config, Error};
+use openssl::ssl::{SslContext, SslMethod};
+
+fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+}
+
+fn rss_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn fork_child(f: impl FnOnce() -> i32) -> i32 {
+    // SAFETY: the child runs `f` and leaves with _exit, never returning into the caller.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
+        // SAFETY: ends the child without running the parent's atexit handlers twice.
+        unsafe { libc::_exit(code) };
+    }
+    assert!(pid > 0, "fork failed");
+    pid
+}
+
+fn wait(pid: i32) -> i32 {
+    let mut status = 0;
+    // SAFETY: reaping our own child with a valid status pointer.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        128 + libc::WTERMSIG(status)
+    }
+}
+
+fn send_raw(fd: RawFd, frame: &[u8]) -> isize {
+    // SAFETY: sends `frame.len()` bytes from a valid slice; MSG_NOSIGNAL avoids SIGPIPE.
+    unsafe { libc::send(fd, frame.as_ptr().cast(), frame.len(), libc::MSG_NOSIGNAL) }
+}
+
+fn recv_raw(fd: RawFd, buf: &mut [u8], timeout_ms: i32) -> Option<usize> {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd; then a recv into a valid buffer.
+    unsafe {
+        if libc::poll(&mut pfd, 1, timeout_ms) <= 0 {
+            return None;
+        }
+        let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT);
+        (n > 0).then_some(n as usize)
+    }
+}
+
+fn channel() -> RawFd {
+    cluster_tls_store::channel_fd().expect("this worker has a channel")
+}
+
+fn setup() {
+    let cfg = Config { get_timeout: Duration::from_millis(200), ..Config::default() };
+    master_setup(cfg).expect("master_setup");
+}
+
+fn churn(n: usize) {
+    setup();
+    let warm = fork_child(|| i32::from(stats().master_valid != 1));
+    wait(warm);
+    std::thread::sleep(Duration::from_millis(200));
+    let (fds0, rss0) = (fd_count(), rss_kib());
+    let start = Instant::now();
+    let mut failures = 0;
+    let mut done = 0;
+    while done < n {
+        let batch: Vec<i32> = (0..50.min(n - done))
+            .map(|i| {
+                fork_child(move || match i % 5 {
+                    // A real lookup round trip through the library.
+                    0 | 1 => i32::from(stats().master_valid != 1),
+                    // Ask and leave before the reply: the master's reply finds a dead peer.
+                    2 => {
+                        let mut f = Vec::new();
+                        protocol::encode(&mut f, Op::Get, 7, 0, b"ns", &[1; 32], &[]);
+                        send_raw(channel(), &f);
+                        0
+                    }
+                    // Store something, exit at once.
+                    3 => {
+                        let mut f = Vec::new();
+                        protocol::encode(&mut f, Op::Put, 0, u64::MAX / 2, b"ns", &[i as u8; 32], &[9; 135]);
+                        send_raw(channel(), &f);
+                        0
+                    }
+                    // Killed by the parent while it waits.
+                    _ => {
+                        std::thread::sleep(Duration::from_secs(10));
+                        0
+                    }
+                })
+            })
+            .collect();
+        for (i, pid) in batch.iter().enumerate() {
+            if i % 5 == 4 {
+                // SAFETY: killing our own child.
+                unsafe { libc::kill(*pid, libc::SIGKILL) };
+                wait(*pid);
+            } else if wait(*pid) != 0 {
+                failures += 1;
+            }
+        }
+        done += batch.len();
+    }
+    // The cache thread closes departed workers' channels asynchronously.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stats().master.workers != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let st = stats();
+    println!("workers_forked={n}");
+    println!("child_failures={failures}");
+    println!("seconds={:.2}", start.elapsed().as_secs_f64());
+    println!("fds_before={fds0}");
+    println!("fds_after={}", fd_count());
+    println!("rss_kib_before={rss0}");
+    println!("rss_kib_after={}", rss_kib());
+    println!("workers_open={}", st.master.workers);
+    println!("entries={}", st.master.entries);
+}
+
+fn grandchild() {
+    setup();
+    let worker = fork_child(|| {
+        let ctx = SslContext::builder(SslMethod::tls_server()).expect("ctx").build();
+        share_sessions(&*ctx, Some("w")).expect("worker shares sessions");
+        let fd = channel();
+        let helper = fork_child(move || {
+            let ctx = SslContext::builder(SslMethod::tls_server()).expect("ctx").build();
+            let refused = matches!(share_sessions(&*ctx, Some("w")), Err(Error::NotChannelOwner));
+            // SAFETY: F_GETFD on a number; EBADF means our copy of the parent's channel is closed.
+            let closed = unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1;
+            let no_fd = cluster_tls_store::channel_fd().is_none();
+            println!("helper_refused={}", u8::from(refused));
+            println!("helper_channel_closed={}", u8::from(closed));
+            println!("helper_has_no_channel={}", u8::from(no_fd));
+            0
+        });
+        wait(helper);
+        // The worker's own channel still works after its helper came and went.
+        let st = stats();
+        println!("worker_master_valid={}", st.master_valid);
+        println!("worker_role={}", st.role);
+        0
+    });
+    println!("worker_exit={}", wait(worker));
+}
+
+fn exec_worker() {
+    setup();
+    let worker = fork_child(|| {
+        let fd = channel();
+        // SAFETY: clearing FD_CLOEXEC on our own channel so the exec'd program inherits it.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+        let exe = std::env::current_exe().expect("current exe");
+        let err = std::os::unix::process::CommandExt::exec(
+            std::process::Command::new(exe).arg("exec-child").env(cluster_tls_store::CHANNEL_FD_ENV, fd.to_string()),
+        );
+        eprintln!("exec failed: {err}");
+        1
+    });
+    println!("exec_worker_exit={}", wait(worker));
+}
+
+fn exec_child() -> i32 {
+    let ctx = SslContext::builder(SslMethod::tls_server()).expect("ctx").build();
+    let shared = share_sessions(&*ctx, Some("exec")).is_ok();
+    let st = stats();
+    println!("exec_child_shared={}", u8::from(shared));
+    println!("exec_child_role={}", st.role);
+    println!("exec_child_master_valid={}", st.master_valid);
+    let refused = matches!(master_setup(Config::default()), Err(Error::InWorker));
+    println!("exec_child_setup_refused={}", u8::from(refused));
+    0
+}
+
+fn hostile(secs: u64) {
+    setup();
+    let until = Instant::now() + Duration::from_secs(secs);
+    let garbage = fork_child(move || {
+        let fd = channel();
+        let mut s: u64 = 0x1234_5678_9abc_def1;
+        let mut sent = 0u64;
+        let mut big = vec![0u8; 200 * 1024];
+        while Instant::now() < until {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let frame: Vec<u8> = match s % 6 {
+                0 => (0..(s >> 20) % 300).map(|i| (s >> (i % 56)) as u8).collect(),
+                1 => {
+                    let mut f = Vec::new();
+                    protocol::encode(&mut f, Op::Put, 1, u64::MAX, b"x", &[1; 8], &[2; 100]);
+                    f.truncate((s >> 16) as usize % f.len());
+                    f
+                }
+                2 => {
+                    let mut f = Vec::new();
+                    protocol::encode(&mut f, Op::Get, 1, 0, b"x", &[1; 8], &[]);
+                    f[0] = (s >> 8) as u8 | 2;
+                    f
+                }
+                3 => {
+                    let mut f = Vec::new();
+                    protocol::encode(&mut f, Op::Get, 1, 0, b"x", &[1; 8], &[]);
+                    f[2] = 255;
+                    f[3] = 255;
+                    f
+                }
+                4 => {
+                    big[0] = protocol::VERSION;
+                    big[1] = Op::Put as u8;
+                    big.clone()
+                }
+                _ => {
+                    let mut f = Vec::new();
+                    protocol::encode(&mut f, Op::Hit, 1, 0, b"x", &[1; 8], &[3; 50]);
+                    f
+                }
+            };
+            if frame.is_empty() {
+                continue; // An empty datagram reads as EOF: it would only close our own channel.
+            }
+            if send_raw(fd, &frame) >= 0 {
+                sent += 1;
+            } else {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        println!("garbage_frames_sent={sent}");
+        0
+    });
+    let honest = fork_child(move || {
+        let fd = channel();
+        let (mut ok, mut tries) = (0u64, 0u64);
+        let mut buf = vec![0u8; protocol::MAX_FRAME_LEN + 1];
+        let mut worst = Duration::ZERO;
+        while Instant::now() < until {
+            tries += 1;
+            let id = tries.to_le_bytes();
+            let der: Vec<u8> = (0..135).map(|i| (i as u64 ^ tries) as u8).collect();
+            let mut put = Vec::new();
+            protocol::encode(&mut put, Op::Put, 0, u64::MAX / 4, b"honest", &id, &der);
+            send_raw(fd, &put);
+            let mut get = Vec::new();
+            protocol::encode(&mut get, Op::Get, tries, 0, b"honest", &id, &[]);
+            let t = Instant::now();
+            send_raw(fd, &get);
+            if let Some(n) = recv_raw(fd, &mut buf, 2000) {
+                if let Ok(m) = protocol::decode(&buf[..n]) {
+                    if m.op == Op::Hit && m.request_id == tries && m.payload == der.as_slice() {
+                        ok += 1;
+                    }
+                }
+            }
+            worst = worst.max(t.elapsed());
+        }
+        println!("honest_requests={tries}");
+        println!("honest_answered={ok}");
+        println!("honest_worst_ms={:.2}", worst.as_secs_f64() * 1000.0);
+        0
+    });
+    let (g, h) = (wait(garbage), wait(honest));
+    let st = stats();
+    println!("garbage_exit={g}");
+    println!("honest_exit={h}");
+    println!("bad_frames={}", st.master.bad_frames);
+}
+
+fn soak(secs: u64, budget_mib: usize) {
+    let budget = budget_mib << 20;
+    let cfg = Config { cache_bytes: budget, get_timeout: Duration::from_millis(500), ..Config::default() };
+    master_setup(cfg).expect("master_setup");
+    let rss0 = rss_kib();
+    let until = Instant::now() + Duration::from_secs(secs);
+    let workers: Vec<i32> = (0..3u64)
+        .map(|w| {
+            fork_child(move || {
+                let fd = channel();
+                let mut n = 0u64;
+                let mut frame = Vec::with_capacity(256);
+                let der = [0x5au8; 135];
+                while Instant::now() < until {
+                    n += 1;
+                    let mut id = [0u8; 32];
+                    id[..8].copy_from_slice(&n.to_le_bytes());
+                    id[8] = w as u8;
+                    frame.clear();
+                    protocol::encode(&mut frame, Op::Put, 0, u64::MAX / 4, b"soak", &id, &der);
+                    // The channel is non-blocking: wait for room instead of dropping, so the
+                    // soak measures what the master absorbs.
+                    while send_raw(fd, &frame) < 0 {
+                        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN) {
+                            println!("worker{w}_sent={n}");
+                            return 1;
+                        }
+                        let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+                        // SAFETY: one valid pollfd.
+                        unsafe { libc::poll(&mut pfd, 1, 100) };
+                        if Instant::now() >= until {
+                            break;
+                        }
+                    }
+                }
+                println!("worker{w}_sent={n}");
+                0
+            })
+        })
+        .collect();
+    let mut peak = 0;
+    while Instant::now() < until {
+        peak = peak.max(rss_kib());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for w in workers {
+        wait(w);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    peak = peak.max(rss_kib());
+    let st = stats();
+    println!("budget_bytes={budget}");
+    println!("stores={}", st.master.stores);
+    println!("evictions={}", st.master.evictions);
+    println!("entries={}", st.master.entries);
+    println!("cache_bytes={}", st.master.bytes);
+    println!("rss_kib_before={rss0}");
+    println!("rss_kib_peak={peak}");
+    println!("rss_kib_after={}", rss_kib());
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let num = |i: usize, d: u64| args.get(i).and_then(|v| v.parse().ok()).unwrap_or(d);
+    match args.first().map(String::as_str) {
+        Some("churn") => churn(num(1, 1000) as usize),
+        Some("grandchild") => grandchild(),
+        Some("exec") => exec_worker(),
+        Some("exec-child") => std::process::exit(exec_child()),
+        Some("hostile") => hostile(num(1, 3)),
+        Some("soak") => soak(num(1, 5), num(2, 16) as usize),
+        _ => {
+            eprintln!("usage: cts-test-helper churn N | grandchild | exec | hostile SECS | soak SECS MIB");
+            std::process::exit(2);
+        }
+    }
+}
