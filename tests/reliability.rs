@@ -1,0 +1,135 @@
+//! Faults and hostile input against a real forking master (`cts-test-helper` scenarios) and
+//! the descriptors each process holds. Figures are printed; run with `--nocapture` to see them.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::process::Command;
+use std::time::Duration;
+
+use common::Server;
+
+fn scenario(args: &[&str]) -> HashMap<String, f64> {
+    let out = Command::new(env!("CARGO_BIN_EXE_cts-test-helper")).args(args).output().expect("run cts-test-helper");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("cts-test-helper {}:\n{text}", args.join(" "));
+    assert!(out.status.success(), "scenario failed: {}", String::from_utf8_lossy(&out.stderr));
+    text.lines().filter_map(|l| l.split_once('=')).filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?))).collect()
+}
+
+#[test]
+fn worker_churn_returns_master_fds_and_memory_to_baseline() {
+    let r = scenario(&["churn", "1000"]);
+    assert_eq!(r["child_failures"], 0.0);
+    assert_eq!(r["workers_open"], 0.0, "every departed worker's channel was closed");
+    assert_eq!(r["fds_after"], r["fds_before"], "no descriptor leaked");
+    assert!(r["rss_kib_after"] - r["rss_kib_before"] < 4096.0, "master memory grew by more than 4 MiB");
+}
+
+#[test]
+fn a_workers_helper_cannot_use_or_hold_the_workers_channel() {
+    let r = scenario(&["grandchild"]);
+    assert_eq!(r["helper_refused"], 1.0, "share_sessions in the helper is NotChannelOwner");
+    assert_eq!(r["helper_channel_closed"], 1.0, "the helper's copy of the channel fd is closed");
+    assert_eq!(r["helper_has_no_channel"], 1.0);
+    assert_eq!(r["worker_master_valid"], 1.0, "the worker's own channel still works");
+    assert_eq!(r["worker_exit"], 0.0);
+}
+
+#[test]
+fn exec_d_worker_adopts_its_channel_from_the_environment() {
+    let r = scenario(&["exec"]);
+    assert_eq!(r["exec_child_shared"], 1.0);
+    assert_eq!(r["exec_child_role"], 2.0);
+    assert_eq!(r["exec_child_master_valid"], 1.0);
+    assert_eq!(r["exec_child_setup_refused"], 1.0, "master_setup in an exec'd worker is InWorker");
+}
+
+#[test]
+fn garbage_on_one_channel_never_stops_the_master_serving_others() {
+    let r = scenario(&["hostile", "2"]);
+    assert!(r["garbage_frames_sent"] > 100.0);
+    assert!(r["bad_frames"] > 100.0, "bad frames were seen and dropped");
+    assert!(r["honest_requests"] > 100.0);
+    assert_eq!(r["honest_answered"], r["honest_requests"], "every honest GET was answered correctly");
+}
+
+#[test]
+fn soak_stays_within_the_byte_budget() {
+    let r = scenario(&["soak", "4", "16"]);
+    let budget = r["budget_bytes"];
+    assert!(r["stores"] > 100_000.0, "the soak stored enough sessions to cycle the cache");
+    assert!(r["evictions"] > 0.0);
+    assert!(r["cache_bytes"] <= budget);
+    let grown = (r["rss_kib_peak"] - r["rss_kib_before"]) * 1024.0;
+    println!(
+        "soak: {} sessions stored, {} held, master RSS grew {:.1} MiB for a {:.0} MiB budget ({:.0} B per held session)",
+        r["stores"],
+        r["entries"],
+        grown / 1048576.0,
+        budget / 1048576.0,
+        grown / r["entries"]
+    );
+    assert!(grown <= budget * 1.25, "RSS grew {grown} bytes for a budget of {budget}");
+}
+
+/// Inodes of the AF_UNIX SOCK_SEQPACKET sockets open in process `pid`.
+fn seqpacket_inodes(pid: i32, seqpacket: &HashSet<u64>) -> Vec<u64> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).expect("proc fd").flatten() {
+        let Ok(target) = std::fs::read_link(e.path()) else { continue };
+        let t = target.to_string_lossy();
+        if let Some(ino) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+            if let Ok(ino) = ino.parse() {
+                if seqpacket.contains(&ino) {
+                    v.push(ino);
+                }
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn each_worker_holds_only_its_own_channel_and_nothing_is_on_the_filesystem() {
+    let s = Server::start(&["--workers", "4", "--tls12", "--no-tickets"]);
+    std::thread::sleep(Duration::from_millis(200));
+    let unix = std::fs::read_to_string("/proc/net/unix").expect("/proc/net/unix");
+    // Columns: Num RefCount Protocol Flags Type St Inode [Path]; Type 0005 = SEQPACKET.
+    let mut seqpacket = HashSet::new();
+    for l in unix.lines().skip(1) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() >= 7 && f[4] == "0005" {
+            seqpacket.insert(f[6].parse::<u64>().expect("inode"));
+            assert!(f.len() == 7 || !f[7].contains("cts"), "a channel with a path: {l}");
+        }
+    }
+    let master = seqpacket_inodes(s.master, &seqpacket);
+    assert_eq!(master.len(), 4, "the master holds one end per worker: {master:?}");
+    let mut seen = HashSet::new();
+    for w in &s.workers {
+        let mine = seqpacket_inodes(*w, &seqpacket);
+        assert_eq!(mine.len(), 1, "worker {w} holds exactly one channel end: {mine:?}");
+        assert!(!master.contains(&mine[0]), "a worker holds a master-side end");
+        assert!(seen.insert(mine[0]), "two workers share one channel end");
+    }
+    // Every channel descriptor is close-on-exec (none is inherited by an exec by accident).
+    for pid in s.workers.iter().chain([s.master].iter()) {
+        for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("fdinfo").flatten() {
+            let fd = e.file_name().to_string_lossy().into_owned();
+            let Ok(target) = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")) else { continue };
+            let t = target.to_string_lossy().into_owned();
+            let is_channel = t
+                .strip_prefix("socket:[")
+                .and_then(|r| r.strip_suffix(']'))
+                .and_then(|i| i.parse::<u64>().ok())
+                .is_some_and(|i| seqpacket.contains(&i));
+            if is_channel {
+                let info = std::fs::read_to_string(e.path()).unwrap_or_default();
+                let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).map(str::trim).unwrap_or("0");
+                let flags = u32::from_str_radix(flags, 8).unwrap_or(0);
+                assert!(flags & 0o2000000 != 0, "pid {pid} fd {fd} is not O_CLOEXEC (flags {flags:o})");
+            }
+        }
+    }
+}
