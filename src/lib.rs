@@ -47,6 +47,7 @@ mod channel;
 mod config;
 mod error;
 mod fork;
+pub mod handler;
 mod master;
 pub mod protocol;
 mod stats;

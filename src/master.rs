@@ -12,7 +12,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::cache::{Cache, PutOutcome};
 use crate::config::Config;
 use crate::fork;
-use crate::protocol::{self, Op, MAX_FRAME_LEN};
+use crate::handler::{handle_frame, Handled};
+use crate::protocol::MAX_FRAME_LEN;
 use crate::stats::MasterStats;
 use crate::wipe::wipe;
 use crate::Error;
@@ -139,7 +140,10 @@ impl Master {
 
     /// The master's counters now.
     pub fn stats(&self) -> MasterStats {
-        let cache = self.cache();
+        self.stats_with(&self.cache())
+    }
+
+    fn stats_with(&self, cache: &Cache) -> MasterStats {
         let c = cache.counters();
         MasterStats {
             hits: c.hits,
@@ -239,32 +243,13 @@ impl Master {
     }
 
     fn handle(&self, fd: RawFd, frame: &[u8], out: &mut Vec<u8>) {
-        let Ok(msg) = protocol::decode(frame) else {
-            self.bad_frames.fetch_add(1, Relaxed);
-            return;
+        let handled = {
+            let mut cache = self.cache();
+            let max_lifetime = self.config.max_lifetime.as_secs();
+            handle_frame(&mut cache, frame, now_secs(), max_lifetime, |c| self.stats_with(c).encode().to_vec(), out)
         };
-        out.clear();
-        match msg.op {
-            Op::Put => {
-                self.put(msg.namespace, msg.id, msg.payload, msg.expiry);
-            }
-            Op::Del => {
-                self.cache().remove(msg.namespace, msg.id);
-            }
-            Op::Get => {
-                let mut cache = self.cache();
-                match cache.get(msg.namespace, msg.id, now_secs()) {
-                    Some(der) => protocol::encode(out, Op::Hit, msg.request_id, 0, msg.namespace, msg.id, der),
-                    None => protocol::encode(out, Op::Miss, msg.request_id, 0, msg.namespace, msg.id, &[]),
-                }
-            }
-            Op::Stats => {
-                let s = self.stats().encode();
-                protocol::encode(out, Op::StatsReply, msg.request_id, 0, b"", b"", &s);
-            }
-            Op::Hit | Op::Miss | Op::StatsReply => {
-                self.bad_frames.fetch_add(1, Relaxed);
-            }
+        if handled == Handled::Bad {
+            self.bad_frames.fetch_add(1, Relaxed);
         }
         if !out.is_empty() {
             // SAFETY: `out` is valid for `out.len()` bytes. Non-blocking and no SIGPIPE: a
