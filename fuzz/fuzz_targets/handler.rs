@@ -1,0 +1,25 @@
+//! A sequence of frames (split on a 0xFE 0xFE marker) into the master's request handler
+//! over a small cache: never a panic, the byte budget always holds, every reply is well formed.
+#![no_main]
+
+use cluster_tls_store::cache::Cache;
+use cluster_tls_store::handler::handle_frame;
+use cluster_tls_store::protocol;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let budget = 16 * 1024;
+    let mut cache = Cache::new(budget, 4096);
+    let mut out = Vec::new();
+    let mut now = 1_700_000_000u64;
+    for frame in data.split(|&b| b == 0xFE) {
+        now += 1;
+        handle_frame(&mut cache, frame, now, 60, |_| vec![0; 8], &mut out);
+        assert!(cache.bytes() <= budget);
+        if !out.is_empty() {
+            assert!(protocol::decode(&out).is_ok());
+        }
+    }
+    cache.sweep(u64::MAX);
+    assert_eq!(cache.bytes(), 0);
+});
