@@ -211,19 +211,22 @@ typedef struct cts_worker_stats {
    */
   uint64_t dels;
   /**
-   * Messages dropped because the channel was full (never blocks the handshake).
+   * Messages not sent because the channel was full or refused the frame (never blocks the
+   * handshake).
    */
   uint64_t send_drops;
   /**
-   * Lookups that gave up at the deadline.
+   * Requests to the master (lookups and stats requests) that gave up at the deadline.
    */
   uint64_t timeouts;
   /**
-   * Lookups skipped at once while the breaker was open after timeouts.
+   * Requests (lookups and stats requests) skipped at once while the breaker was open
+   * after timeouts.
    */
   uint64_t breaker_skips;
   /**
-   * Replies whose session DER did not decode (a miss).
+   * Sessions whose DER did not decode or was not the one asked for, and reply frames
+   * that did not decode (each a miss).
    */
   uint64_t decode_failures;
   /**

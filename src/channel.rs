@@ -106,7 +106,26 @@ fn adopt_from_env() -> Result<RawFd, Error> {
         libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
     }
     fork::adopt_channel_fd(fd);
+    fork::install_handlers()?;
+    adopt_env_config();
     Ok(fd)
+}
+
+/// An exec'd worker did not inherit the master's settings in memory: it reads the lookup
+/// deadline, breaker back-off and session cap from the environment when the host passes them
+/// (`CTS_GET_TIMEOUT_US`, `CTS_BREAKER_MAX_BACKOFF_MS`, `CTS_MAX_SESSION_BYTES`), else keeps
+/// the defaults.
+fn adopt_env_config() {
+    let read = |name: &str| std::env::var(name).ok().and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(v) = read("CTS_GET_TIMEOUT_US").filter(|v| (100..=10_000_000).contains(v)) {
+        GET_TIMEOUT_US.store(v, SeqCst);
+    }
+    if let Some(v) = read("CTS_BREAKER_MAX_BACKOFF_MS").filter(|v| (1..=60_000).contains(v)) {
+        BACKOFF_MAX_MS.store(v, SeqCst);
+    }
+    if let Some(v) = read("CTS_MAX_SESSION_BYTES").filter(|v| (256..=protocol::MAX_PAYLOAD_LEN as u64).contains(v)) {
+        MAX_SESSION.store(v, SeqCst);
+    }
 }
 
 /// What a request got back.
@@ -203,8 +222,12 @@ impl Channel {
                 return true;
             }
             match err {
-                Some(libc::EAGAIN) | Some(libc::ENOBUFS) | Some(libc::EINTR) => bump(&WORKER.send_drops),
-                _ => self.mark_dead(),
+                // Only a vanished peer ends the channel; anything else (a full buffer, a frame
+                // too large for a small SO_SNDBUF) costs this one message.
+                Some(libc::EPIPE) | Some(libc::ECONNRESET) | Some(libc::ENOTCONN) | Some(libc::EBADF) => {
+                    self.mark_dead()
+                }
+                _ => bump(&WORKER.send_drops),
             }
             false
         };

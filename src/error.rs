@@ -19,7 +19,7 @@ pub enum Error {
     /// The process inherited a channel that belongs to its parent (a helper forked by a
     /// worker); it may not use it.
     NotChannelOwner,
-    /// The namespace is too long or holds a NUL byte.
+    /// The namespace is longer than 64 bytes.
     InvalidNamespace(String),
     /// OpenSSL refused a call; the text holds its error queue.
     OpenSsl(String),

@@ -112,8 +112,15 @@ pub(crate) fn untrack_master_fd(fd: RawFd) {
     }
 }
 
-/// Register the fork handlers. Called once, by `master_setup`.
+static HANDLERS_INSTALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Register the fork handlers, once per process image: by `master_setup`, or by an exec'd
+/// worker adopting its channel (so helpers it forks close their copy of it). Children of the
+/// master inherit the registration with the rest of the process.
 pub(crate) fn install_handlers() -> Result<(), crate::Error> {
+    if HANDLERS_INSTALLED.swap(true, SeqCst) {
+        return Ok(());
+    }
     // SAFETY: the three handlers are `extern "C"` functions with the signature pthread_atfork
     // expects; they never unwind (see each body).
     let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };

@@ -49,13 +49,16 @@ pub struct WorkerStats {
     pub puts: u64,
     /// Removals sent to the cache.
     pub dels: u64,
-    /// Messages dropped because the channel was full (never blocks the handshake).
+    /// Messages not sent because the channel was full or refused the frame (never blocks the
+    /// handshake).
     pub send_drops: u64,
-    /// Lookups that gave up at the deadline.
+    /// Requests to the master (lookups and stats requests) that gave up at the deadline.
     pub timeouts: u64,
-    /// Lookups skipped at once while the breaker was open after timeouts.
+    /// Requests (lookups and stats requests) skipped at once while the breaker was open
+    /// after timeouts.
     pub breaker_skips: u64,
-    /// Replies whose session DER did not decode (a miss).
+    /// Sessions whose DER did not decode or was not the one asked for, and reply frames
+    /// that did not decode (each a miss).
     pub decode_failures: u64,
     /// Sessions not sent because they were larger than `max_session_bytes`.
     pub oversize: u64,

@@ -1,4 +1,4 @@
-//! A sequence of frames (split on a 0xFE 0xFE marker) into the master's request handler
+//! A sequence of frames (split on 0xFE bytes) into the master's request handler
 //! over a small cache: never a panic, the byte budget always holds, every reply is well formed.
 #![no_main]
 
