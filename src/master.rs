@@ -19,7 +19,7 @@ use crate::wipe::wipe;
 use crate::Error;
 
 /// Messages read from one worker before the loop moves on to the next (fairness).
-const BATCH: usize = 64;
+const BATCH: usize = 16;
 /// How often expired sessions are swept when nothing else wakes the loop.
 const SWEEP_INTERVAL_MS: i32 = 1000;
 
