@@ -253,6 +253,16 @@ impl Cache {
         self.slots[slot as usize].as_ref().map(|e| e.der())
     }
 
+    /// Whether a live entry exists for (namespace, id) at `now`; touches neither recency nor
+    /// counters.
+    pub fn contains(&self, namespace: &[u8], id: &[u8], now: u64) -> bool {
+        let mut buf = [0u8; KEY_BUF];
+        make_key(&mut buf, namespace, id)
+            .and_then(|key| self.find(key))
+            .and_then(|slot| self.slots[slot as usize].as_ref())
+            .is_some_and(|e| e.expiry > now)
+    }
+
     /// Remove (namespace, id). Returns whether something was removed.
     pub fn remove(&mut self, namespace: &[u8], id: &[u8]) -> bool {
         let mut buf = [0u8; KEY_BUF];
@@ -397,6 +407,8 @@ mod tests {
     fn stores_and_finds_by_namespace_and_id() {
         let mut c = Cache::new(1 << 20, 1024);
         assert_eq!(c.put(b"a", &id(1), b"one", NOW + 10, NOW), PutOutcome::Stored);
+        assert!(c.contains(b"a", &id(1), NOW) && !c.contains(b"a", &id(2), NOW));
+        assert!(!c.contains(b"a", &id(1), NOW + 10), "expired");
         assert_eq!(c.get(b"a", &id(1), NOW), Some(&b"one"[..]));
         assert_eq!(c.get(b"b", &id(1), NOW), None, "namespaces are isolated");
         assert_eq!(c.counters().hits, 1);

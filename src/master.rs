@@ -13,7 +13,7 @@ use crate::cache::{Cache, PutOutcome};
 use crate::config::Config;
 use crate::fork;
 use crate::handler::{handle_frame, Handled};
-use crate::protocol::MAX_FRAME_LEN;
+use crate::protocol::{self, Op, MAX_FRAME_LEN};
 use crate::stats::MasterStats;
 use crate::wipe::wipe;
 use crate::Error;
@@ -22,6 +22,18 @@ use crate::Error;
 const BATCH: usize = 16;
 /// How often expired sessions are swept when nothing else wakes the loop.
 const SWEEP_INTERVAL_MS: i32 = 1000;
+
+/// The loop's receive and reply buffers (wiped after every message).
+struct Scratch {
+    buf: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        Scratch { buf: vec![0u8; MAX_FRAME_LEN + 1], out: Vec::with_capacity(MAX_FRAME_LEN) }
+    }
+}
 
 /// State shared between the cache thread, the fork handlers and in-process callers.
 pub struct Master {
@@ -100,10 +112,20 @@ pub fn setup(config: Config) -> Result<(), Error> {
     let master = MASTER.get().ok_or(Error::Panic)?;
     crate::channel::set_worker_config(&master.config);
     fork::install_handlers()?;
-    std::thread::Builder::new()
-        .name("cts-cache".into())
-        .spawn(move || master.run())
-        .map_err(|e| Error::System(format!("spawning the cache thread: {e}")))?;
+    // The cache thread blocks every signal, so the host's signals (SIGTERM, SIGCHLD, ...) are
+    // never delivered to it instead of to the host's own threads. The mask is inherited at
+    // spawn, so block here and restore the caller's mask right after.
+    // SAFETY: sigset_t values are initialised by sigfillset/pthread_sigmask before use.
+    let spawned = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let r = std::thread::Builder::new().name("cts-cache".into()).spawn(move || master.run());
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        r
+    };
+    spawned.map_err(|e| Error::System(format!("spawning the cache thread: {e}")))?;
     fork::set_master_pid(fork::pid());
     ACCEPTING.store(true, Relaxed);
     Ok(())
@@ -165,8 +187,9 @@ impl Master {
     fn run(&'static self) {
         let mut conns: Vec<OwnedFd> = Vec::new();
         let mut pfds: Vec<libc::pollfd> = Vec::new();
-        let mut buf = vec![0u8; MAX_FRAME_LEN + 1];
-        let mut out: Vec<u8> = Vec::with_capacity(MAX_FRAME_LEN);
+        let mut main = Scratch::new();
+        let mut spare = Scratch::new();
+        let mut raw: Vec<RawFd> = Vec::new();
         let mut last_sweep = now_secs();
         loop {
             pfds.clear();
@@ -186,6 +209,8 @@ impl Master {
                 let mut incoming = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
                 conns.append(&mut incoming);
             }
+            raw.clear();
+            raw.extend(conns.iter().map(|c| c.as_raw_fd()));
             // Walk backwards so removing a closed channel keeps earlier indices valid.
             for i in (1..pfds.len()).rev() {
                 let revents = pfds[i].revents;
@@ -194,7 +219,7 @@ impl Master {
                 }
                 // Readable, hung up or broken: `serve` reads what is there and tells whether
                 // the channel lives on (EOF and hard errors end it).
-                let keep = self.serve(conns[i - 1].as_raw_fd(), &mut buf, &mut out);
+                let keep = self.serve(conns[i - 1].as_raw_fd(), &raw, &mut main, Some(&mut spare));
                 if !keep {
                     let fd = conns.swap_remove(i - 1);
                     fork::untrack_master_fd(fd.as_raw_fd());
@@ -218,7 +243,14 @@ impl Master {
 
     /// Read and answer up to `BATCH` messages from one worker. Returns false when the channel
     /// is finished (EOF or a hard error).
-    fn serve(&self, fd: RawFd, buf: &mut [u8], out: &mut Vec<u8>) -> bool {
+    ///
+    /// A worker stores a session (PUT, no reply) before OpenSSL sends the client its session
+    /// id or ticket, so by the time another worker asks for it the PUT is already queued on
+    /// the first worker's channel, but perhaps not yet read. Before answering a GET that would
+    /// miss, the loop therefore catches up on the other channels (with `spare` buffers, one
+    /// level deep), so an immediate reconnection to another worker finds its session.
+    fn serve(&self, fd: RawFd, others: &[RawFd], s: &mut Scratch, mut spare: Option<&mut Scratch>) -> bool {
+        let Scratch { buf, out } = s;
         for _ in 0..BATCH {
             // SAFETY: `buf` is valid for `buf.len()` bytes; MSG_TRUNC makes recv return the
             // datagram's real length so an oversized frame is detected, not silently cut.
@@ -236,10 +268,26 @@ impl Master {
                 wipe(buf);
                 continue;
             }
+            if let Some(sp) = spare.as_deref_mut() {
+                if self.would_miss(&buf[..n]) {
+                    for &other in others.iter().filter(|&&o| o != fd) {
+                        // An EOF seen here is seen again (and handled) by the main loop.
+                        self.serve(other, &[], sp, None);
+                    }
+                }
+            }
             self.handle(fd, &buf[..n], out);
             wipe(&mut buf[..n]);
         }
         true
+    }
+
+    /// True for a well-formed GET whose key is not in the cache now.
+    fn would_miss(&self, frame: &[u8]) -> bool {
+        match protocol::decode(frame) {
+            Ok(m) if m.op == Op::Get => !self.cache().contains(m.namespace, m.id, now_secs()),
+            _ => false,
+        }
     }
 
     fn handle(&self, fd: RawFd, frame: &[u8], out: &mut Vec<u8>) {

@@ -40,6 +40,17 @@ fn tls13_stateful_tickets_resume_across_workers() {
 }
 
 #[test]
+fn immediate_reconnections_find_the_session_just_made_on_another_worker() {
+    // TLS 1.3 stateful: every resumption issues a fresh ticket (a PUT from the worker that
+    // made it) and the client offers it at once, usually to another worker.
+    let s = Server::start(&["--workers", "4", "--no-tickets"]);
+    let out = resume_n(s.addr(), false, 300);
+    let missed = out.iter().filter(|o| !o.reused).count();
+    assert_eq!(missed, 0, "{missed} of 300 immediate reconnections missed their fresh session");
+    assert!(distinct_pids(&out) >= 2);
+}
+
+#[test]
 fn without_sharing_cross_worker_resumptions_miss() {
     let s = Server::start(&["--workers", "4", "--tls12", "--no-tickets", "--no-share"]);
     let out = resume_n(s.addr(), true, 60);

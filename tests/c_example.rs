@@ -1,0 +1,597 @@
+//! End-to-end tests of the C example `c-examples/prefork_server.c`, from the outside.
+//!
+//! Each test compiles the example with warnings as errors against the committed header and
+//! the cdylib that `cargo test` builds, generates a throwaway P-256 certificate, starts the
+//! server (port 0, 4 workers) as a child process in its own process group, and drives it
+//! with real clients: `openssl s_client` and Python's `ssl` module. The workers listen with
+//! SO_REUSEPORT, so consecutive connections spread across them: a resumption that works
+//! proves the session travelled through the shared cache. Every test that proves sharing
+//! works is paired with a `--no-share` run that shows resumption failing without it.
+//!
+//! The harness is multi-threaded: nothing here forks the test process; every wait is bounded.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openssl::asn1::{Asn1Integer, Asn1Time};
+use openssl::bn::BigNum;
+use openssl::ec::{EcGroup, EcKey};
+use openssl::hash::MessageDigest;
+use openssl::nid::Nid;
+use openssl::pkey::PKey;
+use openssl::x509::extension::SubjectAlternativeName;
+use openssl::x509::{X509NameBuilder, X509};
+
+const WORKERS: usize = 4;
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+const COMPILE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The workers' lookup deadline. The default (10 ms) is a production setting; here the
+/// library is a debug build and five tests run at once with compilers and TLS clients on
+/// maybe two CPUs, where a lookup waiting more than 10 ms for the cache thread happens
+/// (measured with the default: 7 of 20 runs of this file lost a resumption, 5 of them to a
+/// timeout, after which the breaker skipped the next lookups too; with this deadline, 0 of
+/// 55 runs, 15 of them beside 4 busy loops). These tests prove sharing, not latency.
+const GET_TIMEOUT_US: &str = "500000";
+/// Pause before reconnecting with a session received on the previous connection. Zero: the
+/// clients reconnect at once. (A worker sends a new session to the cache without waiting; the
+/// client can reconnect to another worker before the cache thread read that PUT. The master
+/// now catches up on the other channels before it answers a GET that would miss; before that
+/// fix, 8 in 900 immediate TLS 1.3 reconnections missed on a loaded 2-CPU machine.)
+const FRESH_SESSION_PAUSE: Duration = Duration::from_millis(0);
+const HTTP_GET: &[u8] = b"GET / HTTP/1.0\r\n\r\n";
+const HTTP_STATS: &[u8] = b"GET /stats HTTP/1.0\r\n\r\n";
+
+fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The directory holding the cdylib cargo built for this test run. This executable is
+/// `<target>/<profile>/deps/c_example-<hash>`; `cargo test` writes the cdylib next to it in
+/// `deps/` (it is copied up to `<target>/<profile>/` only by `cargo build`), so `deps/` is
+/// always the fresh one (and honours CARGO_TARGET_DIR).
+fn lib_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let deps = exe.parent().expect("test executable lives in <target>/<profile>/deps").to_path_buf();
+    assert!(
+        deps.join("libcluster_tls_store.so").is_file(),
+        "no libcluster_tls_store.so in {} (cargo builds the cdylib for integration tests)",
+        deps.display()
+    );
+    deps
+}
+
+/// A scratch directory under the system temp dir, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let name =
+            format!("cts-c-example-{tag}-{}-{nanos}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let dir = std::env::temp_dir().join(name);
+        fs::create_dir_all(&dir).expect("create scratch dir");
+        Scratch(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What a finished child process left behind.
+struct Finished {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Run `cmd` with `input` on stdin; kill it and panic if it takes longer than `timeout`.
+fn run(cmd: &mut Command, input: &[u8], timeout: Duration) -> Finished {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let input = input.to_vec();
+    // Dropping stdin after the write gives the child EOF.
+    let writer = thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = reader(child.stdout.take().expect("piped stdout"));
+    let err = reader(child.stderr.take().expect("piped stderr"));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait().expect("try_wait") {
+            Some(status) => break status,
+            None if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{what} took longer than {timeout:?}");
+            }
+            None => thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    let _ = writer.join();
+    Finished { status, stdout: out.join().unwrap_or_default(), stderr: err.join().unwrap_or_default() }
+}
+
+fn reader(mut r: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+}
+
+fn cc(args: &[&std::ffi::OsStr]) {
+    let done = run(Command::new("cc").args(args), b"", COMPILE_TIMEOUT);
+    assert!(done.status.success(), "cc {args:?} failed:\n{}{}", done.stdout, done.stderr);
+    assert!(done.stderr.trim().is_empty(), "cc {args:?} printed diagnostics:\n{}", done.stderr);
+}
+
+/// Compile the example into `dir` exactly as the brief for C users says: warnings are errors.
+fn compile_server(dir: &Scratch) -> PathBuf {
+    let root = manifest_dir();
+    let lib = lib_dir();
+    let bin = dir.path("prefork_server");
+    let src = root.join("c-examples/prefork_server.c");
+    let include = root.join("include");
+    let lib_arg = format!("-L{}", lib.display());
+    let rpath = format!("-Wl,-rpath,{}", lib.display());
+    cc(&[
+        "-std=c11".as_ref(),
+        "-Wall".as_ref(),
+        "-Wextra".as_ref(),
+        "-Werror".as_ref(),
+        "-I".as_ref(),
+        include.as_os_str(),
+        "-o".as_ref(),
+        bin.as_os_str(),
+        src.as_os_str(),
+        lib_arg.as_ref(),
+        "-lcluster_tls_store".as_ref(),
+        "-lssl".as_ref(),
+        "-lcrypto".as_ref(),
+        rpath.as_ref(),
+    ]);
+    bin
+}
+
+/// A self-signed P-256 certificate for localhost/127.0.0.1, written as PEM into `dir`.
+fn make_cert(dir: &Scratch) -> (PathBuf, PathBuf) {
+    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).expect("P-256");
+    let key = PKey::from_ec_key(EcKey::generate(&group).expect("generate key")).expect("pkey");
+    let mut name = X509NameBuilder::new().expect("name builder");
+    name.append_entry_by_nid(Nid::COMMONNAME, "localhost").expect("CN");
+    let name = name.build();
+    let serial = BigNum::from_u32(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(1))
+        .and_then(|bn| Asn1Integer::from_bn(&bn))
+        .expect("serial");
+    let mut x = X509::builder().expect("x509 builder");
+    x.set_version(2).expect("version");
+    x.set_serial_number(&serial).expect("serial");
+    x.set_subject_name(&name).expect("subject");
+    x.set_issuer_name(&name).expect("issuer");
+    x.set_pubkey(&key).expect("pubkey");
+    x.set_not_before(&Asn1Time::days_from_now(0).expect("now")).expect("not before");
+    x.set_not_after(&Asn1Time::days_from_now(1).expect("tomorrow")).expect("not after");
+    let san = SubjectAlternativeName::new()
+        .dns("localhost")
+        .ip("127.0.0.1")
+        .build(&x.x509v3_context(None, None))
+        .expect("SAN");
+    x.append_extension(san).expect("append SAN");
+    x.sign(&key, MessageDigest::sha256()).expect("sign");
+    let cert = x.build();
+    let cert_path = dir.path("cert.pem");
+    let key_path = dir.path("key.pem");
+    fs::write(&cert_path, cert.to_pem().expect("cert PEM")).expect("write cert");
+    fs::write(&key_path, key.private_key_to_pem_pkcs8().expect("key PEM")).expect("write key");
+    (cert_path, key_path)
+}
+
+/// Everything a test needs to start servers: a scratch dir with the compiled example and a
+/// certificate. Removed when dropped (after the servers, which are declared later).
+struct Fixture {
+    dir: Scratch,
+    bin: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl Fixture {
+    fn new(tag: &str) -> Fixture {
+        let dir = Scratch::new(tag);
+        let bin = compile_server(&dir);
+        let (cert, key) = make_cert(&dir);
+        Fixture { dir, bin, cert, key }
+    }
+
+    fn start(&self, flags: &[&str]) -> Server {
+        Server::start(self, flags)
+    }
+}
+
+/// A running example server; its whole process group is stopped on drop, so a failing
+/// assertion never leaves workers behind.
+struct Server {
+    child: Child,
+    port: u16,
+    workers: Vec<u32>,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(fx: &Fixture, flags: &[&str]) -> Server {
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let log = fx.dir.path(&format!("server-{}.log", SEQ.fetch_add(1, Ordering::Relaxed)));
+        let stderr = fs::File::create(&log).expect("server log");
+        let mut cmd = Command::new(&fx.bin);
+        cmd.args(["--port", "0", "--workers", &WORKERS.to_string()])
+            .arg("--cert")
+            .arg(&fx.cert)
+            .arg("--key")
+            .arg(&fx.key)
+            .args(flags)
+            .args(if flags.contains(&"--no-share") { &[][..] } else { &["--get-timeout-us", GET_TIMEOUT_US][..] })
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            // Own group from the start (the server's setpgid(0, 0) comes a moment later).
+            .process_group(0);
+        let mut child = cmd.spawn().expect("start prefork_server");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut server = Server { child, port: 0, workers: Vec::new(), log };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut ready = false;
+        while !(ready && server.workers.len() == WORKERS) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(line) => line,
+                Err(e) => {
+                    panic!("server {flags:?} not ready within {READY_TIMEOUT:?} ({e}); log:\n{}", server.log_text())
+                }
+            };
+            if let Some(rest) = line.strip_prefix("ready port=") {
+                let port = rest.split_whitespace().next().unwrap_or("");
+                server.port = port.parse().unwrap_or_else(|_| panic!("bad ready line {line:?}"));
+                assert!(line.ends_with(&format!("workers={WORKERS}")), "bad ready line {line:?}");
+                ready = true;
+            } else if let Some(pid) = line.strip_prefix("worker pid=") {
+                server.workers.push(pid.trim().parse().unwrap_or_else(|_| panic!("bad worker line {line:?}")));
+            } else {
+                panic!("unexpected server output {line:?}");
+            }
+        }
+        assert_ne!(server.port, 0);
+        server
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// One `openssl s_client` connection sending `request`, with extra arguments.
+    fn s_client(&self, request: &[u8], extra: &[&std::ffi::OsStr]) -> SClient {
+        let connect = format!("127.0.0.1:{}", self.port);
+        let mut cmd = Command::new("openssl");
+        // -ign_eof: keep reading after our request (stdin) ends, until the server closes.
+        cmd.args(["s_client", "-connect", &connect, "-ign_eof"]).args(extra);
+        let done = run(&mut cmd, request, CLIENT_TIMEOUT);
+        SClient::parse(done)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let pgid = self.child.id() as libc::pid_t;
+        // SAFETY: kill() with a negative pid signals our own child's process group; no memory
+        // is involved.
+        unsafe { libc::kill(-pgid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() >= deadline => {
+                    // SAFETY: as above.
+                    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+                    let _ = self.child.wait();
+                    break;
+                }
+                Ok(None) => thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        if thread::panicking() {
+            eprintln!("server log ({}):\n{}", self.log.display(), self.log_text());
+        }
+    }
+}
+
+/// What one `openssl s_client` run showed.
+#[derive(Debug)]
+struct SClient {
+    /// "Reused, ..." (true) or "New, ..." (false); None if no handshake completed.
+    reused: Option<bool>,
+    /// The response body's first line: "worker <pid> reused <0|1> proto <v>" or "stats ...".
+    body: Option<String>,
+    output: String,
+}
+
+impl SClient {
+    fn parse(done: Finished) -> SClient {
+        let mut reused = None;
+        let mut body = None;
+        for line in done.stdout.lines() {
+            if line.starts_with("Reused, ") {
+                reused = Some(true);
+            } else if line.starts_with("New, ") {
+                reused = Some(false);
+            } else if line.starts_with("worker ") || line.starts_with("stats ") {
+                body = Some(line.to_string());
+            }
+        }
+        SClient { reused, body, output: format!("status {}\n{}\n{}", done.status, done.stdout, done.stderr) }
+    }
+
+    /// (worker pid, server says reused) from a "worker ..." body.
+    fn worker(&self) -> (u32, bool) {
+        let body = self.body.as_deref().unwrap_or_else(|| panic!("no reply body:\n{}", self.output));
+        let f: Vec<&str> = body.split_whitespace().collect();
+        match f.as_slice() {
+            ["worker", pid, "reused", r, "proto", _] => (pid.parse().expect("pid"), *r == "1"),
+            _ => panic!("unexpected body {body:?}"),
+        }
+    }
+}
+
+/// Result of one resumption series with `openssl s_client`.
+struct Series {
+    runs: Vec<SClient>,
+}
+
+impl Series {
+    fn new_handshakes(&self) -> usize {
+        self.runs.iter().filter(|r| r.reused == Some(false)).count()
+    }
+
+    fn resumed_pids(&self) -> BTreeSet<u32> {
+        self.runs.iter().filter(|r| r.reused == Some(true)).map(|r| r.worker().0).collect()
+    }
+
+    /// Every run resumed, and the server agrees.
+    fn assert_all_resumed(&self) {
+        for (i, r) in self.runs.iter().enumerate() {
+            assert_eq!(r.reused, Some(true), "run {i} did not resume:\n{}", r.output);
+            let (_, server_says) = r.worker();
+            assert!(server_says, "run {i}: s_client says Reused but the server does not: {:?}", r.body);
+        }
+    }
+}
+
+/// One full handshake saving its session, then `n` connections offering that same session.
+fn resume_series(server: &Server, dir: &Scratch, n: usize) -> Series {
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
+    let sess = dir.path(&format!("session-{}.pem", SEQ.fetch_add(1, Ordering::Relaxed)));
+    let first = server.s_client(HTTP_GET, &["-sess_out".as_ref(), sess.as_os_str()]);
+    assert_eq!(first.reused, Some(false), "first connection should be a full handshake:\n{}", first.output);
+    first.worker();
+    assert!(sess.is_file(), "s_client wrote no session:\n{}", first.output);
+    let runs = (0..n).map(|_| server.s_client(HTTP_GET, &["-sess_in".as_ref(), sess.as_os_str()])).collect();
+    Series { runs }
+}
+
+/// The stats line as key/value pairs.
+fn parse_stats(body: &str) -> Vec<(String, u64)> {
+    body.split_whitespace()
+        .skip(1)
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.parse().unwrap_or_else(|_| panic!("bad stats value in {body:?}"))))
+        .collect()
+}
+
+fn stat(stats: &[(String, u64)], key: &str) -> u64 {
+    stats.iter().find(|(k, _)| k == key).map(|(_, v)| *v).unwrap_or_else(|| panic!("no {key} in {stats:?}"))
+}
+
+#[test]
+fn c_example_compiles_with_warnings_as_errors() {
+    let dir = Scratch::new("compile");
+    // The header on its own, under the strictest flags a C user might pick.
+    let c = dir.path("header_only.c");
+    fs::write(&c, "#include \"cluster_tls_store.h\"\n").expect("write header_only.c");
+    let include = manifest_dir().join("include");
+    let obj = dir.path("header_only.o");
+    cc(&[
+        "-std=c11".as_ref(),
+        "-Wall".as_ref(),
+        "-Wextra".as_ref(),
+        "-Werror".as_ref(),
+        "-pedantic".as_ref(),
+        "-I".as_ref(),
+        include.as_os_str(),
+        "-c".as_ref(),
+        c.as_os_str(),
+        "-o".as_ref(),
+        obj.as_os_str(),
+    ]);
+    // The example, compiled and linked against the cdylib.
+    let bin = compile_server(&dir);
+    assert!(bin.is_file());
+    // It links and runs: a bad flag is a usage error (2), not a crash or a missing symbol.
+    let done = run(Command::new(&bin).arg("--bogus"), b"", CLIENT_TIMEOUT);
+    assert_eq!(done.status.code(), Some(2), "{}{}", done.stdout, done.stderr);
+    assert!(done.stderr.contains("usage:"), "{}", done.stderr);
+}
+
+#[test]
+fn openssl_cli_resumes_across_workers_tls12() {
+    let fx = Fixture::new("tls12");
+    let server = fx.start(&["--tls12", "--no-tickets"]);
+    let series = resume_series(&server, &fx.dir, 20);
+    series.assert_all_resumed();
+    for r in &series.runs {
+        assert!(r.body.as_deref().is_some_and(|b| b.ends_with("proto TLSv1.2")), "{:?}", r.body);
+    }
+    let pids = series.resumed_pids();
+    assert!(pids.len() >= 2, "all resumptions hit one worker {pids:?}: connections are not spread");
+    assert!(pids.iter().all(|p| server.workers.contains(p)), "{pids:?} vs {:?}", server.workers);
+    drop(server);
+
+    // Without the shared cache only the worker that made the session can resume it: with 4
+    // workers, all 20 landing on it has probability 4^-20.
+    let alone = fx.start(&["--tls12", "--no-tickets", "--no-share"]);
+    let series = resume_series(&alone, &fx.dir, 20);
+    assert!(series.runs.iter().all(|r| r.body.is_some()), "every connection must be answered");
+    assert!(series.new_handshakes() >= 1, "--no-share resumed everything: the test cannot tell sharing apart");
+}
+
+#[test]
+fn openssl_cli_resumes_across_workers_tls13_stateful() {
+    // TLS 1.3 with SSL_OP_NO_TICKET: the server issues stateful tickets (the ticket is a
+    // session id into the shared cache). s_client writes -sess_out from its new-session
+    // callback, i.e. when a ticket arrives after the handshake, so the file holds the last
+    // ticket of the first connection.
+    //
+    // Both ways work with OpenSSL 3.0 and are both checked: (a) offering the first session
+    // again and again, because a stateful ticket is not single-use unless early data (with
+    // its anti-replay) is on, and reads in the cache do not consume it; (b) offering the
+    // freshest ticket each time (-sess_in and -sess_out on the same file), the way a
+    // browser behaves, which proves the tickets issued on a resumed connection are stored too.
+    let fx = Fixture::new("tls13");
+    let server = fx.start(&["--no-tickets"]);
+    let series = resume_series(&server, &fx.dir, 20);
+    series.assert_all_resumed();
+    for r in &series.runs {
+        assert!(r.body.as_deref().is_some_and(|b| b.ends_with("proto TLSv1.3")), "{:?}", r.body);
+    }
+    let pids = series.resumed_pids();
+    assert!(pids.len() >= 2, "all resumptions hit one worker {pids:?}: connections are not spread");
+
+    let fresh = fx.dir.path("fresh.pem");
+    let first = server.s_client(HTTP_GET, &["-sess_out".as_ref(), fresh.as_os_str()]);
+    assert_eq!(first.reused, Some(false), "{}", first.output);
+    let chain = Series {
+        runs: (0..8)
+            .map(|_| {
+                thread::sleep(FRESH_SESSION_PAUSE);
+                server.s_client(
+                    HTTP_GET,
+                    &["-sess_in".as_ref(), fresh.as_os_str(), "-sess_out".as_ref(), fresh.as_os_str()],
+                )
+            })
+            .collect(),
+    };
+    chain.assert_all_resumed();
+    drop(server);
+
+    let alone = fx.start(&["--no-tickets", "--no-share"]);
+    let series = resume_series(&alone, &fx.dir, 20);
+    assert!(series.runs.iter().all(|r| r.body.is_some()), "every connection must be answered");
+    assert!(series.new_handshakes() >= 1, "--no-share resumed everything: the test cannot tell sharing apart");
+}
+
+/// Runs tests/c_example/resume_client.py: (resumed, body_reused, failures, distinct pids of
+/// resumed connections, the JSON line and stderr for messages).
+fn python_resumptions(server: &Server, tls: &str, runs: usize) -> (u64, u64, u64, BTreeSet<u64>, String) {
+    let script = manifest_dir().join("tests/c_example/resume_client.py");
+    let done = run(
+        Command::new("python3").arg(&script).args([
+            "--port",
+            &server.port.to_string(),
+            "--tls",
+            tls,
+            "--runs",
+            &runs.to_string(),
+            "--pause-ms",
+            &FRESH_SESSION_PAUSE.as_millis().to_string(),
+        ]),
+        b"",
+        Duration::from_secs(60),
+    );
+    assert!(done.status.success(), "resume_client.py failed: {}\n{}{}", done.status, done.stdout, done.stderr);
+    let line = done.stdout.lines().last().unwrap_or_default().to_string();
+    let num = |key: &str| -> u64 {
+        let pat = format!("\"{key}\": ");
+        let at = line.find(&pat).unwrap_or_else(|| panic!("no {key} in {line:?}")) + pat.len();
+        let digits: String = line[at..].chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().unwrap_or_else(|_| panic!("bad {key} in {line:?}"))
+    };
+    let pids_at = line.find("\"pids\": [").unwrap_or_else(|| panic!("no pids in {line:?}")) + "\"pids\": [".len();
+    let pids_end = pids_at + line[pids_at..].find(']').expect("closing ]");
+    let pids = line[pids_at..pids_end]
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().expect("pid"))
+        .collect();
+    (num("resumed"), num("body_reused"), num("failures"), pids, format!("{line}\n{}", done.stderr))
+}
+
+#[test]
+fn python_ssl_resumes_across_workers() {
+    let fx = Fixture::new("python");
+    for (tls, flags) in [("1.2", &["--tls12", "--no-tickets"][..]), ("1.3", &["--no-tickets"][..])] {
+        let server = fx.start(flags);
+        let (resumed, body_reused, failures, pids, report) = python_resumptions(&server, tls, 30);
+        assert_eq!(failures, 0, "TLS {tls}: {report}");
+        assert_eq!(resumed, 30, "TLS {tls}: not every connection resumed: {report}");
+        assert_eq!(body_reused, 30, "TLS {tls}: server disagrees: {report}");
+        assert!(pids.len() >= 2, "TLS {tls}: resumptions hit one worker only: {report}");
+    }
+}
+
+#[test]
+fn stats_endpoint_reports_master_counters() {
+    let fx = Fixture::new("stats");
+    let server = fx.start(&["--tls12", "--no-tickets"]);
+    let series = resume_series(&server, &fx.dir, 5);
+    series.assert_all_resumed();
+
+    // A worker asks the master for its counters with the lookup deadline; on a loaded
+    // machine one answer may come late (master_valid=0), so allow a few tries.
+    let mut last = String::new();
+    for _ in 0..5 {
+        let r = server.s_client(HTTP_STATS, &[]);
+        let body = r.body.clone().unwrap_or_else(|| panic!("no stats body:\n{}", r.output));
+        assert!(body.starts_with("stats "), "{body:?}");
+        let stats = parse_stats(&body);
+        assert_eq!(stat(&stats, "role"), 2, "a worker answers: {body:?}");
+        if stat(&stats, "master_valid") == 1 {
+            assert!(stat(&stats, "hits") >= 5, "5 resumptions were served from the cache: {body:?}");
+            assert!(stat(&stats, "stores") >= 1, "{body:?}");
+            assert!(stat(&stats, "entries") >= 1, "{body:?}");
+            return;
+        }
+        last = body;
+        thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the master never answered the stats request; last: {last:?}");
+}

@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Resumption client for tests/c_example.rs, using only the standard library's ssl module.
+
+Connects once to the prefork example server, keeps the session, then reconnects RUNS times
+offering it, and prints one JSON line:
+
+  {"tls": "1.2", "runs": 30, "resumed": 30, "body_reused": 30, "first_pid": 123,
+   "pids": [123, 124], "failures": 0}
+
+"resumed" counts SSLSocket.session_reused (the client's view), "body_reused" the server's
+own "reused 1" in the reply, "pids" the distinct worker pids that served a resumed
+connection. Certificates are not verified: the server uses a throwaway self-signed one.
+
+TLS 1.2 resumes by session id (tickets off on both sides). TLS 1.3 resumes by ticket: the
+server sends it after the handshake, so a connection's session is only resumable once the
+reply has been read, and each connection offers the most recent session.
+"""
+
+import argparse
+import json
+import re
+import socket
+import ssl
+import sys
+import time
+
+BODY = re.compile(rb"worker (\d+) reused ([01]) proto (\S+)")
+
+
+def make_context(tls):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    version = ssl.TLSVersion.TLSv1_2 if tls == "1.2" else ssl.TLSVersion.TLSv1_3
+    ctx.minimum_version = version
+    ctx.maximum_version = version
+    if tls == "1.2":
+        # Session ids only: a ticket would resume without the server's cache.
+        ctx.options |= ssl.OP_NO_TICKET
+    return ctx
+
+
+def fetch(ctx, port, session, timeout):
+    """One connection: request "/", read the reply to EOF. Returns (reply, session, reused)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
+        # As curl does. Without it, on a resumed TLS 1.2 handshake Nagle holds the request
+        # behind the client's Finished until the server's delayed ACK: 40 ms a connection.
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with ctx.wrap_socket(raw, session=session) as tls:
+            tls.sendall(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            chunks = []
+            while True:
+                data = tls.recv(4096)
+                if not data:
+                    break
+                chunks.append(data)
+            # Read after the reply: with TLS 1.3 the ticket arrived with it.
+            return b"".join(chunks), tls.session, tls.session_reused
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--tls", choices=["1.2", "1.3"], required=True)
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--timeout", type=float, default=5.0, help="per-connection socket timeout (s)")
+    ap.add_argument("--pause-ms", type=float, default=0.0,
+                    help="sleep before each reconnection (see tests/c_example.rs for why)")
+    args = ap.parse_args()
+
+    ctx = make_context(args.tls)
+    reply, session, _ = fetch(ctx, args.port, None, args.timeout)
+    m = BODY.search(reply)
+    if m is None:
+        print("first connection: unexpected reply %r" % reply, file=sys.stderr)
+        return 1
+    first_pid = int(m.group(1))
+
+    resumed = 0
+    body_reused = 0
+    failures = 0
+    pids = set()
+    for i in range(args.runs):
+        if args.pause_ms > 0:
+            time.sleep(args.pause_ms / 1000.0)
+        try:
+            reply, new_session, reused = fetch(ctx, args.port, session, args.timeout)
+        except (OSError, ssl.SSLError) as e:
+            print("run %d: %s" % (i, e), file=sys.stderr)
+            failures += 1
+            continue
+        m = BODY.search(reply)
+        if m is None:
+            print("run %d: unexpected reply %r" % (i, reply), file=sys.stderr)
+            failures += 1
+            continue
+        if reused:
+            resumed += 1
+            pids.add(int(m.group(1)))
+        if m.group(2) == b"1":
+            body_reused += 1
+        if new_session is not None:
+            session = new_session
+
+    print(json.dumps({
+        "tls": args.tls,
+        "runs": args.runs,
+        "resumed": resumed,
+        "body_reused": body_reused,
+        "first_pid": first_pid,
+        "pids": sorted(pids),
+        "failures": failures,
+    }))
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
