@@ -13,7 +13,7 @@
 //! async-signal-safe system calls (`getpid`, `close`). The master-side descriptors it must close
 //! are kept in a fixed, lock-free bitmap for that reason.
 
-use std::cell::Cell;
+use std::cell::{Cell, UnsafeCell};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering::SeqCst};
 
@@ -37,6 +37,32 @@ static MASTER_FDS: [AtomicU64; FD_BITMAP_WORDS] = [const { AtomicU64::new(0) }; 
 thread_local! {
     /// The pair made by `prepare` for the fork in progress on this thread: [master, worker].
     static PENDING: Cell<[RawFd; 2]> = const { Cell::new([-1, -1]) };
+    /// Whether this thread holds `FORK_GATE` between `prepare` and `parent`.
+    static GATE_HELD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Held by the cache thread while it works (never while it sleeps in `poll`) and by a forking
+/// thread from `prepare` to `parent`. So a fork never snapshots the cache thread in the middle
+/// of an allocation: with an allocator that does not make itself fork-safe (AddressSanitizer's,
+/// for one) a child could otherwise inherit the allocator's lock held forever. A plain pthread
+/// mutex: the child never touches it.
+struct ForkGate(UnsafeCell<libc::pthread_mutex_t>);
+
+/// SAFETY: the mutex is only used through pthread_mutex_lock/unlock, which synchronise.
+unsafe impl Sync for ForkGate {}
+
+static FORK_GATE: ForkGate = ForkGate(UnsafeCell::new(libc::PTHREAD_MUTEX_INITIALIZER));
+
+/// Enter the cache thread's working section.
+pub(crate) fn gate_lock() {
+    // SAFETY: a statically initialised mutex, locked and unlocked in pairs.
+    unsafe { libc::pthread_mutex_lock(FORK_GATE.0.get()) };
+}
+
+/// Leave the cache thread's working section.
+pub(crate) fn gate_unlock() {
+    // SAFETY: called only by the thread that holds the gate.
+    unsafe { libc::pthread_mutex_unlock(FORK_GATE.0.get()) };
 }
 
 /// The pid of this process. `getpid` is a real system call in current glibc (no cache), so
@@ -135,6 +161,8 @@ extern "C" fn prepare() {
     if !is_master() || !crate::master::accepting_workers() {
         return;
     }
+    gate_lock();
+    GATE_HELD.with(|g| g.set(true));
     let mut fds = [-1 as RawFd; 2];
     // SAFETY: `fds` is a valid array of two ints for socketpair to fill.
     let rc = unsafe {
@@ -160,6 +188,9 @@ extern "C" fn prepare() {
 }
 
 extern "C" fn parent() {
+    if GATE_HELD.with(|g| g.replace(false)) {
+        gate_unlock();
+    }
     let [master_end, worker_end] = PENDING.with(|p| p.replace([-1, -1]));
     if master_end < 0 {
         return;
@@ -180,6 +211,8 @@ extern "C" fn parent() {
 extern "C" fn child() {
     // Async-signal-safe only: atomics, a const thread-local, getpid, close.
     let [_master_end, worker_end] = PENDING.with(|p| p.replace([-1, -1]));
+    // The gate stays as inherited: this process has no cache thread and never uses it.
+    GATE_HELD.with(|g| g.set(false));
     let me = pid();
 
     // A channel inherited from the parent worker is the parent's: close our copy so a helper

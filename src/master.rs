@@ -112,6 +112,7 @@ pub fn setup(config: Config) -> Result<(), Error> {
     let master = MASTER.get().ok_or(Error::Panic)?;
     crate::channel::set_worker_config(&master.config);
     fork::install_handlers()?;
+    let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
     // The cache thread blocks every signal, so the host's signals (SIGTERM, SIGCHLD, ...) are
     // never delivered to it instead of to the host's own threads. The mask is inherited at
     // spawn, so block here and restore the caller's mask right after.
@@ -121,11 +122,12 @@ pub fn setup(config: Config) -> Result<(), Error> {
         let mut old: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        let r = std::thread::Builder::new().name("cts-cache".into()).spawn(move || master.run());
+        let r = std::thread::Builder::new().name("cts-cache".into()).spawn(move || master.run(started_tx));
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
         r
     };
     spawned.map_err(|e| Error::System(format!("spawning the cache thread: {e}")))?;
+    started_rx.recv().map_err(|_| Error::System("the cache thread did not start".into()))?;
     fork::set_master_pid(fork::pid());
     ACCEPTING.store(true, Relaxed);
     Ok(())
@@ -184,19 +186,27 @@ impl Master {
         }
     }
 
-    fn run(&'static self) {
+    /// The cache thread. It holds the fork gate (see `fork::gate_lock`) whenever it is not
+    /// asleep in `poll`, and reports on `started` once its start-up allocations are done, so
+    /// `master_setup` returns only when a fork can no longer catch it mid-allocation.
+    fn run(&'static self, started: std::sync::mpsc::SyncSender<()>) {
+        fork::gate_lock();
         let mut conns: Vec<OwnedFd> = Vec::new();
-        let mut pfds: Vec<libc::pollfd> = Vec::new();
+        let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(64);
         let mut main = Scratch::new();
         let mut spare = Scratch::new();
-        let mut raw: Vec<RawFd> = Vec::new();
+        let mut raw: Vec<RawFd> = Vec::with_capacity(64);
         let mut last_sweep = now_secs();
+        let _ = started.send(());
+        drop(started);
         loop {
             pfds.clear();
             pfds.push(libc::pollfd { fd: self.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 });
             pfds.extend(conns.iter().map(|c| libc::pollfd { fd: c.as_raw_fd(), events: libc::POLLIN, revents: 0 }));
+            fork::gate_unlock();
             // SAFETY: `pfds` is a valid, initialised array of `pfds.len()` pollfd structs.
             let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, SWEEP_INTERVAL_MS) };
+            fork::gate_lock();
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() != std::io::ErrorKind::Interrupted {

@@ -157,7 +157,15 @@ fn compile_server(dir: &Scratch) -> PathBuf {
     let include = root.join("include");
     let lib_arg = format!("-L{}", lib.display());
     let rpath = format!("-Wl,-rpath,{}", lib.display());
-    cc(&[
+    // `CTS_C_SANITIZE=address` (set by .ci/run) builds the server under AddressSanitizer and
+    // LeakSanitizer; .ci/run then fails if any report was written (ASAN_OPTIONS log_path).
+    let sanitize = std::env::var("CTS_C_SANITIZE").ok().filter(|v| !v.is_empty());
+    let sanitize_args: Vec<String> = match &sanitize {
+        Some(kind) => vec![format!("-fsanitize={kind}"), "-g".into(), "-fno-omit-frame-pointer".into()],
+        None => Vec::new(),
+    };
+    let mut args: Vec<&std::ffi::OsStr> = sanitize_args.iter().map(|a| a.as_ref()).collect();
+    args.extend::<[&std::ffi::OsStr; 14]>([
         "-std=c11".as_ref(),
         "-Wall".as_ref(),
         "-Wextra".as_ref(),
@@ -173,6 +181,7 @@ fn compile_server(dir: &Scratch) -> PathBuf {
         "-lcrypto".as_ref(),
         rpath.as_ref(),
     ]);
+    cc(&args);
     bin
 }
 
