@@ -27,6 +27,14 @@ fn worker_churn_returns_master_fds_and_memory_to_baseline() {
 }
 
 #[test]
+fn a_multi_threaded_master_forking_from_several_threads_gives_every_child_its_channel() {
+    let r = scenario(&["threaded-forks", "4", "50"]);
+    assert_eq!(r["forks"], 200.0);
+    assert_eq!(r["children_without_a_working_channel"], 0.0);
+    assert_eq!(r["workers_open"], 0.0);
+}
+
+#[test]
 fn a_workers_helper_cannot_use_or_hold_the_workers_channel() {
     let r = scenario(&["grandchild"]);
     assert_eq!(r["helper_refused"], 1.0, "share_sessions in the helper is NotChannelOwner");

@@ -145,6 +145,38 @@ fn churn(n: usize) {
     println!("entries={}", st.master.entries);
 }
 
+/// A master whose own threads fork at the same time: every child must get its own working
+/// channel, and the master must end with no channel left open.
+fn threaded_forks(threads: usize, per_thread: usize) {
+    setup();
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut bad = 0;
+                for _ in 0..per_thread {
+                    let pid = fork_child(|| {
+                        let st = stats();
+                        i32::from(st.master_valid != 1 || st.role != cluster_tls_store::ROLE_WORKER)
+                    });
+                    if wait(pid) != 0 {
+                        bad += 1;
+                    }
+                }
+                bad
+            })
+        })
+        .collect();
+    let bad: i32 = handles.into_iter().map(|h| h.join().unwrap_or(1_000)).sum();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stats().master.workers != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("forks={}", threads * per_thread);
+    println!("children_without_a_working_channel={bad}");
+    println!("workers_open={}", stats().master.workers);
+    println!("fds_after={}", fd_count());
+}
+
 fn grandchild() {
     setup();
     let worker = fork_child(|| {
@@ -360,6 +392,7 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("churn") => churn(num(1, 1000) as usize),
         Some("grandchild") => grandchild(),
+        Some("threaded-forks") => threaded_forks(num(1, 4) as usize, num(2, 50) as usize),
         Some("exec") => exec_worker(),
         Some("exec-child") => std::process::exit(exec_child()),
         Some("hostile") => hostile(num(1, 3)),
