@@ -358,3 +358,76 @@ pub(crate) fn role() -> u32 {
         crate::stats::ROLE_NONE
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    extern "C" {
+        fn SSL_SESSION_new() -> *mut ffi::SSL_SESSION;
+        fn SSL_SESSION_set1_id(s: *mut ffi::SSL_SESSION, sid: *const c_uchar, len: c_uint) -> c_int;
+        fn SSL_SESSION_set1_master_key(s: *mut ffi::SSL_SESSION, key: *const c_uchar, len: usize) -> c_int;
+        fn SSL_SESSION_set_protocol_version(s: *mut ffi::SSL_SESSION, version: c_int) -> c_int;
+        fn SSL_CIPHER_find(ssl: *mut ffi::SSL, ptr: *const c_uchar) -> *const ffi::SSL_CIPHER;
+        fn SSL_SESSION_set_cipher(s: *mut ffi::SSL_SESSION, cipher: *const ffi::SSL_CIPHER) -> c_int;
+    }
+
+    /// DER of a TLS 1.2 session with a 32-byte id.
+    fn session_der(id: &[u8; 32]) -> Vec<u8> {
+        // SAFETY: a fresh session, filled through its setters, encoded, then freed.
+        unsafe {
+            let s = SSL_SESSION_new();
+            assert!(!s.is_null());
+            assert_eq!(SSL_SESSION_set1_id(s, id.as_ptr(), 32), 1);
+            assert_eq!(SSL_SESSION_set1_master_key(s, [0x42u8; 48].as_ptr(), 48), 1);
+            assert_eq!(SSL_SESSION_set_protocol_version(s, 0x0303), 1);
+            // ECDHE-ECDSA-AES128-GCM-SHA256, looked up through a throwaway SSL.
+            let ctx = openssl::ssl::SslContext::builder(openssl::ssl::SslMethod::tls()).expect("ctx").build();
+            let ssl = openssl::ssl::Ssl::new(&ctx).expect("ssl");
+            let cipher = SSL_CIPHER_find(foreign_types::ForeignType::as_ptr(&ssl), [0xC0u8, 0x2B].as_ptr());
+            assert!(!cipher.is_null());
+            assert_eq!(SSL_SESSION_set_cipher(s, cipher), 1);
+            let len = ffi::i2d_SSL_SESSION(s, std::ptr::null_mut());
+            assert!(len > 0);
+            let mut der = vec![0u8; len as usize];
+            let mut p = der.as_mut_ptr();
+            ffi::i2d_SSL_SESSION(s, &mut p);
+            ffi::SSL_SESSION_free(s);
+            der
+        }
+    }
+
+    fn decodes(der: &[u8], id: &[u8]) -> bool {
+        let s = decode_session(der, id);
+        if s.is_null() {
+            return false;
+        }
+        // SAFETY: we own the session decode_session returned.
+        unsafe { ffi::SSL_SESSION_free(s) };
+        true
+    }
+
+    #[test]
+    fn a_good_der_with_a_32_byte_id_decodes() {
+        let id = [7u8; 32];
+        assert!(decodes(&session_der(&id), &id));
+    }
+
+    #[test]
+    fn corrupt_truncated_or_foreign_ders_are_misses_and_leave_no_openssl_error() {
+        let id = [7u8; 32];
+        let der = session_der(&id);
+        assert!(!decodes(&der, &[8u8; 32]), "a session with another id is not handed out");
+        for cut in [0, 1, der.len() / 2, der.len() - 1] {
+            assert!(!decodes(&der[..cut], &id), "truncated at {cut}");
+        }
+        assert!(!decodes(&[0xffu8; 300], &id));
+        let mut flipped = der.clone();
+        for i in (0..flipped.len()).step_by(3) {
+            flipped[i] ^= 0x5a;
+        }
+        assert!(!decodes(&flipped, &id));
+        // SAFETY: reads this thread's OpenSSL error queue.
+        assert_eq!(unsafe { ffi::ERR_get_error() }, 0, "decode failures must not leak into the host's error queue");
+    }
+}

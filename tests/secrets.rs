@@ -80,7 +80,7 @@ fn session_bytes_never_reach_freed_memory_from_the_cache() {
     }
     cache.sweep(now + 3); // expires some
     assert!(cache.get(b"ns", &320u32.to_le_bytes(), now + 200).is_none()); // expired on read
-    // Frames through the master's handler: its reply buffer is the caller's and wiped here.
+                                                                           // Frames through the master's handler: its reply buffer is the caller's and wiped here.
     let mut out = Vec::new();
     let mut frame = Vec::new();
     let der = secret_der(marker, 9);
