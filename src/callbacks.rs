@@ -192,6 +192,7 @@ unsafe fn store_session(ssl: *mut ffi::SSL, sess: *mut ffi::SSL_SESSION) {
     unsafe {
         if is_stateless_tls13(ssl) {
             bump(&WORKER.stateless_skipped);
+            crate::log::debug!("new session: TLS 1.3 stateless ticket, not stored");
             return;
         }
         let Some(state) = ctx_state(ffi::SSL_get_SSL_CTX(ssl)) else { return };
@@ -209,8 +210,14 @@ unsafe fn store_session(ssl: *mut ffi::SSL, sess: *mut ffi::SSL_SESSION) {
         let der_len = der_len as usize;
         if der_len > channel::max_session_bytes() {
             bump(&WORKER.oversize);
+            crate::log::debug!("new session: id={} {der_len}B over the cap, not stored", crate::log::hex(id));
             return;
         }
+        crate::log::debug!(
+            "new session: ns={} id={} {der_len}B stored",
+            String::from_utf8_lossy(&state.namespace),
+            crate::log::hex(id)
+        );
         let time = ffi::SSL_SESSION_get_time(sess).max(0) as u64;
         let timeout = ffi::SSL_SESSION_get_timeout(sess).max(0) as u64;
         let expiry = time.saturating_add(timeout);
@@ -286,12 +293,17 @@ unsafe fn lookup_session(
             }
             None => None,
         };
-        let Some(der) = der else { return std::ptr::null_mut() };
+        let Some(der) = der else {
+            crate::log::debug!("get session: id={} miss", crate::log::hex(id));
+            return std::ptr::null_mut();
+        };
         let sess = decode_session(&der, id);
         if sess.is_null() {
             bump(&WORKER.decode_failures);
+            crate::log::debug!("get session: id={} {}B did not decode: miss", crate::log::hex(id), der.len());
             return std::ptr::null_mut();
         }
+        crate::log::debug!("get session: id={} hit ({}B)", crate::log::hex(id), der.len());
         bump(&WORKER.hits);
         // A freshly decoded session: hand OpenSSL our only reference.
         if !copy.is_null() {
@@ -336,6 +348,7 @@ unsafe extern "C" fn remove_session_cb(ctx: *mut ffi::SSL_CTX, sess: *mut ffi::S
                 return;
             }
             let id = std::slice::from_raw_parts(id_ptr, id_len as usize);
+            crate::log::debug!("remove session: id={}", crate::log::hex(id));
             match backend() {
                 Some(Backend::Channel(ch)) => ch.del(&state.namespace, id),
                 Some(Backend::InProcess(m)) => {

@@ -199,6 +199,7 @@ impl Channel {
     fn mark_dead(&self) {
         if !self.dead.swap(true, SeqCst) {
             WORKER.master_gone.store(1, Relaxed);
+            crate::log::debug!("the master closed the channel: lookups are misses from now on");
         }
         self.cond.notify_all();
     }
@@ -377,6 +378,7 @@ impl Channel {
                 w.slots.retain(|s| s.id != rid);
                 drop(w);
                 if !self.is_dead() {
+                    crate::log::debug!("request {rid}: no answer from the master by the deadline");
                     bump(&WORKER.timeouts);
                     self.trip(mono_ms(), was_probe);
                 }

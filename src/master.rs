@@ -309,6 +309,20 @@ impl Master {
         if handled == Handled::Bad {
             self.bad_frames.fetch_add(1, Relaxed);
         }
+        if crate::log::enabled() {
+            match protocol::decode(frame) {
+                Ok(m) => crate::log::debug!(
+                    "master: {:?} ns={} id={} payload={}B -> {:?}{}",
+                    m.op,
+                    String::from_utf8_lossy(m.namespace),
+                    crate::log::hex(m.id),
+                    m.payload.len(),
+                    handled,
+                    if out.len() > protocol::HEADER_LEN + m.namespace.len() + m.id.len() { " (hit)" } else { "" }
+                ),
+                Err(e) => crate::log::debug!("master: bad frame of {} bytes: {e:?}", frame.len()),
+            }
+        }
         if !out.is_empty() {
             // SAFETY: `out` is valid for `out.len()` bytes. Non-blocking and no SIGPIPE: a
             // full or closed worker socket costs that worker its reply, nothing else.

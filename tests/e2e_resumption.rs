@@ -202,3 +202,32 @@ fn master_setup_in_a_worker_is_refused() {
     let st = s.stats();
     assert_eq!(st["worker_setup_code"], 3, "CTS_ERR_IN_WORKER: {st:?}");
 }
+
+#[test]
+fn debug_log_never_contains_a_session_master_key() {
+    let log = std::env::temp_dir().join(format!("cts-debug-log-{}.txt", std::process::id()));
+    let s = Server::start_with(&["--workers", "3", "--no-tickets"], &[("CTS_DEBUG", "1")], Some(&log));
+    let mut keys = Vec::new();
+    for tls12 in [true, false] {
+        let mut c = Client::new(tls12);
+        for _ in 0..10 {
+            c.request(s.addr(), "/").expect("connection");
+            let sess = c.session.as_ref().expect("session");
+            let mut key = vec![0u8; sess.master_key_len()];
+            sess.master_key(&mut key);
+            keys.push(key);
+        }
+    }
+    drop(s);
+    let text = std::fs::read(&log).expect("log file");
+    let _ = std::fs::remove_file(&log);
+    let lines = String::from_utf8_lossy(&text);
+    assert!(lines.contains("master: Put") && lines.contains("get session"), "debug logging was on:\n{lines}");
+    for key in &keys {
+        assert!(key.len() >= 32);
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(!lines.contains(&hex), "a master key (hex) is in the log");
+        assert!(!lines.to_uppercase().contains(&hex.to_uppercase()));
+        assert!(!text.windows(16).any(|w| w == &key[..16]), "master key bytes are in the log");
+    }
+}

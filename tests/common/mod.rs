@@ -40,6 +40,11 @@ pub struct Server {
 impl Server {
     /// Start the server with extra arguments; waits (at most 15 s) for its ready line.
     pub fn start(args: &[&str]) -> Server {
+        Server::start_with(args, &[], None)
+    }
+
+    /// `start` with extra environment variables and, optionally, stderr sent to a file.
+    pub fn start_with(args: &[&str], env: &[(&str, &str)], stderr: Option<&std::path::Path>) -> Server {
         let (c, k) = cert();
         // These tests prove sharing, not latency: a generous lookup deadline keeps a loaded
         // 2-core CI machine from turning a slow cache thread into a miss. Fault tests that
@@ -52,8 +57,12 @@ impl Server {
             .arg("--key")
             .arg(k)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(match stderr {
+                Some(p) => Stdio::from(std::fs::File::create(p).expect("stderr file")),
+                None => Stdio::inherit(),
+            })
             .spawn()
             .expect("spawn cts-prefork-server");
         let master = child.id() as i32;
