@@ -93,6 +93,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         threads: 1,
         check_worker_api: false,
         ctx_before_fork: false,
+        verify_client: false,
     };
     let mut ok = true;
     for (tls12, proto) in [(true, "TLS 1.2 session ids"), (false, "TLS 1.3 stateful tickets")] {

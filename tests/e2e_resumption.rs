@@ -231,3 +231,70 @@ fn debug_log_never_contains_a_session_master_key() {
         assert!(!text.windows(16).any(|w| w == &key[..16]), "master key bytes are in the log");
     }
 }
+
+/// A client certificate of several KiB (many subject alternative names): it travels inside the
+/// session, so the session DER is several KiB too.
+fn big_client_certificate() -> (openssl::x509::X509, openssl::pkey::PKey<openssl::pkey::Private>) {
+    use openssl::asn1::Asn1Time;
+    use openssl::ec::{EcGroup, EcKey};
+    use openssl::hash::MessageDigest;
+    use openssl::nid::Nid;
+    use openssl::pkey::PKey;
+    use openssl::x509::extension::SubjectAlternativeName;
+    use openssl::x509::{X509Builder, X509NameBuilder};
+    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).expect("group");
+    let key = PKey::from_ec_key(EcKey::generate(&group).expect("key")).expect("pkey");
+    let mut name = X509NameBuilder::new().expect("name");
+    name.append_entry_by_text("CN", "client").expect("cn");
+    let name = name.build();
+    let mut b = X509Builder::new().expect("builder");
+    b.set_version(2).expect("version");
+    b.set_subject_name(&name).expect("subject");
+    b.set_issuer_name(&name).expect("issuer");
+    b.set_pubkey(&key).expect("pubkey");
+    let (from, until) = (Asn1Time::days_from_now(0).expect("now"), Asn1Time::days_from_now(1).expect("later"));
+    b.set_not_before(&from).expect("not before");
+    b.set_not_after(&until).expect("not after");
+    let mut san = SubjectAlternativeName::new();
+    for i in 0..150 {
+        san.dns(&format!("host-{i:04}.a-rather-long-client-domain-name.example"));
+    }
+    let ext = san.build(&b.x509v3_context(None, None)).expect("san");
+    b.append_extension(ext).expect("extension");
+    b.sign(&key, MessageDigest::sha256()).expect("sign");
+    let cert = b.build();
+    assert!(cert.to_der().expect("der").len() > 5000, "the certificate is several KiB");
+    (cert, key)
+}
+
+#[test]
+fn sessions_carrying_a_client_certificate_resume_across_workers() {
+    let (cert, key) = big_client_certificate();
+    let s = Server::start(&["--workers", "4", "--tls12", "--no-tickets", "--verify-client"]);
+    let mut c = Client::with_certificate(true, &cert, &key);
+    c.request(s.addr(), "/").expect("full handshake with a client certificate");
+    let der_len = c.session.as_ref().expect("session").to_der().expect("der").len();
+    let out: Vec<_> = (0..30).map(|_| c.request(s.addr(), "/").expect("resumption")).collect();
+    assert!(out.iter().all(|o| o.reused), "every resumption with a {der_len}-byte session: {out:?}");
+    assert!(distinct_pids(&out) >= 2);
+}
+
+#[test]
+fn sessions_over_the_size_cap_are_not_stored_and_handshakes_still_complete() {
+    let (cert, key) = big_client_certificate();
+    let s =
+        Server::start(&["--workers", "4", "--tls12", "--no-tickets", "--verify-client", "--max-session-bytes", "2048"]);
+    let mut c = Client::with_certificate(true, &cert, &key);
+    c.request(s.addr(), "/").expect("full handshake");
+    let out: Vec<_> = (0..20).map(|_| c.request(s.addr(), "/").expect("handshake completes")).collect();
+    assert!(out.iter().any(|o| !o.reused), "an oversize session cannot be shared");
+    let body = c.request(s.addr(), "/stats").expect("stats").body;
+    let stat = |k: &str| -> u64 {
+        body.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(u64::MAX)
+    };
+    assert_eq!(stat("stores"), 0, "nothing over the cap reached the cache: {body}");
+    assert!(stat("w_oversize") >= 1, "the worker counted the refusal: {body}");
+}

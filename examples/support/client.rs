@@ -36,6 +36,24 @@ impl Client {
         Client { connector: b.build(), session: None }
     }
 
+    /// A client that presents `cert` (signed by `key`) when the server asks for one.
+    pub fn with_certificate(
+        max_tls12: bool,
+        cert: &openssl::x509::X509Ref,
+        key: &openssl::pkey::PKeyRef<openssl::pkey::Private>,
+    ) -> Client {
+        let mut b = SslConnector::builder(SslMethod::tls_client()).expect("client context");
+        b.set_verify(SslVerifyMode::NONE);
+        if max_tls12 {
+            b.set_max_proto_version(Some(SslVersion::TLS1_2)).expect("max version");
+        } else {
+            b.set_min_proto_version(Some(SslVersion::TLS1_3)).expect("min version");
+        }
+        b.set_certificate(cert).expect("client certificate");
+        b.set_private_key(key).expect("client key");
+        Client { connector: b.build(), session: None }
+    }
+
     /// One request; `path` is sent as `GET <path>`. Keeps the newest session.
     pub fn request(&mut self, addr: SocketAddr, path: &str) -> Result<Outcome, Box<dyn std::error::Error>> {
         let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;

@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use openssl::ssl::{SslContext, SslContextBuilder, SslFiletype, SslMethod, SslOptions, SslVersion};
+use openssl::ssl::{SslContext, SslContextBuilder, SslFiletype, SslMethod, SslOptions, SslVerifyMode, SslVersion};
 
 use cluster_tls_store::{share_sessions_with, ShareOptions};
 
@@ -37,6 +37,8 @@ pub struct ServerOpts {
     pub check_worker_api: bool,
     /// Build the `SSL_CTX` in the master before forking; workers share the inherited one.
     pub ctx_before_fork: bool,
+    /// Ask every client for a certificate (any certificate is accepted).
+    pub verify_client: bool,
 }
 
 static WORKER_SETUP_CODE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
@@ -118,6 +120,9 @@ pub fn build_context(opts: &ServerOpts, namespace: Option<&str>) -> Result<SslCo
         // SAFETY: `b` owns a valid SSL_CTX; SSL_CTX_set_timeout only stores a number.
         unsafe { SSL_CTX_set_timeout(b.as_ptr(), libc::c_long::from(t)) };
     }
+    if opts.verify_client {
+        b.set_verify_callback(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT, |_, _| true);
+    }
     if opts.keep_sid_ctx {
         b.set_session_id_context(b"host-chosen-context")?;
     }
@@ -168,10 +173,11 @@ fn handle(tcp: TcpStream, ctx: &SslContext) -> Result<(), Box<dyn std::error::Er
     let body = if req.starts_with(b"GET /stats") {
         let st = cluster_tls_store::stats();
         format!(
-            "stats role={} master_valid={} hits={} misses={} stores={} entries={} evictions={} expirations={} workers={} w_gets={} w_hits={} w_timeouts={} w_breaker_skips={} w_stateless_skipped={} w_master_gone={} worker_setup_code={}\n",
+            "stats role={} master_valid={} hits={} misses={} stores={} entries={} evictions={} expirations={} workers={} w_gets={} w_hits={} w_timeouts={} w_breaker_skips={} w_stateless_skipped={} w_master_gone={} w_oversize={} worker_setup_code={}\n",
             st.role, st.master_valid, st.master.hits, st.master.misses, st.master.stores, st.master.entries,
             st.master.evictions, st.master.expirations, st.master.workers, st.worker.gets, st.worker.hits,
             st.worker.timeouts, st.worker.breaker_skips, st.worker.stateless_skipped, st.worker.master_gone,
+            st.worker.oversize,
             WORKER_SETUP_CODE.load(std::sync::atomic::Ordering::Relaxed)
         )
     } else {

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cts-prefork-server --cert F --key F [--port P] [--workers N] [--threads T] [--no-share]
-//!     [--no-tickets] [--tls12] [--ns NAME] [--ns2 NAME] [--keep-sid-ctx] [--ctx-before-fork]
+//!     [--no-tickets] [--tls12] [--ns NAME] [--ns2 NAME] [--keep-sid-ctx] [--ctx-before-fork] [--verify-client] [--max-session-bytes N]
 //!     [--session-timeout S] [--get-timeout-us N] [--cache-bytes N] [--max-lifetime S]
 //! ```
 //! Prints `ready port=P [port2=Q] workers=N` and one `worker pid=X` line per worker, then
@@ -37,6 +37,7 @@ fn main() {
         threads: 1,
         check_worker_api: false,
         ctx_before_fork: false,
+        verify_client: false,
     };
     let mut config = Config::default();
     let (mut port, mut workers) = (0u16, 4usize);
@@ -58,6 +59,8 @@ fn main() {
             "--keep-sid-ctx" => opts.keep_sid_ctx = true,
             "--check-worker-api" => opts.check_worker_api = true,
             "--ctx-before-fork" => opts.ctx_before_fork = true,
+            "--verify-client" => opts.verify_client = true,
+            "--max-session-bytes" => config.max_session_bytes = num(val()) as usize,
             "--session-timeout" => opts.session_timeout = Some(num(val()) as u32),
             "--get-timeout-us" => config.get_timeout = Duration::from_micros(num(val())),
             "--cache-bytes" => config.cache_bytes = num(val()) as usize,
