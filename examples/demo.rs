@@ -80,21 +80,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (cert, key) = cert::make_cert(&dir)?;
     master_setup(Config::default())?;
     println!("cluster-tls-store demo: {WORKERS} prefork workers, 1 client, 1 full handshake + {RESUMES} resumptions");
-    let base = ServerOpts {
-        cert,
-        key,
-        share: true,
-        no_tickets: true,
-        tls12: true,
-        namespace: Some("demo".into()),
-        second_namespace: None,
-        keep_sid_ctx: false,
-        session_timeout: None,
-        threads: 1,
-        check_worker_api: false,
-        ctx_before_fork: false,
-        verify_client: false,
-    };
+    let base =
+        ServerOpts { no_tickets: true, tls12: true, namespace: Some("demo".into()), ..ServerOpts::new(cert, key) };
     let mut ok = true;
     for (tls12, proto) in [(true, "TLS 1.2 session ids"), (false, "TLS 1.3 stateful tickets")] {
         let on = ServerOpts { tls12, ..base.clone() };

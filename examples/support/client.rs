@@ -24,8 +24,7 @@ pub struct Client {
 }
 
 impl Client {
-    /// `max_tls12` caps the client at TLS 1.2 (session ids); otherwise TLS 1.3 is used.
-    pub fn new(max_tls12: bool) -> Client {
+    fn builder(max_tls12: bool) -> openssl::ssl::SslConnectorBuilder {
         let mut b = SslConnector::builder(SslMethod::tls_client()).expect("client context");
         b.set_verify(SslVerifyMode::NONE);
         if max_tls12 {
@@ -33,7 +32,12 @@ impl Client {
         } else {
             b.set_min_proto_version(Some(SslVersion::TLS1_3)).expect("min version");
         }
-        Client { connector: b.build(), session: None }
+        b
+    }
+
+    /// `max_tls12` caps the client at TLS 1.2 (session ids); otherwise TLS 1.3 is used.
+    pub fn new(max_tls12: bool) -> Client {
+        Client { connector: Self::builder(max_tls12).build(), session: None }
     }
 
     /// A client that presents `cert` (signed by `key`) when the server asks for one.
@@ -42,13 +46,7 @@ impl Client {
         cert: &openssl::x509::X509Ref,
         key: &openssl::pkey::PKeyRef<openssl::pkey::Private>,
     ) -> Client {
-        let mut b = SslConnector::builder(SslMethod::tls_client()).expect("client context");
-        b.set_verify(SslVerifyMode::NONE);
-        if max_tls12 {
-            b.set_max_proto_version(Some(SslVersion::TLS1_2)).expect("max version");
-        } else {
-            b.set_min_proto_version(Some(SslVersion::TLS1_3)).expect("min version");
-        }
+        let mut b = Self::builder(max_tls12);
         b.set_certificate(cert).expect("client certificate");
         b.set_private_key(key).expect("client key");
         Client { connector: b.build(), session: None }

@@ -41,6 +41,27 @@ pub struct ServerOpts {
     pub verify_client: bool,
 }
 
+impl ServerOpts {
+    /// Sharing on, OpenSSL's defaults otherwise (TLS 1.3 with stateless tickets), one thread.
+    pub fn new(cert: PathBuf, key: PathBuf) -> ServerOpts {
+        ServerOpts {
+            cert,
+            key,
+            share: true,
+            no_tickets: false,
+            tls12: false,
+            namespace: None,
+            second_namespace: None,
+            keep_sid_ctx: false,
+            session_timeout: None,
+            threads: 1,
+            check_worker_api: false,
+            ctx_before_fork: false,
+            verify_client: false,
+        }
+    }
+}
+
 static WORKER_SETUP_CODE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
 /// A listening port reserved by the master: bound with SO_REUSEPORT but never listened on,

@@ -24,21 +24,7 @@ fn usage(msg: &str) -> ! {
 }
 
 fn main() {
-    let mut opts = ServerOpts {
-        cert: "".into(),
-        key: "".into(),
-        share: true,
-        no_tickets: false,
-        tls12: false,
-        namespace: None,
-        second_namespace: None,
-        keep_sid_ctx: false,
-        session_timeout: None,
-        threads: 1,
-        check_worker_api: false,
-        ctx_before_fork: false,
-        verify_client: false,
-    };
+    let mut opts = ServerOpts::new("".into(), "".into());
     let mut config = Config::default();
     let (mut port, mut workers) = (0u16, 4usize);
     let mut args = std::env::args().skip(1);
