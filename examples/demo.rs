@@ -4,8 +4,9 @@
 //! certificate made at run time, then a client makes one full handshake and resumes 100
 //! times; connections land on random workers (each worker has its own SO_REUSEPORT
 //! listener). It prints, per worker, connections served and how many were resumptions, with
-//! sharing on and then off, for TLS 1.2 session ids and TLS 1.3 stateful tickets. It exits 0
-//! only when sharing on resumed every connection.
+//! sharing on and then off, for TLS 1.2 session ids, TLS 1.3 stateful tickets and TLS 1.3's
+//! default stateless tickets (cluster-wide ticket keys). It exits 0 only when sharing on
+//! resumed every connection.
 
 #[path = "support/cert.rs"]
 mod cert;
@@ -83,8 +84,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let base =
         ServerOpts { no_tickets: true, tls12: true, namespace: Some("demo".into()), ..ServerOpts::new(cert, key) };
     let mut ok = true;
-    for (tls12, proto) in [(true, "TLS 1.2 session ids"), (false, "TLS 1.3 stateful tickets")] {
-        let on = ServerOpts { tls12, ..base.clone() };
+    let runs = [
+        (true, true, "TLS 1.2 session ids"),
+        (false, true, "TLS 1.3 stateful tickets"),
+        (false, false, "TLS 1.3 default (stateless) tickets"),
+    ];
+    for (tls12, no_tickets, proto) in runs {
+        let on = ServerOpts { tls12, no_tickets, ..base.clone() };
         let r_on = run(&on, &format!("{proto}, sharing ON"))?;
         let off = ServerOpts { share: false, ..on };
         let r_off = run(&off, &format!("{proto}, sharing OFF (OpenSSL's per-process cache)"))?;

@@ -26,6 +26,13 @@
 #define CTS_SHARE_KEEP_SESSION_ID_CONTEXT 1
 
 /**
+ * Flag for `cts_share_sessions_ex`: keep this `SSL_CTX`'s own ticket keys or ticket key
+ * callback instead of installing the cluster-wide keys (OpenSSL 3.0 cannot report whether
+ * the host set its own, so the library takes over unless told not to).
+ */
+#define CTS_SHARE_KEEP_TICKET_KEYS 2
+
+/**
  * `Stats::role` value: neither master nor worker.
  */
 #define CTS_ROLE_NONE 0
@@ -126,6 +133,21 @@ typedef struct cts_config {
    * Default 500.
    */
   uint32_t breaker_max_backoff_ms;
+  /**
+   * 1 (default): the master makes and rotates the session ticket keys and every shared
+   * `SSL_CTX` uses them, so tickets open on any worker. 0: each `SSL_CTX` keeps OpenSSL's
+   * own keys (tickets then only open in the process that made them).
+   */
+  uint32_t share_tickets;
+  /**
+   * Seconds between ticket key rotations. Default 3600; allowed 1..=604800.
+   */
+  uint32_t ticket_rotation_secs;
+  /**
+   * Rotations a key keeps opening tickets (older tickets mean a full handshake).
+   * Default 3; allowed 2..=16.
+   */
+  uint32_t ticket_keys;
 } cts_config;
 
 /**
@@ -184,6 +206,10 @@ typedef struct cts_master_stats {
    * Replies dropped because a worker's socket buffer was full.
    */
   uint64_t reply_drops;
+  /**
+   * Ticket key rotations (a new key took over encryption).
+   */
+  uint64_t ticket_rotations;
 } cts_master_stats;
 
 /**
@@ -245,6 +271,26 @@ typedef struct cts_worker_stats {
    * 1 when the master closed the channel (dead): lookups are misses from then on.
    */
   uint64_t master_gone;
+  /**
+   * Session tickets encrypted with a shared key.
+   */
+  uint64_t tickets_issued;
+  /**
+   * Tickets opened with a shared key.
+   */
+  uint64_t tickets_opened;
+  /**
+   * Tickets opened with a key that no longer encrypts, so OpenSSL issued a fresh one.
+   */
+  uint64_t tickets_renewed;
+  /**
+   * Tickets whose key is unknown or too old (a full handshake).
+   */
+  uint64_t tickets_refused;
+  /**
+   * Times the ticket keys were fetched from the master.
+   */
+  uint64_t ticket_key_fetches;
 } cts_worker_stats;
 
 /**
@@ -328,8 +374,8 @@ cts_result cts_master_setup(const struct cts_config *cfg);
 cts_result cts_share_sessions(SSL_CTX *ctx, const char *ns);
 
 /**
- * `cts_share_sessions` with flags (`CTS_SHARE_KEEP_SESSION_ID_CONTEXT`); unknown flag bits
- * are ignored.
+ * `cts_share_sessions` with flags (`CTS_SHARE_KEEP_SESSION_ID_CONTEXT`,
+ * `CTS_SHARE_KEEP_TICKET_KEYS`); unknown flag bits are ignored.
  *
  * # Safety
  * As for `cts_share_sessions`.

@@ -21,11 +21,26 @@ use crate::stats::{bump, WORKER};
 use crate::wipe::SecretBuf;
 use crate::Error;
 
+type TicketKeyCb = unsafe extern "C" fn(
+    *mut ffi::SSL,
+    *mut c_uchar,
+    *mut c_uchar,
+    *mut ffi::EVP_CIPHER_CTX,
+    *mut ffi::EVP_MAC_CTX,
+    c_int,
+) -> c_int;
+
 extern "C" {
-    // Not bound by openssl-sys; exported by libssl 3.
+    // Not bound by openssl-sys; exported by libssl/libcrypto 3.
     fn SSL_get_options(ssl: *const ffi::SSL) -> u64;
     fn ERR_set_mark() -> c_int;
     fn ERR_pop_to_mark() -> c_int;
+    fn SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx: *mut ffi::SSL_CTX, cb: Option<TicketKeyCb>) -> c_int;
+    fn OSSL_PARAM_construct_utf8_string(
+        key: *const std::ffi::c_char,
+        buf: *mut std::ffi::c_char,
+        bsize: usize,
+    ) -> ffi::OSSL_PARAM;
 }
 
 const TLS1_3_VERSION: c_int = 0x0304;
@@ -105,6 +120,9 @@ unsafe fn ctx_state<'a>(ctx: *const ffi::SSL_CTX) -> Option<&'a CtxState> {
 pub struct ShareOptions {
     /// Keep the session id context the host set instead of deriving one from the namespace.
     pub keep_session_id_context: bool,
+    /// Keep the context's own ticket keys (or ticket key callback) instead of installing the
+    /// cluster-wide keys.
+    pub keep_ticket_keys: bool,
 }
 
 /// Check a namespace for use on the wire.
@@ -159,6 +177,11 @@ pub unsafe fn install(ctx: *mut ffi::SSL_CTX, ns: &[u8], opts: ShareOptions) -> 
         ffi::SSL_CTX_sess_set_new_cb(ctx, Some(new_session_cb));
         ffi::SSL_CTX_sess_set_get_cb(ctx, Some(get_session_cb));
         ffi::SSL_CTX_sess_set_remove_cb(ctx, Some(remove_session_cb));
+        if channel::share_tickets() && !opts.keep_ticket_keys {
+            SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, Some(ticket_key_cb));
+            // Fetch the keys now, so the first handshakes do not wait for the master.
+            local_keys().refresh_if_due(master::now_secs());
+        }
         // The shared cache is the only cache: OpenSSL's per-process one would serve
         // sessions that were removed or expired cluster-wide and grow without our bound.
         ffi::SSL_CTX_set_session_cache_mode(ctx, ffi::SSL_SESS_CACHE_SERVER | ffi::SSL_SESS_CACHE_NO_INTERNAL);
@@ -359,6 +382,186 @@ unsafe extern "C" fn remove_session_cb(ctx: *mut ffi::SSL_CTX, sess: *mut ffi::S
             }
         }
     })
+}
+
+/// This process's copy of the cluster-wide ticket keys.
+struct LocalKeys {
+    pid: i32,
+    state: std::sync::Mutex<KeyState>,
+}
+
+#[derive(Default)]
+struct KeyState {
+    keys: crate::tickets::KeySet,
+    refresh_at: u64,
+    fetching: bool,
+}
+
+static LOCAL_KEYS: std::sync::atomic::AtomicPtr<LocalKeys> = std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+
+/// The key store of this process (a forked child makes its own: an inherited one might be
+/// locked by a thread that does not exist in the child).
+fn local_keys() -> &'static LocalKeys {
+    let me = fork::pid();
+    let p = LOCAL_KEYS.load(SeqCst);
+    // SAFETY: published stores are leaked Boxes, never freed.
+    if let Some(k) = unsafe { p.as_ref() } {
+        if k.pid == me {
+            return k;
+        }
+    }
+    let fresh = Box::into_raw(Box::new(LocalKeys { pid: me, state: std::sync::Mutex::new(KeyState::default()) }));
+    match LOCAL_KEYS.compare_exchange(p, fresh, SeqCst, SeqCst) {
+        // SAFETY: `fresh` is now published for good.
+        Ok(_) => unsafe { &*fresh },
+        Err(winner) => {
+            // SAFETY: `fresh` was never published; the winner is a leaked Box like ours.
+            unsafe {
+                drop(Box::from_raw(fresh));
+                match winner.as_ref() {
+                    Some(w) if w.pid == me => w,
+                    // A stale store from the parent: leak ours for this call's use.
+                    _ => &*Box::into_raw(Box::new(LocalKeys {
+                        pid: me,
+                        state: std::sync::Mutex::new(KeyState::default()),
+                    })),
+                }
+            }
+        }
+    }
+}
+
+impl LocalKeys {
+    fn lock(&self) -> std::sync::MutexGuard<'_, KeyState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Fetch the keys from the master when due. One thread fetches; the others keep using
+    /// the copy they have, so a handshake never waits behind another thread's fetch.
+    fn refresh_if_due(&self, now: u64) {
+        {
+            let mut st = self.lock();
+            if now < st.refresh_at || st.fetching {
+                return;
+            }
+            st.fetching = true;
+        }
+        let payload = match backend() {
+            Some(Backend::InProcess(m)) => {
+                let mut b = SecretBuf::default();
+                let mut raw = m.ticket_keys();
+                b.vec().extend_from_slice(&raw);
+                crate::wipe::wipe(&mut raw);
+                Some(b)
+            }
+            Some(Backend::Channel(ch)) => ch.ticket_keys(),
+            None => None,
+        };
+        let fetched = payload.as_deref().and_then(crate::tickets::KeySet::decode);
+        let mut st = self.lock();
+        st.fetching = false;
+        match fetched {
+            Some(keys) => {
+                bump(&WORKER.ticket_key_fetches);
+                // Ask again half way through the current key's period: the master makes the
+                // next key a period ahead, so the copy never runs out while the master lives.
+                let period = keys.encrypting(now).map(|k| k.encrypt_until.saturating_sub(k.encrypt_from)).unwrap_or(2);
+                st.refresh_at = now + (period / 2).max(1);
+                st.keys = keys;
+            }
+            // Master unreachable: keep the copy we have (tickets keep working across the
+            // workers that share it) and try again in a second.
+            None => st.refresh_at = now + 1,
+        }
+    }
+}
+
+unsafe extern "C" fn ticket_key_cb(
+    _ssl: *mut ffi::SSL,
+    key_name: *mut c_uchar,
+    iv: *mut c_uchar,
+    cctx: *mut ffi::EVP_CIPHER_CTX,
+    hctx: *mut ffi::EVP_MAC_CTX,
+    enc: c_int,
+) -> c_int {
+    // 0 on any failure: no ticket issued / ticket not accepted, i.e. a full handshake.
+    ffi_boundary!(0, {
+        // SAFETY: OpenSSL passes a 16-byte key name, an IV buffer of EVP_MAX_IV_LENGTH and
+        // valid cipher and MAC contexts.
+        unsafe { ticket_key(key_name, iv, cctx, hctx, enc == 1) }
+    })
+}
+
+/// Set the ticket HMAC's key and digest (SHA-256).
+///
+/// # Safety
+/// `hctx` must be a valid MAC context.
+unsafe fn set_ticket_mac(hctx: *mut ffi::EVP_MAC_CTX, hmac: &[u8; 32]) -> bool {
+    // SAFETY: the params point at live buffers for the duration of the call; OpenSSL copies.
+    unsafe {
+        let params = [
+            ffi::OSSL_PARAM_construct_octet_string(c"key".as_ptr(), hmac.as_ptr() as *mut c_void, hmac.len()),
+            OSSL_PARAM_construct_utf8_string(c"digest".as_ptr(), c"SHA256".as_ptr() as *mut std::ffi::c_char, 0),
+            ffi::OSSL_PARAM_construct_end(),
+        ];
+        ffi::EVP_MAC_CTX_set_params(hctx, params.as_ptr()) == 1
+    }
+}
+
+/// # Safety
+/// As for `ticket_key_cb`.
+unsafe fn ticket_key(
+    key_name: *mut c_uchar,
+    iv: *mut c_uchar,
+    cctx: *mut ffi::EVP_CIPHER_CTX,
+    hctx: *mut ffi::EVP_MAC_CTX,
+    encrypt: bool,
+) -> c_int {
+    let now = master::now_secs();
+    let store = local_keys();
+    store.refresh_if_due(now);
+    // SAFETY: see the function's contract.
+    unsafe {
+        if encrypt {
+            let Some(k) = store.lock().keys.encrypting(now).cloned() else { return 0 };
+            std::ptr::copy_nonoverlapping(k.name.as_ptr(), key_name, 16);
+            if ffi::RAND_bytes(iv, 16) != 1
+                || ffi::EVP_EncryptInit_ex(cctx, ffi::EVP_aes_256_cbc(), std::ptr::null_mut(), k.aes.as_ptr(), iv) != 1
+                || !set_ticket_mac(hctx, &k.hmac)
+            {
+                return -1;
+            }
+            bump(&WORKER.tickets_issued);
+            1
+        } else {
+            let name = std::slice::from_raw_parts(key_name, 16);
+            let found = {
+                let st = store.lock();
+                let current = st.keys.encrypting(now).map(|k| k.name);
+                st.keys.opening(name, now).cloned().map(|k| {
+                    let is_current = current == Some(k.name);
+                    (k, is_current)
+                })
+            };
+            let Some((k, is_current)) = found else {
+                bump(&WORKER.tickets_refused);
+                crate::log::debug!("ticket refused: key {} unknown or too old", crate::log::hex(name));
+                return 0;
+            };
+            if ffi::EVP_DecryptInit_ex(cctx, ffi::EVP_aes_256_cbc(), std::ptr::null_mut(), k.aes.as_ptr(), iv) != 1
+                || !set_ticket_mac(hctx, &k.hmac)
+            {
+                return -1;
+            }
+            bump(&WORKER.tickets_opened);
+            if is_current {
+                1
+            } else {
+                bump(&WORKER.tickets_renewed);
+                2
+            }
+        }
+    }
 }
 
 /// What this process is, for stats.

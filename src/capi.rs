@@ -49,6 +49,11 @@ pub enum cts_result {
 /// `SSL_CTX` instead of deriving one from the namespace.
 pub const CTS_SHARE_KEEP_SESSION_ID_CONTEXT: u32 = 1;
 
+/// Flag for `cts_share_sessions_ex`: keep this `SSL_CTX`'s own ticket keys or ticket key
+/// callback instead of installing the cluster-wide keys (OpenSSL 3.0 cannot report whether
+/// the host set its own, so the library takes over unless told not to).
+pub const CTS_SHARE_KEEP_TICKET_KEYS: u32 = 2;
+
 /// Configuration of `cts_master_setup`. Fill with `cts_config_init`, then change fields.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -66,6 +71,15 @@ pub struct cts_config {
     /// Longest pause of lookups after the master failed to answer, in milliseconds.
     /// Default 500.
     pub breaker_max_backoff_ms: u32,
+    /// 1 (default): the master makes and rotates the session ticket keys and every shared
+    /// `SSL_CTX` uses them, so tickets open on any worker. 0: each `SSL_CTX` keeps OpenSSL's
+    /// own keys (tickets then only open in the process that made them).
+    pub share_tickets: u32,
+    /// Seconds between ticket key rotations. Default 3600; allowed 1..=604800.
+    pub ticket_rotation_secs: u32,
+    /// Rotations a key keeps opening tickets (older tickets mean a full handshake).
+    /// Default 3; allowed 2..=16.
+    pub ticket_keys: u32,
 }
 
 impl From<&Config> for cts_config {
@@ -76,6 +90,9 @@ impl From<&Config> for cts_config {
             max_lifetime_secs: c.max_lifetime.as_secs().min(u32::MAX as u64) as u32,
             get_timeout_us: c.get_timeout.as_micros().min(u32::MAX as u128) as u32,
             breaker_max_backoff_ms: c.breaker_max_backoff.as_millis().min(u32::MAX as u128) as u32,
+            share_tickets: u32::from(c.share_tickets),
+            ticket_rotation_secs: c.ticket_key_rotation.as_secs().min(u64::from(u32::MAX)) as u32,
+            ticket_keys: c.ticket_keys,
         }
     }
 }
@@ -88,6 +105,9 @@ impl From<&cts_config> for Config {
             max_lifetime: Duration::from_secs(u64::from(c.max_lifetime_secs)),
             get_timeout: Duration::from_micros(u64::from(c.get_timeout_us)),
             breaker_max_backoff: Duration::from_millis(u64::from(c.breaker_max_backoff_ms)),
+            share_tickets: c.share_tickets != 0,
+            ticket_key_rotation: Duration::from_secs(u64::from(c.ticket_rotation_secs)),
+            ticket_keys: c.ticket_keys,
         }
     }
 }
@@ -207,8 +227,8 @@ pub unsafe extern "C" fn cts_share_sessions(ctx: *mut SSL_CTX, ns: *const c_char
     unsafe { cts_share_sessions_ex(ctx, ns, 0) }
 }
 
-/// `cts_share_sessions` with flags (`CTS_SHARE_KEEP_SESSION_ID_CONTEXT`); unknown flag bits
-/// are ignored.
+/// `cts_share_sessions` with flags (`CTS_SHARE_KEEP_SESSION_ID_CONTEXT`,
+/// `CTS_SHARE_KEEP_TICKET_KEYS`); unknown flag bits are ignored.
 ///
 /// # Safety
 /// As for `cts_share_sessions`.
@@ -224,7 +244,10 @@ pub unsafe extern "C" fn cts_share_sessions_ex(ctx: *mut SSL_CTX, ns: *const c_c
             // SAFETY: the caller gives a NUL-terminated string.
             unsafe { CStr::from_ptr(ns) }.to_bytes()
         };
-        let opts = ShareOptions { keep_session_id_context: flags & CTS_SHARE_KEEP_SESSION_ID_CONTEXT != 0 };
+        let opts = ShareOptions {
+            keep_session_id_context: flags & CTS_SHARE_KEEP_SESSION_ID_CONTEXT != 0,
+            keep_ticket_keys: flags & CTS_SHARE_KEEP_TICKET_KEYS != 0,
+        };
         // SAFETY: `ctx` is a non-NULL SSL_CTX from the caller, not serving handshakes yet.
         unsafe { crate::callbacks::install(ctx, ns, opts) }
     })

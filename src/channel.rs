@@ -30,6 +30,12 @@ pub const CHANNEL_FD_ENV: &str = "CTS_CHANNEL_FD";
 static GET_TIMEOUT_US: AtomicU64 = AtomicU64::new(10_000);
 static BACKOFF_MAX_MS: AtomicU64 = AtomicU64::new(500);
 static MAX_SESSION: AtomicU64 = AtomicU64::new(16 << 10);
+static SHARE_TICKETS: AtomicBool = AtomicBool::new(true);
+
+/// Whether shared contexts get the cluster-wide ticket keys.
+pub(crate) fn share_tickets() -> bool {
+    SHARE_TICKETS.load(Relaxed)
+}
 
 /// Publish the worker-side settings; set in the master before any fork, inherited by
 /// every worker.
@@ -37,6 +43,7 @@ pub(crate) fn set_worker_config(cfg: &Config) {
     GET_TIMEOUT_US.store(cfg.get_timeout.as_micros() as u64, SeqCst);
     BACKOFF_MAX_MS.store(cfg.breaker_max_backoff.as_millis().max(1) as u64, SeqCst);
     MAX_SESSION.store(cfg.max_session_bytes as u64, SeqCst);
+    SHARE_TICKETS.store(cfg.share_tickets, SeqCst);
 }
 
 /// Largest session DER a worker sends.
@@ -123,6 +130,9 @@ fn adopt_env_config() {
     if let Some(v) = read("CTS_BREAKER_MAX_BACKOFF_MS").filter(|v| (1..=60_000).contains(v)) {
         BACKOFF_MAX_MS.store(v, SeqCst);
     }
+    if let Some(v) = read("CTS_SHARE_TICKETS") {
+        SHARE_TICKETS.store(v != 0, SeqCst);
+    }
     if let Some(v) = read("CTS_MAX_SESSION_BYTES").filter(|v| (256..=protocol::MAX_PAYLOAD_LEN as u64).contains(v)) {
         MAX_SESSION.store(v, SeqCst);
     }
@@ -136,6 +146,8 @@ pub enum Reply {
     Miss,
     /// The master's counters.
     Stats(MasterStats),
+    /// The ticket keys in wire form (wiped when dropped).
+    TicketKeys(SecretBuf),
 }
 
 struct Slot {
@@ -292,6 +304,14 @@ impl Channel {
                 bump(&WORKER.misses);
                 None
             }
+        }
+    }
+
+    /// Ask the master for the ticket keys (wire form).
+    pub fn ticket_keys(&self) -> Option<SecretBuf> {
+        match self.request(Op::TicketKeys, b"", b"")? {
+            Reply::TicketKeys(k) => Some(k),
+            _ => None,
         }
     }
 
@@ -455,6 +475,11 @@ impl Channel {
                 Reply::Hit(b)
             }
             Op::Miss => Reply::Miss,
+            Op::TicketKeysReply => {
+                let mut b = SecretBuf::with_capacity(msg.payload.len());
+                b.vec().extend_from_slice(msg.payload);
+                Reply::TicketKeys(b)
+            }
             Op::StatsReply => match MasterStats::decode(msg.payload) {
                 Some(s) => Reply::Stats(s),
                 None => {

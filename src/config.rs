@@ -22,6 +22,16 @@ pub struct Config {
     /// Longest pause of lookups after the master failed to answer (the breaker doubles its
     /// pause from 1/8 of this up to this value). Default 500 ms.
     pub breaker_max_backoff: Duration,
+    /// Share TLS session ticket keys: the master makes and rotates them, every shared
+    /// `SSL_CTX` uses them, so tickets (TLS 1.3's default resumption, and TLS 1.2 clients
+    /// that send the SessionTicket extension) open on any worker. Default on.
+    pub share_tickets: bool,
+    /// How often a new ticket key takes over encryption. Default 1 hour.
+    pub ticket_key_rotation: Duration,
+    /// How many rotations a key keeps opening tickets (K ≥ 2): a ticket older than K
+    /// rotations is refused (full handshake). Default 3, so tickets live at most 3 hours with
+    /// the default rotation (OpenSSL's own session timeout applies too).
+    pub ticket_keys: u32,
 }
 
 impl Default for Config {
@@ -32,6 +42,9 @@ impl Default for Config {
             max_lifetime: Duration::from_secs(24 * 3600),
             get_timeout: Duration::from_millis(10),
             breaker_max_backoff: Duration::from_millis(500),
+            share_tickets: true,
+            ticket_key_rotation: Duration::from_secs(3600),
+            ticket_keys: 3,
         }
     }
 }
@@ -54,6 +67,14 @@ impl Config {
         }
         if self.breaker_max_backoff < Duration::from_millis(1) || self.breaker_max_backoff > Duration::from_secs(60) {
             return bad(format!("breaker_max_backoff = {:?} (allowed 1 ms ..= 60 s)", self.breaker_max_backoff));
+        }
+        if self.ticket_key_rotation < Duration::from_secs(1)
+            || self.ticket_key_rotation > Duration::from_secs(7 * 24 * 3600)
+        {
+            return bad(format!("ticket_key_rotation = {:?} (allowed 1 s ..= 7 days)", self.ticket_key_rotation));
+        }
+        if !(2..=16).contains(&self.ticket_keys) {
+            return bad(format!("ticket_keys = {} (allowed 2..=16)", self.ticket_keys));
         }
         Ok(())
     }

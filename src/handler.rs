@@ -16,14 +16,15 @@ pub enum Handled {
 }
 
 /// Apply one frame to `cache` at time `now` (unix seconds). PUT lifetimes are capped at
-/// `now + max_lifetime`. `stats` encodes the master's counters for a STATS request. A reply,
-/// if any, is written to `out` (cleared first).
+/// `now + max_lifetime`. `info` answers the requests that are not about the cache: it gets
+/// the cache and the op (`Stats`: the master's counters; `TicketKeys`: the key set, empty when
+/// ticket sharing is off). A reply, if any, is written to `out` (cleared first).
 pub fn handle_frame(
     cache: &mut Cache,
     frame: &[u8],
     now: u64,
     max_lifetime: u64,
-    stats: impl FnOnce(&Cache) -> Vec<u8>,
+    info: impl FnOnce(&Cache, Op) -> Vec<u8>,
     out: &mut Vec<u8>,
 ) -> Handled {
     out.clear();
@@ -48,11 +49,17 @@ pub fn handle_frame(
             Handled::Reply
         }
         Op::Stats => {
-            let s = stats(cache);
+            let s = info(cache, Op::Stats);
             protocol::encode(out, Op::StatsReply, msg.request_id, 0, b"", b"", &s);
             Handled::Reply
         }
-        Op::Hit | Op::Miss | Op::StatsReply => Handled::Bad,
+        Op::TicketKeys => {
+            let mut keys = info(cache, Op::TicketKeys);
+            protocol::encode(out, Op::TicketKeysReply, msg.request_id, 0, b"", b"", &keys);
+            crate::wipe::wipe(&mut keys);
+            Handled::Reply
+        }
+        Op::Hit | Op::Miss | Op::StatsReply | Op::TicketKeysReply => Handled::Bad,
     }
 }
 
@@ -69,7 +76,7 @@ mod tests {
     }
 
     fn run(cache: &mut Cache, f: &[u8], out: &mut Vec<u8>) -> Handled {
-        handle_frame(cache, f, NOW, 3600, |_| vec![1, 2, 3], out)
+        handle_frame(cache, f, NOW, 3600, |_, _| vec![1, 2, 3], out)
     }
 
     #[test]

@@ -52,6 +52,7 @@ mod log;
 mod master;
 pub mod protocol;
 mod stats;
+pub mod tickets;
 mod wipe;
 
 use foreign_types::ForeignTypeRef;

@@ -15,6 +15,7 @@ use crate::fork;
 use crate::handler::{handle_frame, Handled};
 use crate::protocol::{self, Op, MAX_FRAME_LEN};
 use crate::stats::MasterStats;
+use crate::tickets::KeySchedule;
 use crate::wipe::wipe;
 use crate::Error;
 
@@ -44,6 +45,7 @@ pub struct Master {
     workers: AtomicU64,
     bad_frames: AtomicU64,
     reply_drops: AtomicU64,
+    tickets: Mutex<KeySchedule>,
 }
 
 static MASTER: OnceLock<Master> = OnceLock::new();
@@ -97,6 +99,7 @@ pub fn setup(config: Config) -> Result<(), Error> {
         return Err(Error::System("eventfd descriptor number too large to track".into()));
     }
     let cache = Cache::new(config.cache_bytes, config.max_session_bytes);
+    let schedule = KeySchedule::new(config.ticket_key_rotation.as_secs(), u64::from(config.ticket_keys));
     let master = Master {
         config,
         cache: Mutex::new(cache),
@@ -105,6 +108,7 @@ pub fn setup(config: Config) -> Result<(), Error> {
         workers: AtomicU64::new(0),
         bad_frames: AtomicU64::new(0),
         reply_drops: AtomicU64::new(0),
+        tickets: Mutex::new(schedule),
     };
     if MASTER.set(master).is_err() {
         return Err(Error::System("cache master state already initialised".into()));
@@ -183,7 +187,27 @@ impl Master {
             workers: self.workers.load(Relaxed),
             bad_frames: self.bad_frames.load(Relaxed),
             reply_drops: self.reply_drops.load(Relaxed),
+            ticket_rotations: self.tickets.lock().unwrap_or_else(|e| e.into_inner()).rotations(),
         }
+    }
+
+    /// The ticket keys now, brought up to date, in wire form (wiped by the caller); empty
+    /// when ticket sharing is off.
+    pub(crate) fn ticket_keys(&self) -> Vec<u8> {
+        if !self.config.share_tickets {
+            return Vec::new();
+        }
+        let mut schedule = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
+        schedule.refresh(now_secs(), |b| {
+            // The OS random source through OpenSSL; a failure leaves zeros, so refuse to
+            // hand those out as keys.
+            if openssl::rand::rand_bytes(b).is_err() {
+                b.fill(0);
+            }
+        });
+        let mut out = Vec::with_capacity(schedule.keys().keys.len() * crate::tickets::KEY_WIRE_LEN);
+        schedule.keys().encode(&mut out);
+        out
     }
 
     /// The cache thread. It holds the fork gate (see `fork::gate_lock`) whenever it is not
@@ -241,6 +265,9 @@ impl Master {
             if now != last_sweep {
                 last_sweep = now;
                 self.cache().sweep(now);
+                // Rotate on time (and wipe retired keys) even when nobody asks.
+                let mut retired = self.ticket_keys();
+                wipe(&mut retired);
             }
         }
     }
@@ -304,7 +331,11 @@ impl Master {
         let handled = {
             let mut cache = self.cache();
             let max_lifetime = self.config.max_lifetime.as_secs();
-            handle_frame(&mut cache, frame, now_secs(), max_lifetime, |c| self.stats_with(c).encode().to_vec(), out)
+            let info = |c: &Cache, op: Op| match op {
+                Op::TicketKeys => self.ticket_keys(),
+                _ => self.stats_with(c).encode().to_vec(),
+            };
+            handle_frame(&mut cache, frame, now_secs(), max_lifetime, info, out)
         };
         if handled == Handled::Bad {
             self.bad_frames.fetch_add(1, Relaxed);

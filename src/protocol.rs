@@ -38,12 +38,16 @@ pub enum Op {
     Del = 3,
     /// Worker → master: ask for the master's counters; expects `StatsReply`.
     Stats = 4,
+    /// Worker → master: ask for the session ticket keys; expects `TicketKeysReply`.
+    TicketKeys = 5,
     /// Master → worker: the session DER is the payload.
     Hit = 0x81,
     /// Master → worker: nothing stored under that key.
     Miss = 0x82,
     /// Master → worker: the master's counters, encoded by `crate::stats`.
     StatsReply = 0x84,
+    /// Master → worker: the ticket keys, encoded by `crate::tickets::KeySet::encode`.
+    TicketKeysReply = 0x85,
 }
 
 impl Op {
@@ -53,9 +57,11 @@ impl Op {
             2 => Op::Put,
             3 => Op::Del,
             4 => Op::Stats,
+            5 => Op::TicketKeys,
             0x81 => Op::Hit,
             0x82 => Op::Miss,
             0x84 => Op::StatsReply,
+            0x85 => Op::TicketKeysReply,
             _ => return None,
         })
     }

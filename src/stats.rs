@@ -33,6 +33,8 @@ pub struct MasterStats {
     pub bad_frames: u64,
     /// Replies dropped because a worker's socket buffer was full.
     pub reply_drops: u64,
+    /// Ticket key rotations (a new key took over encryption).
+    pub ticket_rotations: u64,
 }
 
 /// This process's own handshake-side counters.
@@ -68,6 +70,16 @@ pub struct WorkerStats {
     pub late_replies: u64,
     /// 1 when the master closed the channel (dead): lookups are misses from then on.
     pub master_gone: u64,
+    /// Session tickets encrypted with a shared key.
+    pub tickets_issued: u64,
+    /// Tickets opened with a shared key.
+    pub tickets_opened: u64,
+    /// Tickets opened with a key that no longer encrypts, so OpenSSL issued a fresh one.
+    pub tickets_renewed: u64,
+    /// Tickets whose key is unknown or too old (a full handshake).
+    pub tickets_refused: u64,
+    /// Times the ticket keys were fetched from the master.
+    pub ticket_key_fetches: u64,
 }
 
 /// `Stats::role`: neither master nor connected worker.
@@ -93,10 +105,10 @@ pub struct Stats {
 }
 
 /// Encoded size of `MasterStats` on the wire.
-pub const MASTER_STATS_WIRE_LEN: usize = 13 * 8;
+pub const MASTER_STATS_WIRE_LEN: usize = 14 * 8;
 
 impl MasterStats {
-    fn fields(&self) -> [u64; 13] {
+    fn fields(&self) -> [u64; 14] {
         [
             self.hits,
             self.misses,
@@ -111,6 +123,7 @@ impl MasterStats {
             self.workers,
             self.bad_frames,
             self.reply_drops,
+            self.ticket_rotations,
         ]
     }
 
@@ -128,7 +141,7 @@ impl MasterStats {
         if bytes.len() != MASTER_STATS_WIRE_LEN {
             return None;
         }
-        let mut f = [0u64; 13];
+        let mut f = [0u64; 14];
         for (v, chunk) in f.iter_mut().zip(bytes.chunks_exact(8)) {
             *v = u64::from_le_bytes(chunk.try_into().ok()?);
         }
@@ -146,6 +159,7 @@ impl MasterStats {
             workers: f[10],
             bad_frames: f[11],
             reply_drops: f[12],
+            ticket_rotations: f[13],
         })
     }
 }
@@ -166,6 +180,11 @@ pub struct WorkerCounters {
     pub(crate) stateless_skipped: AtomicU64,
     pub(crate) late_replies: AtomicU64,
     pub(crate) master_gone: AtomicU64,
+    pub(crate) tickets_issued: AtomicU64,
+    pub(crate) tickets_opened: AtomicU64,
+    pub(crate) tickets_renewed: AtomicU64,
+    pub(crate) tickets_refused: AtomicU64,
+    pub(crate) ticket_key_fetches: AtomicU64,
 }
 
 /// This process's counters.
@@ -187,10 +206,15 @@ impl WorkerCounters {
             stateless_skipped: AtomicU64::new(0),
             late_replies: AtomicU64::new(0),
             master_gone: AtomicU64::new(0),
+            tickets_issued: AtomicU64::new(0),
+            tickets_opened: AtomicU64::new(0),
+            tickets_renewed: AtomicU64::new(0),
+            tickets_refused: AtomicU64::new(0),
+            ticket_key_fetches: AtomicU64::new(0),
         }
     }
 
-    fn all(&self) -> [&AtomicU64; 13] {
+    fn all(&self) -> [&AtomicU64; 18] {
         [
             &self.gets,
             &self.hits,
@@ -205,6 +229,11 @@ impl WorkerCounters {
             &self.stateless_skipped,
             &self.late_replies,
             &self.master_gone,
+            &self.tickets_issued,
+            &self.tickets_opened,
+            &self.tickets_renewed,
+            &self.tickets_refused,
+            &self.ticket_key_fetches,
         ]
     }
 
@@ -232,6 +261,11 @@ impl WorkerCounters {
             stateless_skipped: v[10],
             late_replies: v[11],
             master_gone: v[12],
+            tickets_issued: v[13],
+            tickets_opened: v[14],
+            tickets_renewed: v[15],
+            tickets_refused: v[16],
+            ticket_key_fetches: v[17],
         }
     }
 }
@@ -260,6 +294,7 @@ mod tests {
             workers: 11,
             bad_frames: 12,
             reply_drops: u64::MAX,
+            ticket_rotations: 14,
         };
         assert_eq!(MasterStats::decode(&s.encode()), Some(s));
         assert_eq!(MasterStats::decode(&s.encode()[1..]), None);

@@ -108,7 +108,8 @@ fn tls13_stateless_tickets_are_not_stored() {
     }
     let st = s.stats();
     assert_eq!(st["stores"], 0, "{st:?}");
-    assert!(st["w_stateless_skipped"] >= 5, "{st:?}");
+    // The full handshake issues two tickets (OpenSSL's default), each seen and skipped.
+    assert!(st["w_stateless_skipped"] >= 2, "{st:?}");
 }
 
 #[test]

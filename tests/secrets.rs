@@ -85,12 +85,12 @@ fn session_bytes_never_reach_freed_memory_from_the_cache() {
     let mut frame = Vec::new();
     let der = secret_der(marker, 9);
     protocol::encode(&mut frame, Op::Put, 0, now + 50, b"ns", b"frame-id", &der);
-    handle_frame(&mut cache, &frame, now, 3600, |_| Vec::new(), &mut out);
+    handle_frame(&mut cache, &frame, now, 3600, |_, _| Vec::new(), &mut out);
     wipe_vec(frame);
     wipe_vec(der);
     let mut get = Vec::new();
     protocol::encode(&mut get, Op::Get, 1, 0, b"ns", b"frame-id", &[]);
-    handle_frame(&mut cache, &get, now, 3600, |_| Vec::new(), &mut out);
+    handle_frame(&mut cache, &get, now, 3600, |_, _| Vec::new(), &mut out);
     assert_eq!(protocol::decode(&out).map(|m| m.op), Ok(Op::Hit));
     wipe_vec(out);
     drop(cache); // the rest, wiped by Drop

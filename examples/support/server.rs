@@ -39,6 +39,8 @@ pub struct ServerOpts {
     pub ctx_before_fork: bool,
     /// Ask every client for a certificate (any certificate is accepted).
     pub verify_client: bool,
+    /// Use the cluster-wide ticket keys (else each worker keeps OpenSSL's own).
+    pub share_tickets: bool,
 }
 
 impl ServerOpts {
@@ -58,6 +60,7 @@ impl ServerOpts {
             check_worker_api: false,
             ctx_before_fork: false,
             verify_client: false,
+            share_tickets: true,
         }
     }
 }
@@ -148,7 +151,7 @@ pub fn build_context(opts: &ServerOpts, namespace: Option<&str>) -> Result<SslCo
         b.set_session_id_context(b"host-chosen-context")?;
     }
     if opts.share {
-        let o = ShareOptions { keep_session_id_context: opts.keep_sid_ctx };
+        let o = ShareOptions { keep_session_id_context: opts.keep_sid_ctx, keep_ticket_keys: !opts.share_tickets };
         share_sessions_with(&b, namespace, o)?;
     }
     Ok(b.build())
@@ -194,11 +197,16 @@ fn handle(tcp: TcpStream, ctx: &SslContext) -> Result<(), Box<dyn std::error::Er
     let body = if req.starts_with(b"GET /stats") {
         let st = cluster_tls_store::stats();
         format!(
-            "stats role={} master_valid={} hits={} misses={} stores={} entries={} evictions={} expirations={} workers={} w_gets={} w_hits={} w_timeouts={} w_breaker_skips={} w_stateless_skipped={} w_master_gone={} w_oversize={} worker_setup_code={}\n",
+            "stats role={} master_valid={} hits={} misses={} stores={} entries={} evictions={} expirations={} workers={} w_gets={} w_hits={} w_timeouts={} w_breaker_skips={} w_stateless_skipped={} w_master_gone={} w_oversize={} w_tickets_issued={} w_tickets_opened={} w_tickets_renewed={} w_tickets_refused={} ticket_rotations={} worker_setup_code={}\n",
             st.role, st.master_valid, st.master.hits, st.master.misses, st.master.stores, st.master.entries,
             st.master.evictions, st.master.expirations, st.master.workers, st.worker.gets, st.worker.hits,
             st.worker.timeouts, st.worker.breaker_skips, st.worker.stateless_skipped, st.worker.master_gone,
             st.worker.oversize,
+            st.worker.tickets_issued,
+            st.worker.tickets_opened,
+            st.worker.tickets_renewed,
+            st.worker.tickets_refused,
+            st.master.ticket_rotations,
             WORKER_SETUP_CODE.load(std::sync::atomic::Ordering::Relaxed)
         )
     } else {
@@ -238,7 +246,10 @@ pub fn fork_workers(n: usize, opts: &ServerOpts, port: &Reserved, port2: Option<
         if pid == 0 {
             if let Some(ctx) = &inherited {
                 if opts.share {
-                    let o = ShareOptions { keep_session_id_context: opts.keep_sid_ctx };
+                    let o = ShareOptions {
+                        keep_session_id_context: opts.keep_sid_ctx,
+                        keep_ticket_keys: !opts.share_tickets,
+                    };
                     if let Err(e) = share_sessions_with(ctx, opts.namespace.as_deref(), o) {
                         eprintln!("worker: {e}");
                         std::process::exit(1);

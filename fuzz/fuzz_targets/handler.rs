@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
     let mut now = 1_700_000_000u64;
     for frame in data.split(|&b| b == 0xFE) {
         now += 1;
-        handle_frame(&mut cache, frame, now, 60, |_| vec![0; 8], &mut out);
+        handle_frame(&mut cache, frame, now, 60, |_, _| vec![0; 8], &mut out);
         assert!(cache.bytes() <= budget);
         if !out.is_empty() {
             assert!(protocol::decode(&out).is_ok());

@@ -3,6 +3,7 @@
 //! ```text
 //! cts-prefork-server --cert F --key F [--port P] [--workers N] [--threads T] [--no-share]
 //!     [--no-tickets] [--tls12] [--ns NAME] [--ns2 NAME] [--keep-sid-ctx] [--ctx-before-fork] [--verify-client] [--max-session-bytes N]
+//!     [--no-share-tickets] [--ticket-rotation S] [--ticket-keys K]
 //!     [--session-timeout S] [--get-timeout-us N] [--cache-bytes N] [--max-lifetime S]
 //! ```
 //! Prints `ready port=P [port2=Q] workers=N` and one `worker pid=X` line per worker, then
@@ -46,6 +47,9 @@ fn main() {
             "--check-worker-api" => opts.check_worker_api = true,
             "--ctx-before-fork" => opts.ctx_before_fork = true,
             "--verify-client" => opts.verify_client = true,
+            "--no-share-tickets" => opts.share_tickets = false,
+            "--ticket-rotation" => config.ticket_key_rotation = Duration::from_secs(num(val())),
+            "--ticket-keys" => config.ticket_keys = num(val()) as u32,
             "--max-session-bytes" => config.max_session_bytes = num(val()) as usize,
             "--session-timeout" => opts.session_timeout = Some(num(val()) as u32),
             "--get-timeout-us" => config.get_timeout = Duration::from_micros(num(val())),
