@@ -527,6 +527,27 @@ fn openssl_cli_resumes_across_workers_tls13_stateful() {
     assert!(series.new_handshakes() >= 1, "--no-share resumed everything: the test cannot tell sharing apart");
 }
 
+#[test]
+fn openssl_cli_resumes_across_workers_tls13_default_tickets() {
+    // Tickets left on (OpenSSL's default): stateless tickets, opened on any worker because
+    // every worker's SSL_CTX, built after the fork, uses the master's ticket keys.
+    let fx = Fixture::new("tls13-tickets");
+    let server = fx.start(&[]);
+    let series = resume_series(&server, &fx.dir, 20);
+    series.assert_all_resumed();
+    let pids = series.resumed_pids();
+    assert!(pids.len() >= 2, "all resumptions hit one worker {pids:?}: connections are not spread");
+    drop(server);
+
+    let alone = fx.start(&["--no-share"]);
+    let series = resume_series(&alone, &fx.dir, 20);
+    assert!(series.runs.iter().all(|r| r.body.is_some()), "every connection must be answered");
+    assert!(
+        series.runs.iter().any(|r| r.reused == Some(false)),
+        "without the library each worker has its own ticket keys: some runs must be full handshakes"
+    );
+}
+
 /// Runs tests/c_example/resume_client.py: (resumed, body_reused, failures, distinct pids of
 /// resumed connections, the JSON line and stderr for messages).
 fn python_resumptions(server: &Server, tls: &str, runs: usize) -> (u64, u64, u64, BTreeSet<u64>, String) {
