@@ -148,6 +148,13 @@ typedef struct cts_config {
    * Default 3; allowed 2..=16.
    */
   uint32_t ticket_keys;
+  /**
+   * NULL (default), or the path of an operator-managed ticket key file in the nginx/HAProxy
+   * format (one 48- or 80-byte key, or one base64 key per line; the first encrypts, all
+   * open). The master reloads it when it changes; rotation settings are then unused. The
+   * string is copied by `cts_master_setup`.
+   */
+  const char *ticket_key_file;
 } cts_config;
 
 /**

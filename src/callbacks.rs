@@ -466,7 +466,7 @@ impl LocalKeys {
                 // Ask again half way through the current key's period: the master makes the
                 // next key a period ahead, so the copy never runs out while the master lives.
                 let period = keys.encrypting(now).map(|k| k.encrypt_until.saturating_sub(k.encrypt_from)).unwrap_or(2);
-                st.refresh_at = now + (period / 2).max(1);
+                st.refresh_at = now + (period / 2).clamp(1, 10);
                 st.keys = keys;
             }
             // Master unreachable: keep the copy we have (tickets keep working across the
@@ -492,11 +492,23 @@ unsafe extern "C" fn ticket_key_cb(
     })
 }
 
+/// AES-128-CBC for keys from 48-byte key files, AES-256-CBC otherwise.
+fn ticket_cipher(k: &crate::tickets::TicketKey) -> *const ffi::EVP_CIPHER {
+    // SAFETY: these return pointers to OpenSSL's static cipher tables.
+    unsafe {
+        if k.aes_len == 16 {
+            ffi::EVP_aes_128_cbc()
+        } else {
+            ffi::EVP_aes_256_cbc()
+        }
+    }
+}
+
 /// Set the ticket HMAC's key and digest (SHA-256).
 ///
 /// # Safety
 /// `hctx` must be a valid MAC context.
-unsafe fn set_ticket_mac(hctx: *mut ffi::EVP_MAC_CTX, hmac: &[u8; 32]) -> bool {
+unsafe fn set_ticket_mac(hctx: *mut ffi::EVP_MAC_CTX, hmac: &[u8]) -> bool {
     // SAFETY: the params point at live buffers for the duration of the call; OpenSSL copies.
     unsafe {
         let params = [
@@ -526,8 +538,8 @@ unsafe fn ticket_key(
             let Some(k) = store.lock().keys.encrypting(now).cloned() else { return 0 };
             std::ptr::copy_nonoverlapping(k.name.as_ptr(), key_name, 16);
             if ffi::RAND_bytes(iv, 16) != 1
-                || ffi::EVP_EncryptInit_ex(cctx, ffi::EVP_aes_256_cbc(), std::ptr::null_mut(), k.aes.as_ptr(), iv) != 1
-                || !set_ticket_mac(hctx, &k.hmac)
+                || ffi::EVP_EncryptInit_ex(cctx, ticket_cipher(&k), std::ptr::null_mut(), k.aes.as_ptr(), iv) != 1
+                || !set_ticket_mac(hctx, &k.hmac[..usize::from(k.hmac_len)])
             {
                 return -1;
             }
@@ -548,8 +560,8 @@ unsafe fn ticket_key(
                 crate::log::debug!("ticket refused: key {} unknown or too old", crate::log::hex(name));
                 return 0;
             };
-            if ffi::EVP_DecryptInit_ex(cctx, ffi::EVP_aes_256_cbc(), std::ptr::null_mut(), k.aes.as_ptr(), iv) != 1
-                || !set_ticket_mac(hctx, &k.hmac)
+            if ffi::EVP_DecryptInit_ex(cctx, ticket_cipher(&k), std::ptr::null_mut(), k.aes.as_ptr(), iv) != 1
+                || !set_ticket_mac(hctx, &k.hmac[..usize::from(k.hmac_len)])
             {
                 return -1;
             }

@@ -10,6 +10,7 @@
 
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, CStr, CString};
+use std::os::unix::ffi::OsStrExt;
 use std::time::Duration;
 
 use openssl_sys::SSL_CTX;
@@ -80,6 +81,11 @@ pub struct cts_config {
     /// Rotations a key keeps opening tickets (older tickets mean a full handshake).
     /// Default 3; allowed 2..=16.
     pub ticket_keys: u32,
+    /// NULL (default), or the path of an operator-managed ticket key file in the nginx/HAProxy
+    /// format (one 48- or 80-byte key, or one base64 key per line; the first encrypts, all
+    /// open). The master reloads it when it changes; rotation settings are then unused. The
+    /// string is copied by `cts_master_setup`.
+    pub ticket_key_file: *const c_char,
 }
 
 impl From<&Config> for cts_config {
@@ -93,6 +99,7 @@ impl From<&Config> for cts_config {
             share_tickets: u32::from(c.share_tickets),
             ticket_rotation_secs: c.ticket_key_rotation.as_secs().min(u64::from(u32::MAX)) as u32,
             ticket_keys: c.ticket_keys,
+            ticket_key_file: std::ptr::null(),
         }
     }
 }
@@ -108,6 +115,13 @@ impl From<&cts_config> for Config {
             share_tickets: c.share_tickets != 0,
             ticket_key_rotation: Duration::from_secs(u64::from(c.ticket_rotation_secs)),
             ticket_keys: c.ticket_keys,
+            ticket_key_file: if c.ticket_key_file.is_null() {
+                None
+            } else {
+                // SAFETY: the caller gives NULL or a NUL-terminated path (documented).
+                let path = unsafe { CStr::from_ptr(c.ticket_key_file) };
+                Some(std::path::PathBuf::from(std::ffi::OsStr::from_bytes(path.to_bytes())))
+            },
         }
     }
 }

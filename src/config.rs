@@ -32,6 +32,10 @@ pub struct Config {
     /// rotations is refused (full handshake). Default 3, so tickets live at most 3 hours with
     /// the default rotation (OpenSSL's own session timeout applies too).
     pub ticket_keys: u32,
+    /// Ticket keys managed by the operator instead of rotated by the master: a file in the
+    /// nginx/HAProxy format (one 48- or 80-byte key, or base64 lines; the first key encrypts,
+    /// all open). The master reloads it when it changes (checked every second). Default none.
+    pub ticket_key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -45,6 +49,7 @@ impl Default for Config {
             share_tickets: true,
             ticket_key_rotation: Duration::from_secs(3600),
             ticket_keys: 3,
+            ticket_key_file: None,
         }
     }
 }
@@ -75,6 +80,16 @@ impl Config {
         }
         if !(2..=16).contains(&self.ticket_keys) {
             return bad(format!("ticket_keys = {} (allowed 2..=16)", self.ticket_keys));
+        }
+        if let Some(path) = &self.ticket_key_file {
+            let bytes = std::fs::read(path)
+                .map_err(|e| Error::InvalidConfig(format!("ticket_key_file {}: {e}", path.display())))?;
+            let mut bytes = bytes;
+            let parsed = crate::tickets::parse_key_file(&bytes, 0, 1);
+            crate::wipe::wipe(&mut bytes);
+            if let Err(why) = parsed {
+                return bad(format!("ticket_key_file {}: {why}", path.display()));
+            }
         }
         Ok(())
     }

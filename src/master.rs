@@ -46,6 +46,24 @@ pub struct Master {
     bad_frames: AtomicU64,
     reply_drops: AtomicU64,
     tickets: Mutex<KeySchedule>,
+    key_file: Mutex<Option<FileKeys>>,
+}
+
+/// Operator-managed ticket keys, reloaded when the file changes.
+struct FileKeys {
+    stamp: (i64, i64, u64, u64),
+    set: crate::tickets::KeySet,
+    reloads: u64,
+}
+
+/// How long a worker's copy of file keys stays current before it asks again (so a reload
+/// reaches every worker within about this long).
+const FILE_KEY_WINDOW: u64 = 2;
+
+fn file_stamp(path: &std::path::Path) -> Option<(i64, i64, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.mtime(), m.mtime_nsec(), m.size(), m.ino()))
 }
 
 static MASTER: OnceLock<Master> = OnceLock::new();
@@ -109,6 +127,7 @@ pub fn setup(config: Config) -> Result<(), Error> {
         bad_frames: AtomicU64::new(0),
         reply_drops: AtomicU64::new(0),
         tickets: Mutex::new(schedule),
+        key_file: Mutex::new(None),
     };
     if MASTER.set(master).is_err() {
         return Err(Error::System("cache master state already initialised".into()));
@@ -187,8 +206,40 @@ impl Master {
             workers: self.workers.load(Relaxed),
             bad_frames: self.bad_frames.load(Relaxed),
             reply_drops: self.reply_drops.load(Relaxed),
-            ticket_rotations: self.tickets.lock().unwrap_or_else(|e| e.into_inner()).rotations(),
+            ticket_rotations: self.tickets.lock().unwrap_or_else(|e| e.into_inner()).rotations()
+                + self.key_file.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |f| f.reloads),
         }
+    }
+
+    /// Keys from the operator's file: reloaded when its stamp changes; a file that no longer
+    /// parses keeps the last good keys (and says so in the debug log).
+    fn file_ticket_keys(&self, path: &std::path::Path) -> Vec<u8> {
+        let now = now_secs();
+        let mut guard = self.key_file.lock().unwrap_or_else(|e| e.into_inner());
+        let stamp = file_stamp(path);
+        let stale = guard.as_ref().is_none_or(|f| Some(f.stamp) != stamp);
+        if stale {
+            if let (Ok(mut bytes), Some(stamp)) = (std::fs::read(path), stamp) {
+                match crate::tickets::parse_key_file(&bytes, now, FILE_KEY_WINDOW) {
+                    Ok(set) => {
+                        let reloads = guard.as_ref().map_or(0, |f| f.reloads + 1);
+                        crate::log::debug!("ticket key file {} loaded: {} keys", path.display(), set.keys.len());
+                        *guard = Some(FileKeys { stamp, set, reloads });
+                    }
+                    Err(why) => crate::log::debug!("ticket key file {}: {why}; keeping the last keys", path.display()),
+                }
+                wipe(&mut bytes);
+            }
+        }
+        let Some(f) = guard.as_mut() else { return Vec::new() };
+        // Keep the first key current for another window, so workers keep asking (and see a
+        // reload) while the copies they hold stay usable if the master goes away.
+        if let Some(first) = f.set.keys.first_mut() {
+            first.encrypt_until = now + FILE_KEY_WINDOW;
+        }
+        let mut out = Vec::with_capacity(f.set.keys.len() * crate::tickets::KEY_WIRE_LEN);
+        f.set.encode(&mut out);
+        out
     }
 
     /// The ticket keys now, brought up to date, in wire form (wiped by the caller); empty
@@ -196,6 +247,9 @@ impl Master {
     pub(crate) fn ticket_keys(&self) -> Vec<u8> {
         if !self.config.share_tickets {
             return Vec::new();
+        }
+        if let Some(path) = &self.config.ticket_key_file {
+            return self.file_ticket_keys(path);
         }
         let mut schedule = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
         schedule.refresh(now_secs(), |b| {

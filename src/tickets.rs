@@ -13,18 +13,23 @@
 
 use crate::wipe::wipe;
 
-/// Bytes of one key on the wire: name, AES-256 key, HMAC-SHA256 key, three times.
-pub const KEY_WIRE_LEN: usize = 16 + 32 + 32 + 8 + 8 + 8;
+/// Bytes of one key on the wire: name, AES key (32, of which `aes_len` used), HMAC key (32,
+/// of which `hmac_len` used), three times, the two lengths.
+pub const KEY_WIRE_LEN: usize = 16 + 32 + 32 + 8 + 8 + 8 + 2;
 
 /// One ticket key with its validity windows (unix seconds).
 #[derive(Clone)]
 pub struct TicketKey {
     /// Identifies the key inside every ticket it made.
     pub name: [u8; 16],
-    /// AES-256-CBC key.
+    /// AES-CBC key: AES-256 (`aes_len` 32) or AES-128 (16, from 48-byte key files).
     pub aes: [u8; 32],
-    /// HMAC-SHA256 key.
+    /// HMAC-SHA256 key (`hmac_len` bytes used: 32, or 16 from 48-byte key files).
     pub hmac: [u8; 32],
+    /// Bytes of `aes` in use (16 or 32).
+    pub aes_len: u8,
+    /// Bytes of `hmac` in use (16 or 32).
+    pub hmac_len: u8,
     /// First second this key encrypts new tickets.
     pub encrypt_from: u64,
     /// First second it no longer encrypts.
@@ -82,6 +87,8 @@ impl KeySet {
             out.extend_from_slice(&k.encrypt_from.to_le_bytes());
             out.extend_from_slice(&k.encrypt_until.to_le_bytes());
             out.extend_from_slice(&k.decrypt_until.to_le_bytes());
+            out.push(k.aes_len);
+            out.push(k.hmac_len);
         }
     }
 
@@ -101,13 +108,18 @@ impl KeySet {
                     encrypt_from: u(80),
                     encrypt_until: u(88),
                     decrypt_until: u(96),
+                    aes_len: c[104],
+                    hmac_len: c[105],
                 };
                 k.name.copy_from_slice(&c[..16]);
                 k.aes.copy_from_slice(&c[16..48]);
                 k.hmac.copy_from_slice(&c[48..80]);
                 k
             })
-            .collect();
+            .collect::<Vec<TicketKey>>();
+        if keys.iter().any(|k| !matches!(k.aes_len, 16 | 32) || !matches!(k.hmac_len, 16 | 32)) {
+            return None;
+        }
         Some(KeySet { keys })
     }
 }
@@ -151,6 +163,8 @@ impl KeySchedule {
             encrypt_from: from,
             encrypt_until: from + self.rotation,
             decrypt_until: from + self.keep * self.rotation,
+            aes_len: 32,
+            hmac_len: 32,
         };
         random(&mut k.name);
         random(&mut k.aes);
@@ -179,6 +193,62 @@ impl KeySchedule {
         }
         self.last_current = now_current;
     }
+}
+
+/// Parse an operator's ticket key file, in the formats nginx (`ssl_session_ticket_key`) and
+/// HAProxy (`tls-ticket-keys`) use: either one key of 48 or 80 raw bytes, or one key per line
+/// in base64. A 48-byte key is name (16), AES-128 key (16), HMAC key (16); an 80-byte key is
+/// name (16), HMAC key (32), AES-256 key (32), as nginx reads them. The first key encrypts;
+/// all of them open tickets. The keys are stamped current at `now`; `window` is how long the
+/// copies handed to workers stay current before they ask again.
+pub fn parse_key_file(bytes: &[u8], now: u64, window: u64) -> Result<KeySet, String> {
+    let raw_keys: Vec<Vec<u8>> = if bytes.len() == 48 || bytes.len() == 80 {
+        vec![bytes.to_vec()]
+    } else {
+        let text = std::str::from_utf8(bytes).map_err(|_| "neither 48/80 raw bytes nor base64 lines".to_string())?;
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| openssl::base64::decode_block(l).map_err(|_| "a line is not base64".to_string()))
+            .collect::<Result<_, _>>()?
+    };
+    if raw_keys.is_empty() {
+        return Err("no key in the file".into());
+    }
+    let mut keys = Vec::with_capacity(raw_keys.len());
+    for (i, mut raw) in raw_keys.into_iter().enumerate() {
+        let mut k = TicketKey {
+            name: [0; 16],
+            aes: [0; 32],
+            hmac: [0; 32],
+            aes_len: 0,
+            hmac_len: 0,
+            encrypt_from: if i == 0 { now } else { 0 },
+            encrypt_until: if i == 0 { now + window.max(1) } else { 0 },
+            decrypt_until: u64::MAX,
+        };
+        match raw.len() {
+            48 => {
+                k.name.copy_from_slice(&raw[..16]);
+                k.aes[..16].copy_from_slice(&raw[16..32]);
+                k.hmac[..16].copy_from_slice(&raw[32..48]);
+                (k.aes_len, k.hmac_len) = (16, 16);
+            }
+            80 => {
+                k.name.copy_from_slice(&raw[..16]);
+                k.hmac.copy_from_slice(&raw[16..48]);
+                k.aes.copy_from_slice(&raw[48..80]);
+                (k.aes_len, k.hmac_len) = (32, 32);
+            }
+            n => {
+                wipe(&mut raw);
+                return Err(format!("key {} is {n} bytes (48 or 80 expected)", i + 1));
+            }
+        }
+        wipe(&mut raw);
+        keys.push(k);
+    }
+    Ok(KeySet { keys })
 }
 
 #[cfg(test)]
@@ -219,6 +289,26 @@ mod tests {
         let now_current = copy.encrypting(1005).expect("current").name;
         let later = copy.encrypting(1011).expect("next").name;
         assert_ne!(now_current, later, "the copy knows the next key");
+    }
+
+    #[test]
+    fn key_files_in_nginx_and_haproxy_formats_parse_first_key_encrypts() {
+        let k80: Vec<u8> = (0..80u8).collect();
+        let k48: Vec<u8> = (100..148u8).collect();
+        let raw = parse_key_file(&k80, 1000, 2).expect("raw 80-byte key");
+        assert_eq!(raw.keys.len(), 1);
+        assert_eq!(raw.keys[0].hmac[..], k80[16..48]);
+        assert_eq!(raw.keys[0].aes[..], k80[48..80]);
+        let text =
+            format!("{}\n# comment\n{}\n", openssl::base64::encode_block(&k48), openssl::base64::encode_block(&k80));
+        let set = parse_key_file(text.as_bytes(), 1000, 2).expect("base64 lines");
+        assert_eq!(set.keys.len(), 2);
+        assert_eq!((set.keys[0].aes_len, set.keys[0].hmac_len), (16, 16));
+        assert_eq!(set.keys[0].aes[..16], k48[16..32]);
+        assert_eq!(set.encrypting(1001).map(|k| k.name), Some(set.keys[0].name));
+        assert!(set.opening(&set.keys[1].name, u64::MAX - 1).is_some(), "all keys open");
+        assert!(parse_key_file(&[0u8; 50], 1000, 2).is_err());
+        assert!(parse_key_file(b"bm90IGEga2V5\n", 1000, 2).is_err(), "a 9-byte key");
     }
 
     #[test]

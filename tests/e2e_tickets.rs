@@ -58,3 +58,63 @@ fn rotated_keys_still_open_and_renew_then_expire_after_k_rotations() {
     let st = s.stats();
     assert!(st["w_tickets_refused"] >= 1, "{st:?}");
 }
+
+extern "C" {
+    fn SSL_SESSION_get0_ticket(s: *const openssl_sys::SSL_SESSION, tick: *mut *const u8, len: *mut usize);
+}
+
+/// The key name a ticket was made with: OpenSSL puts it in the ticket's first 16 bytes.
+fn ticket_key_name(c: &Client) -> Vec<u8> {
+    use foreign_types::ForeignTypeRef;
+    let sess = c.session.as_ref().expect("session");
+    let (mut p, mut n) = (std::ptr::null(), 0usize);
+    // SAFETY: reads the ticket of a live session; the pointer is valid while it lives.
+    unsafe {
+        SSL_SESSION_get0_ticket(sess.as_ptr(), &mut p, &mut n);
+        assert!(n >= 16, "the session carries a ticket");
+        std::slice::from_raw_parts(p, 16).to_vec()
+    }
+}
+
+fn key(name: u8, len: usize) -> Vec<u8> {
+    let mut k: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(name)).collect();
+    k[..16].fill(name);
+    k
+}
+
+#[test]
+fn operator_key_file_is_honoured_and_a_reload_takes_effect() {
+    let file = std::env::temp_dir().join(format!("cts-ticket-keys-{}.txt", std::process::id()));
+    let lines = |keys: &[Vec<u8>]| -> String { keys.iter().map(|k| openssl::base64::encode_block(k) + "\n").collect() };
+    // HAProxy-style base64 lines: an 80-byte key first (encrypts), a 48-byte key second.
+    std::fs::write(&file, lines(&[key(0xA1, 80), key(0xB2, 48)])).expect("key file");
+    let s = Server::start(&["--workers", "4", "--ticket-key-file", file.to_str().expect("utf-8 path")]);
+    let out = resume_n(s.addr(), false, 20);
+    assert!(out.iter().all(|o| o.reused), "{out:?}");
+    assert!(distinct_pids(&out) >= 2);
+    let mut c = Client::new(false);
+    c.request(s.addr(), "/").expect("full");
+    assert_eq!(ticket_key_name(&c), vec![0xA1; 16], "the file's first key encrypts");
+    let made_with_a1 = c.session.clone();
+
+    // Reload: a new first key; the old one still opens (and its tickets are renewed).
+    std::fs::write(&file, lines(&[key(0xC3, 80), key(0xA1, 80)])).expect("rewrite");
+    std::thread::sleep(Duration::from_millis(3500));
+    c.session = made_with_a1.clone();
+    assert!(c.request(s.addr(), "/").expect("after reload").reused, "the previous key still opens");
+    assert_eq!(ticket_key_name(&c), vec![0xC3; 16], "new tickets use the reloaded first key");
+
+    // Drop the old key: its tickets are refused.
+    std::fs::write(&file, lines(&[key(0xC3, 80)])).expect("rewrite");
+    std::thread::sleep(Duration::from_millis(3500));
+    c.session = made_with_a1;
+    assert!(!c.request(s.addr(), "/").expect("after removal").reused, "a removed key opens nothing");
+    drop(s);
+
+    // nginx-style: one raw 48-byte key (AES-128-CBC, 16-byte HMAC key).
+    std::fs::write(&file, key(0xD4, 48)).expect("raw key file");
+    let s = Server::start(&["--workers", "4", "--ticket-key-file", file.to_str().expect("utf-8 path")]);
+    let out = resume_n(s.addr(), false, 10);
+    assert!(out.iter().all(|o| o.reused), "a 48-byte key works: {out:?}");
+    let _ = std::fs::remove_file(&file);
+}
