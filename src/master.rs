@@ -367,7 +367,12 @@ impl Master {
                     }
                 }
             }
-            self.handle(fd, &buf[..n], out);
+            // A bug in handling one frame must not end the cache thread for every worker:
+            // the frame is dropped and counted, the loop goes on.
+            let frame = &buf[..n];
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(fd, frame, out))).is_err() {
+                self.bad_frames.fetch_add(1, Relaxed);
+            }
             wipe(&mut buf[..n]);
         }
         true
