@@ -403,31 +403,23 @@ static LOCAL_KEYS: std::sync::atomic::AtomicPtr<LocalKeys> = std::sync::atomic::
 /// locked by a thread that does not exist in the child).
 fn local_keys() -> &'static LocalKeys {
     let me = fork::pid();
-    let p = LOCAL_KEYS.load(SeqCst);
-    // SAFETY: published stores are leaked Boxes, never freed.
-    if let Some(k) = unsafe { p.as_ref() } {
-        if k.pid == me {
-            return k;
-        }
-    }
-    let fresh = Box::into_raw(Box::new(LocalKeys { pid: me, state: std::sync::Mutex::new(KeyState::default()) }));
-    match LOCAL_KEYS.compare_exchange(p, fresh, SeqCst, SeqCst) {
-        // SAFETY: `fresh` is now published for good.
-        Ok(_) => unsafe { &*fresh },
-        Err(winner) => {
-            // SAFETY: `fresh` was never published; the winner is a leaked Box like ours.
-            unsafe {
-                drop(Box::from_raw(fresh));
-                match winner.as_ref() {
-                    Some(w) if w.pid == me => w,
-                    // A stale store from the parent: leak ours for this call's use.
-                    _ => &*Box::into_raw(Box::new(LocalKeys {
-                        pid: me,
-                        state: std::sync::Mutex::new(KeyState::default()),
-                    })),
-                }
+    loop {
+        let p = LOCAL_KEYS.load(SeqCst);
+        // SAFETY: published stores are leaked Boxes, never freed.
+        if let Some(k) = unsafe { p.as_ref() } {
+            if k.pid == me {
+                return k;
             }
         }
+        // None yet, or the parent's: publish ours (the parent's is leaked, never touched).
+        let fresh = Box::into_raw(Box::new(LocalKeys { pid: me, state: std::sync::Mutex::new(KeyState::default()) }));
+        if LOCAL_KEYS.compare_exchange(p, fresh, SeqCst, SeqCst).is_ok() {
+            // SAFETY: `fresh` is now published for good.
+            return unsafe { &*fresh };
+        }
+        // Another thread of this process published first: free ours and use theirs.
+        // SAFETY: `fresh` was never published; we still own it.
+        drop(unsafe { Box::from_raw(fresh) });
     }
 }
 

@@ -380,6 +380,10 @@ impl Master {
 
     /// True for a well-formed GET whose key is not in the cache now.
     fn would_miss(&self, frame: &[u8]) -> bool {
+        // Most frames are not GETs: look at the op byte before decoding anything.
+        if frame.get(1) != Some(&(Op::Get as u8)) {
+            return false;
+        }
         match protocol::decode(frame) {
             Ok(m) if m.op == Op::Get => !self.cache().contains(m.namespace, m.id, now_secs()),
             _ => false,
