@@ -150,3 +150,43 @@ pub fn channel_fd() -> Option<std::os::fd::RawFd> {
         _ => None,
     }
 }
+
+/// Entry points for the benchmarks under `benches/` and `bench/`: the channel's own GET, PUT
+/// and DEL without OpenSSL around them. Not part of the supported API.
+#[doc(hidden)]
+pub mod bench {
+    use crate::{channel, master};
+
+    /// Store `der` under (`namespace`, `id`) from a worker, expiring at unix time `expiry`.
+    /// In the master it stores directly. Returns false when there is no channel.
+    pub fn put(namespace: &[u8], id: &[u8], der: &[u8], expiry: u64) -> bool {
+        if let Some(m) = master::get() {
+            m.put(namespace, id, der, expiry);
+            return true;
+        }
+        let Ok(ch) = channel::current() else { return false };
+        ch.put(namespace, id, expiry, der.len(), |out| {
+            out.extend_from_slice(der);
+            true
+        });
+        true
+    }
+
+    /// Look up (`namespace`, `id`) the way the get-session callback does; the DER's length
+    /// on a hit.
+    pub fn get(namespace: &[u8], id: &[u8]) -> Option<usize> {
+        if let Some(m) = master::get() {
+            return m.cache().get(namespace, id, master::now_secs()).map(|d| d.len());
+        }
+        channel::current().ok()?.get(namespace, id).map(|d| d.len())
+    }
+
+    /// Remove (`namespace`, `id`) cluster-wide.
+    pub fn del(namespace: &[u8], id: &[u8]) {
+        if let Some(m) = master::get() {
+            m.cache().remove(namespace, id);
+        } else if let Ok(ch) = channel::current() {
+            ch.del(namespace, id);
+        }
+    }
+}
