@@ -33,6 +33,35 @@
 #define CTS_SHARE_KEEP_TICKET_KEYS 2
 
 /**
+ * `cts_ticket_mode`: the context was never passed to `cts_share_sessions` (or is NULL).
+ */
+#define CTS_TICKETS_NOT_SHARED 0
+
+/**
+ * `cts_ticket_mode`: the library took over the context's ticket keys; tickets are sealed
+ * with the cluster-wide, rotated keys and open on every worker.
+ */
+#define CTS_TICKETS_CLUSTER_KEYS 1
+
+/**
+ * `cts_ticket_mode`: the host kept its own ticket keys or callback
+ * (`CTS_SHARE_KEEP_TICKET_KEYS`); tickets open only where those keys are.
+ */
+#define CTS_TICKETS_HOST_KEYS 2
+
+/**
+ * `cts_ticket_mode`: ticket sharing is off for the whole server (`share_tickets = 0`); the
+ * context's own keys apply (OpenSSL's per-context random keys unless the host set some).
+ */
+#define CTS_TICKETS_SHARING_OFF 3
+
+/**
+ * `cts_ticket_mode`: the context is shared but issues no tickets now (`SSL_OP_NO_TICKET`);
+ * TLS 1.3 then resumes with stateful tickets, which go through the shared cache.
+ */
+#define CTS_TICKETS_NONE_ISSUED 4
+
+/**
  * `Stats::role` value: neither master nor worker.
  */
 #define CTS_ROLE_NONE 0
@@ -388,6 +417,22 @@ cts_result cts_share_sessions(SSL_CTX *ctx, const char *ns);
  * As for `cts_share_sessions`.
  */
 cts_result cts_share_sessions_ex(SSL_CTX *ctx, const char *ns, uint32_t flags);
+
+/**
+ * Which ticket keys `ctx` uses after `cts_share_sessions`: one of `CTS_TICKETS_*`.
+ *
+ * OpenSSL 3.0 cannot tell the library whether the host installed ticket keys or a ticket
+ * key callback of its own, so by default `cts_share_sessions` takes the context's tickets
+ * over (that is what makes TLS 1.3 resumption work across workers with one call); a host
+ * that wants to keep its own passes `CTS_SHARE_KEEP_TICKET_KEYS`. This call tells, per
+ * context, which of the two happened (or that ticket sharing is off, or that the context
+ * issues no tickets), so a server can log it at start-up. Returns `CTS_TICKETS_NOT_SHARED`
+ * for NULL or a context that was never shared.
+ *
+ * # Safety
+ * `ctx` must be NULL or a valid `SSL_CTX`.
+ */
+uint32_t cts_ticket_mode(const SSL_CTX *ctx);
 
 /**
  * Copy this process's counters into `*out`.

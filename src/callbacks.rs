@@ -48,6 +48,27 @@ const TLS1_3_VERSION: c_int = 0x0304;
 /// Per-`SSL_CTX` state, owned by the context's ex_data slot.
 struct CtxState {
     namespace: Box<[u8]>,
+    tickets: TicketMode,
+}
+
+/// What [`install`] did with a context's session ticket keys (reported by
+/// `cts_ticket_mode` / [`crate::ticket_mode`]).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TicketMode {
+    /// The context was never shared (or is not a valid context).
+    NotShared = 0,
+    /// The library took over: tickets are sealed with the cluster-wide, rotated keys.
+    ClusterKeys = 1,
+    /// The host asked to keep its own ticket keys or callback (`CTS_SHARE_KEEP_TICKET_KEYS`):
+    /// tickets open only where those keys are.
+    HostKeys = 2,
+    /// Ticket sharing is off for the whole server (`share_tickets = 0`): the context's own
+    /// keys (OpenSSL's per-context random ones unless the host set some) apply.
+    SharingOff = 3,
+    /// Shared, but the context issues no tickets now (`SSL_OP_NO_TICKET`): TLS 1.3 resumes
+    /// with stateful tickets, which go through the shared cache.
+    NoTickets = 4,
 }
 
 /// Where this process's lookups go.
@@ -115,6 +136,22 @@ unsafe fn ctx_state<'a>(ctx: *const ffi::SSL_CTX) -> Option<&'a CtxState> {
     unsafe { ffi::SSL_CTX_get_ex_data(ctx, idx).cast::<CtxState>().as_ref() }
 }
 
+/// What happened to `ctx`'s ticket keys when it was shared; `NoTickets` when it issues no
+/// tickets at the time of asking.
+///
+/// # Safety
+/// `ctx` must be a valid `SSL_CTX` pointer.
+pub unsafe fn ticket_mode(ctx: *const ffi::SSL_CTX) -> TicketMode {
+    // SAFETY: caller guarantees `ctx` is valid.
+    let Some(state) = (unsafe { ctx_state(ctx) }) else { return TicketMode::NotShared };
+    // SAFETY: `ctx` is valid; SSL_CTX_get_options only reads it.
+    let options = unsafe { ffi::SSL_CTX_get_options(ctx) };
+    if state.tickets == TicketMode::ClusterKeys && options & ffi::SSL_OP_NO_TICKET != 0 {
+        return TicketMode::NoTickets;
+    }
+    state.tickets
+}
+
 /// Options for `install`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ShareOptions {
@@ -162,7 +199,14 @@ pub unsafe fn install(ctx: *mut ffi::SSL_CTX, ns: &[u8], opts: ShareOptions) -> 
             return Err(Error::OpenSsl("SSL_CTX_set_session_id_context failed".into()));
         }
     }
-    let state = Box::into_raw(Box::new(CtxState { namespace: ns.into() }));
+    let tickets = if !channel::share_tickets() {
+        TicketMode::SharingOff
+    } else if opts.keep_ticket_keys {
+        TicketMode::HostKeys
+    } else {
+        TicketMode::ClusterKeys
+    };
+    let state = Box::into_raw(Box::new(CtxState { namespace: ns.into(), tickets }));
     // SAFETY: `ctx` is valid; the previous value (if any) is ours and is freed after the
     // new one is in place.
     unsafe {
@@ -177,7 +221,7 @@ pub unsafe fn install(ctx: *mut ffi::SSL_CTX, ns: &[u8], opts: ShareOptions) -> 
         ffi::SSL_CTX_sess_set_new_cb(ctx, Some(new_session_cb));
         ffi::SSL_CTX_sess_set_get_cb(ctx, Some(get_session_cb));
         ffi::SSL_CTX_sess_set_remove_cb(ctx, Some(remove_session_cb));
-        if channel::share_tickets() && !opts.keep_ticket_keys {
+        if tickets == TicketMode::ClusterKeys {
             SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, Some(ticket_key_cb));
             // Fetch the keys now, so the first handshakes do not wait for the master.
             local_keys().refresh_if_due(master::now_secs());

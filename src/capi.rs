@@ -55,6 +55,21 @@ pub const CTS_SHARE_KEEP_SESSION_ID_CONTEXT: u32 = 1;
 /// the host set its own, so the library takes over unless told not to).
 pub const CTS_SHARE_KEEP_TICKET_KEYS: u32 = 2;
 
+/// `cts_ticket_mode`: the context was never passed to `cts_share_sessions` (or is NULL).
+pub const CTS_TICKETS_NOT_SHARED: u32 = 0;
+/// `cts_ticket_mode`: the library took over the context's ticket keys; tickets are sealed
+/// with the cluster-wide, rotated keys and open on every worker.
+pub const CTS_TICKETS_CLUSTER_KEYS: u32 = 1;
+/// `cts_ticket_mode`: the host kept its own ticket keys or callback
+/// (`CTS_SHARE_KEEP_TICKET_KEYS`); tickets open only where those keys are.
+pub const CTS_TICKETS_HOST_KEYS: u32 = 2;
+/// `cts_ticket_mode`: ticket sharing is off for the whole server (`share_tickets = 0`); the
+/// context's own keys apply (OpenSSL's per-context random keys unless the host set some).
+pub const CTS_TICKETS_SHARING_OFF: u32 = 3;
+/// `cts_ticket_mode`: the context is shared but issues no tickets now (`SSL_OP_NO_TICKET`);
+/// TLS 1.3 then resumes with stateful tickets, which go through the shared cache.
+pub const CTS_TICKETS_NONE_ISSUED: u32 = 4;
+
 /// Configuration of `cts_master_setup`. Fill with `cts_config_init`, then change fields.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -264,6 +279,29 @@ pub unsafe extern "C" fn cts_share_sessions_ex(ctx: *mut SSL_CTX, ns: *const c_c
         };
         // SAFETY: `ctx` is a non-NULL SSL_CTX from the caller, not serving handshakes yet.
         unsafe { crate::callbacks::install(ctx, ns, opts) }
+    })
+}
+
+/// Which ticket keys `ctx` uses after `cts_share_sessions`: one of `CTS_TICKETS_*`.
+///
+/// OpenSSL 3.0 cannot tell the library whether the host installed ticket keys or a ticket
+/// key callback of its own, so by default `cts_share_sessions` takes the context's tickets
+/// over (that is what makes TLS 1.3 resumption work across workers with one call); a host
+/// that wants to keep its own passes `CTS_SHARE_KEEP_TICKET_KEYS`. This call tells, per
+/// context, which of the two happened (or that ticket sharing is off, or that the context
+/// issues no tickets), so a server can log it at start-up. Returns `CTS_TICKETS_NOT_SHARED`
+/// for NULL or a context that was never shared.
+///
+/// # Safety
+/// `ctx` must be NULL or a valid `SSL_CTX`.
+#[no_mangle]
+pub unsafe extern "C" fn cts_ticket_mode(ctx: *const SSL_CTX) -> u32 {
+    ffi_boundary!(CTS_TICKETS_NOT_SHARED, {
+        if ctx.is_null() {
+            return CTS_TICKETS_NOT_SHARED;
+        }
+        // SAFETY: a non-NULL valid SSL_CTX from the caller.
+        unsafe { crate::callbacks::ticket_mode(ctx) as u32 }
     })
 }
 

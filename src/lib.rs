@@ -58,7 +58,7 @@ mod wipe;
 use foreign_types::ForeignTypeRef;
 use openssl::ssl::{SslContext, SslContextBuilder, SslContextRef};
 
-pub use callbacks::ShareOptions;
+pub use callbacks::{ShareOptions, TicketMode};
 pub use channel::CHANNEL_FD_ENV;
 pub use config::Config;
 pub use error::Error;
@@ -124,6 +124,16 @@ pub fn share_sessions_with<C: AsSslContext + ?Sized>(
     let ns = namespace.unwrap_or("").as_bytes();
     // SAFETY: the pointer comes from a live openssl-crate wrapper borrowed for this call.
     unsafe { callbacks::install(ctx.as_ssl_ctx_ptr(), ns, options) }
+}
+
+/// Which ticket keys `ctx` uses after [`share_sessions`]: the cluster-wide ones (the
+/// default: OpenSSL 3.0 cannot report whether the host set keys of its own, so the library
+/// takes over), the host's own ([`ShareOptions::keep_ticket_keys`]), none shared because
+/// ticket sharing is off, or none issued (`SSL_OP_NO_TICKET`). Log it at start-up to see
+/// which happened.
+pub fn ticket_mode<C: AsSslContext + ?Sized>(ctx: &C) -> TicketMode {
+    // SAFETY: the pointer comes from a live openssl-crate wrapper borrowed for this call.
+    unsafe { callbacks::ticket_mode(ctx.as_ssl_ctx_ptr()) }
 }
 
 /// Counters of this process and, when reachable, of the master.

@@ -36,6 +36,7 @@ fn share_sessions_without_a_master_is_a_clear_error_and_leaves_the_context_untou
     let msg = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
     assert!(n > 0 && msg.contains("no session cache master"), "{msg}");
     assert_eq!(cache_mode(&ctx), before);
+    assert_eq!(unsafe { cts_ticket_mode(ctx.as_ptr()) }, CTS_TICKETS_NOT_SHARED, "never shared");
 }
 
 #[test]
@@ -47,6 +48,7 @@ fn null_arguments_are_reported_not_dereferenced() {
     assert_eq!(unsafe { cts_config_init(std::ptr::null_mut()) }, cts_result::CTS_ERR_NULL_ARGUMENT);
     assert_eq!(unsafe { cts_get_stats(std::ptr::null_mut()) }, cts_result::CTS_ERR_NULL_ARGUMENT);
     assert!(unsafe { cts_last_error(std::ptr::null_mut(), 0) } > 0);
+    assert_eq!(unsafe { cts_ticket_mode(std::ptr::null()) }, CTS_TICKETS_NOT_SHARED);
 }
 
 #[test]

@@ -17,6 +17,7 @@ fn tls13_default_tickets_resume_across_workers() {
     let st = s.stats();
     assert_eq!(st["stores"], 0, "stateless tickets are not stored in the cache: {st:?}");
     assert!(st["w_tickets_issued"] >= 1, "{st:?}");
+    assert_eq!(st["ticket_mode"], 1, "the library took the tickets over (CTS_TICKETS_CLUSTER_KEYS): {st:?}");
 }
 
 #[test]
@@ -35,6 +36,29 @@ fn without_ticket_sharing_tls13_tickets_miss_across_workers() {
     let out = resume_n(s.addr(), false, 40);
     let resumed = out.iter().filter(|o| o.reused).count();
     assert!(resumed < 40, "each worker's own keys cannot open the others' tickets: {resumed}/40");
+    assert_eq!(s.stats()["ticket_mode"], 2, "the host kept its keys (CTS_TICKETS_HOST_KEYS)");
+}
+
+#[test]
+fn a_host_that_keeps_its_own_keys_keeps_them_and_is_told_so() {
+    // The context is built before the fork, so every worker inherits the same OpenSSL keys:
+    // the host's own keys open each other's tickets, and the library never touches them.
+    let s = Server::start(&["--workers", "4", "--ctx-before-fork", "--no-share-tickets"]);
+    let out = resume_n(s.addr(), false, 30);
+    assert!(out.iter().all(|o| o.reused), "the host's inherited keys open every ticket: {out:?}");
+    assert!(distinct_pids(&out) >= 2);
+    let st = s.stats();
+    assert_eq!(st["ticket_mode"], 2, "{st:?}");
+    assert_eq!(st["w_tickets_issued"] + st["w_tickets_opened"], 0, "our callback never ran: {st:?}");
+}
+
+#[test]
+fn ticket_mode_reports_sharing_off_and_no_tickets() {
+    let off = Server::start(&["--workers", "2", "--tickets-off"]);
+    assert_eq!(off.stats()["ticket_mode"], 3, "share_tickets = 0 (CTS_TICKETS_SHARING_OFF)");
+    drop(off);
+    let none = Server::start(&["--workers", "2", "--no-tickets"]);
+    assert_eq!(none.stats()["ticket_mode"], 4, "SSL_OP_NO_TICKET (CTS_TICKETS_NONE_ISSUED)");
 }
 
 #[test]

@@ -66,6 +66,18 @@ impl ServerOpts {
 }
 
 static WORKER_SETUP_CODE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+/// What `share_sessions` did with the (first) context's ticket keys, as `TicketMode as u32`.
+static TICKET_MODE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+fn record_ticket_mode(ctx: &impl cluster_tls_store::AsSslContext) {
+    let mode = cluster_tls_store::ticket_mode(ctx) as u32;
+    let _ = TICKET_MODE.compare_exchange(
+        0,
+        mode,
+        std::sync::atomic::Ordering::Relaxed,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
 
 /// A listening port reserved by the master: bound with SO_REUSEPORT but never listened on,
 /// so it only holds the port number; each worker binds and listens on its own socket.
@@ -153,6 +165,7 @@ pub fn build_context(opts: &ServerOpts, namespace: Option<&str>) -> Result<SslCo
     if opts.share {
         let o = ShareOptions { keep_session_id_context: opts.keep_sid_ctx, keep_ticket_keys: !opts.share_tickets };
         share_sessions_with(&b, namespace, o)?;
+        record_ticket_mode(&b);
     }
     Ok(b.build())
 }
@@ -197,7 +210,7 @@ fn handle(tcp: TcpStream, ctx: &SslContext) -> Result<(), Box<dyn std::error::Er
     let body = if req.starts_with(b"GET /stats") {
         let st = cluster_tls_store::stats();
         format!(
-            "stats role={} master_valid={} hits={} misses={} stores={} entries={} evictions={} expirations={} workers={} w_gets={} w_hits={} w_timeouts={} w_breaker_skips={} w_stateless_skipped={} w_master_gone={} w_oversize={} w_tickets_issued={} w_tickets_opened={} w_tickets_renewed={} w_tickets_refused={} ticket_rotations={} worker_setup_code={}\n",
+            "stats role={} master_valid={} hits={} misses={} stores={} entries={} evictions={} expirations={} workers={} w_gets={} w_hits={} w_timeouts={} w_breaker_skips={} w_stateless_skipped={} w_master_gone={} w_oversize={} w_tickets_issued={} w_tickets_opened={} w_tickets_renewed={} w_tickets_refused={} ticket_rotations={} worker_setup_code={} ticket_mode={}\n",
             st.role, st.master_valid, st.master.hits, st.master.misses, st.master.stores, st.master.entries,
             st.master.evictions, st.master.expirations, st.master.workers, st.worker.gets, st.worker.hits,
             st.worker.timeouts, st.worker.breaker_skips, st.worker.stateless_skipped, st.worker.master_gone,
@@ -207,7 +220,8 @@ fn handle(tcp: TcpStream, ctx: &SslContext) -> Result<(), Box<dyn std::error::Er
             st.worker.tickets_renewed,
             st.worker.tickets_refused,
             st.master.ticket_rotations,
-            WORKER_SETUP_CODE.load(std::sync::atomic::Ordering::Relaxed)
+            WORKER_SETUP_CODE.load(std::sync::atomic::Ordering::Relaxed),
+            TICKET_MODE.load(std::sync::atomic::Ordering::Relaxed)
         )
     } else {
         format!("worker {pid} reused {reused} proto {}\n", s.ssl().version_str())
@@ -254,6 +268,7 @@ pub fn fork_workers(n: usize, opts: &ServerOpts, port: &Reserved, port2: Option<
                         eprintln!("worker: {e}");
                         std::process::exit(1);
                     }
+                    record_ticket_mode(ctx);
                 }
                 let l = listen(port.port).expect("listen");
                 serve(l, ctx.clone(), opts.threads);

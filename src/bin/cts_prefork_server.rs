@@ -3,7 +3,7 @@
 //! ```text
 //! cts-prefork-server --cert F --key F [--port P] [--workers N] [--threads T] [--no-share]
 //!     [--no-tickets] [--tls12] [--ns NAME] [--ns2 NAME] [--keep-sid-ctx] [--ctx-before-fork] [--verify-client] [--max-session-bytes N]
-//!     [--no-share-tickets] [--ticket-rotation S] [--ticket-keys K] [--ticket-key-file F]
+//!     [--no-share-tickets (keep the context's own keys)] [--tickets-off] [--ticket-rotation S] [--ticket-keys K] [--ticket-key-file F]
 //!     [--session-timeout S] [--get-timeout-us N] [--cache-bytes N] [--max-lifetime S]
 //! ```
 //! Prints `ready port=P [port2=Q] workers=N` and one `worker pid=X` line per worker, then
@@ -48,6 +48,7 @@ fn main() {
             "--ctx-before-fork" => opts.ctx_before_fork = true,
             "--verify-client" => opts.verify_client = true,
             "--no-share-tickets" => opts.share_tickets = false,
+            "--tickets-off" => config.share_tickets = false,
             "--ticket-rotation" => config.ticket_key_rotation = Duration::from_secs(num(val())),
             "--ticket-keys" => config.ticket_keys = num(val()) as u32,
             "--ticket-key-file" => config.ticket_key_file = Some(val().into()),
