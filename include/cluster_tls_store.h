@@ -184,6 +184,12 @@ typedef struct cts_config {
    * string is copied by `cts_master_setup`.
    */
   const char *ticket_key_file;
+  /**
+   * Byte budget of each worker's replica of recent sessions, pushed by the master so most
+   * lookups are answered inside the worker. Costs up to this much memory per worker.
+   * 0 turns replicas off (every lookup asks the master). Default 4194304 (4 MiB).
+   */
+  uint64_t replica_bytes;
 } cts_config;
 
 /**
@@ -246,6 +252,15 @@ typedef struct cts_master_stats {
    * Ticket key rotations (a new key took over encryption).
    */
   uint64_t ticket_rotations;
+  /**
+   * Stores and removals pushed to the workers' replicas (one per receiving worker).
+   */
+  uint64_t sync_records;
+  /**
+   * Pushes lost because a worker's socket was full; that worker's replica is then
+   * flushed, so it never serves a session removed meanwhile.
+   */
+  uint64_t sync_drops;
 } cts_master_stats;
 
 /**
@@ -327,6 +342,18 @@ typedef struct cts_worker_stats {
    * Times the ticket keys were fetched from the master.
    */
   uint64_t ticket_key_fetches;
+  /**
+   * Lookups answered by this worker's replica, without asking the master.
+   */
+  uint64_t replica_hits;
+  /**
+   * Stores and removals from other workers applied to this worker's replica.
+   */
+  uint64_t replica_updates;
+  /**
+   * Times the master told this worker to drop its replica (pushes were lost).
+   */
+  uint64_t replica_flushes;
 } cts_worker_stats;
 
 /**

@@ -234,6 +234,11 @@ impl Cache {
     /// Look up (namespace, id) at time `now`. A hit refreshes recency; an expired entry is
     /// removed and reported as a miss. Reads never extend the expiry.
     pub fn get(&mut self, namespace: &[u8], id: &[u8], now: u64) -> Option<&[u8]> {
+        self.lookup(namespace, id, now).map(|(der, _)| der)
+    }
+
+    /// `get` that also tells the entry's expiry.
+    pub fn lookup(&mut self, namespace: &[u8], id: &[u8], now: u64) -> Option<(&[u8], u64)> {
         let mut buf = [0u8; KEY_BUF];
         let slot = make_key(&mut buf, namespace, id).and_then(|key| self.find(key));
         let Some(slot) = slot else {
@@ -250,7 +255,15 @@ impl Cache {
         self.unlink(slot);
         self.push_front(slot);
         self.counters.hits += 1;
-        self.slots[slot as usize].as_ref().map(|e| e.der())
+        self.slots[slot as usize].as_ref().map(|e| (e.der(), e.expiry))
+    }
+
+    /// Drop (and wipe) every entry; counters stay.
+    pub fn clear(&mut self) {
+        while self.tail != NIL {
+            self.remove_slot(self.tail);
+        }
+        self.expiries.clear();
     }
 
     /// Whether a live entry exists for (namespace, id) at `now`; touches neither recency nor

@@ -101,6 +101,10 @@ pub struct cts_config {
     /// open). The master reloads it when it changes; rotation settings are then unused. The
     /// string is copied by `cts_master_setup`.
     pub ticket_key_file: *const c_char,
+    /// Byte budget of each worker's replica of recent sessions, pushed by the master so most
+    /// lookups are answered inside the worker. Costs up to this much memory per worker.
+    /// 0 turns replicas off (every lookup asks the master). Default 4194304 (4 MiB).
+    pub replica_bytes: u64,
 }
 
 impl From<&Config> for cts_config {
@@ -115,6 +119,7 @@ impl From<&Config> for cts_config {
             ticket_rotation_secs: c.ticket_key_rotation.as_secs().min(u64::from(u32::MAX)) as u32,
             ticket_keys: c.ticket_keys,
             ticket_key_file: std::ptr::null(),
+            replica_bytes: c.replica_bytes as u64,
         }
     }
 }
@@ -137,6 +142,7 @@ impl From<&cts_config> for Config {
                 let path = unsafe { CStr::from_ptr(c.ticket_key_file) };
                 Some(std::path::PathBuf::from(std::ffi::OsStr::from_bytes(path.to_bytes())))
             },
+            replica_bytes: usize::try_from(c.replica_bytes).unwrap_or(usize::MAX),
         }
     }
 }

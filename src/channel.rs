@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering::Relaxed, Ord
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::cache::Cache;
 use crate::config::Config;
 use crate::fork::{self, ChannelFd};
 use crate::protocol::{self, Op, MAX_FRAME_LEN};
@@ -31,6 +32,8 @@ static GET_TIMEOUT_US: AtomicU64 = AtomicU64::new(10_000);
 static BACKOFF_MAX_MS: AtomicU64 = AtomicU64::new(500);
 static MAX_SESSION: AtomicU64 = AtomicU64::new(16 << 10);
 static SHARE_TICKETS: AtomicBool = AtomicBool::new(true);
+static REPLICA_BYTES: AtomicU64 = AtomicU64::new(4 << 20);
+static MAX_LIFETIME_SECS: AtomicU64 = AtomicU64::new(24 * 3600);
 
 /// Whether shared contexts get the cluster-wide ticket keys.
 pub(crate) fn share_tickets() -> bool {
@@ -44,6 +47,8 @@ pub(crate) fn set_worker_config(cfg: &Config) {
     BACKOFF_MAX_MS.store(cfg.breaker_max_backoff.as_millis().max(1) as u64, SeqCst);
     MAX_SESSION.store(cfg.max_session_bytes as u64, SeqCst);
     SHARE_TICKETS.store(cfg.share_tickets, SeqCst);
+    REPLICA_BYTES.store(cfg.replica_bytes as u64, SeqCst);
+    MAX_LIFETIME_SECS.store(cfg.max_lifetime.as_secs(), SeqCst);
 }
 
 /// Largest session DER a worker sends.
@@ -133,6 +138,9 @@ fn adopt_env_config() {
     if let Some(v) = read("CTS_SHARE_TICKETS") {
         SHARE_TICKETS.store(v != 0, SeqCst);
     }
+    if let Some(v) = read("CTS_REPLICA_BYTES").filter(|v| *v == 0 || (64 << 10..=1 << 40).contains(v)) {
+        REPLICA_BYTES.store(v, SeqCst);
+    }
     if let Some(v) = read("CTS_MAX_SESSION_BYTES").filter(|v| (256..=protocol::MAX_PAYLOAD_LEN as u64).contains(v)) {
         MAX_SESSION.store(v, SeqCst);
     }
@@ -140,8 +148,8 @@ fn adopt_env_config() {
 
 /// What a request got back.
 pub enum Reply {
-    /// The session DER (wiped when dropped).
-    Hit(SecretBuf),
+    /// The session DER (wiped when dropped) and its expiry (unix seconds).
+    Hit(SecretBuf, u64),
     /// Nothing stored under that key.
     Miss,
     /// The master's counters.
@@ -171,6 +179,9 @@ pub struct Channel {
     open_until_ms: AtomicU64,
     backoff_ms: AtomicU64,
     dead: AtomicBool,
+    /// Recent sessions of the whole cluster, pushed by the master (`Op::Sync`), plus this
+    /// process's own stores and the master's hits; `None` when replicas are off.
+    replica: Option<Mutex<Cache>>,
 }
 
 thread_local! {
@@ -196,6 +207,10 @@ impl Channel {
             open_until_ms: AtomicU64::new(0),
             backoff_ms: AtomicU64::new(0),
             dead: AtomicBool::new(false),
+            replica: match REPLICA_BYTES.load(SeqCst) as usize {
+                0 => None,
+                bytes => Some(Mutex::new(Cache::new(bytes, MAX_SESSION.load(SeqCst) as usize))),
+            },
         }
     }
 
@@ -206,6 +221,19 @@ impl Channel {
 
     fn lock(&self) -> MutexGuard<'_, Waiters> {
         self.waiters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn replica(&self) -> Option<MutexGuard<'_, Cache>> {
+        self.replica.as_ref().map(|r| r.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Store in the replica, with the lifetime cap the master applies.
+    fn replica_put(&self, namespace: &[u8], id: &[u8], der: &[u8], expiry: u64) {
+        if let Some(mut r) = self.replica() {
+            let now = crate::master::now_secs();
+            let cap = now.saturating_add(MAX_LIFETIME_SECS.load(Relaxed));
+            r.put(namespace, id, der, expiry.min(cap), now);
+        }
     }
 
     fn mark_dead(&self) {
@@ -275,7 +303,14 @@ impl Channel {
         let sent = self.send_frame(|out| {
             out.reserve(protocol::frame_len(namespace, id, der_len));
             protocol::encode_header(out, Op::Put, 0, expiry, namespace, id);
-            der(out)
+            let start = out.len();
+            if !der(out) {
+                return false;
+            }
+            // Our own sessions go to our replica too: a client that comes back to this worker
+            // resumes without a round trip.
+            self.replica_put(namespace, id, &out[start..], expiry);
+            true
         });
         if sent {
             bump(&WORKER.puts);
@@ -284,6 +319,9 @@ impl Channel {
 
     /// Fire-and-forget DEL.
     pub fn del(&self, namespace: &[u8], id: &[u8]) {
+        if let Some(mut r) = self.replica() {
+            r.remove(namespace, id);
+        }
         if self.is_dead() {
             return;
         }
@@ -298,8 +336,29 @@ impl Channel {
     /// Look up a session; `None` on a miss, a timeout, a skipped lookup or a dead master.
     pub fn get(&self, namespace: &[u8], id: &[u8]) -> Option<SecretBuf> {
         bump(&WORKER.gets);
+        if self.replica.is_some() {
+            // Apply what the master pushed since the last look (one non-blocking recv when
+            // nothing is there), then try the replica: a hit costs no round trip.
+            self.drain_now();
+            if let Some(mut r) = self.replica() {
+                if let Some(der) = r.get(namespace, id, crate::master::now_secs()) {
+                    let mut b = SecretBuf::with_capacity(der.len());
+                    b.vec().extend_from_slice(der);
+                    bump(&WORKER.replica_hits);
+                    return Some(b);
+                }
+            }
+        }
+        self.get_from_master(namespace, id)
+    }
+
+    /// Look up a session in the master, bypassing the replica (which then keeps a hit).
+    pub fn get_from_master(&self, namespace: &[u8], id: &[u8]) -> Option<SecretBuf> {
         match self.request(Op::Get, namespace, id)? {
-            Reply::Hit(der) => Some(der),
+            Reply::Hit(der, expiry) => {
+                self.replica_put(namespace, id, &der, expiry);
+                Some(der)
+            }
             _ => {
                 bump(&WORKER.misses);
                 None
@@ -417,6 +476,23 @@ impl Channel {
         }
     }
 
+    /// Read whatever is waiting on the socket now, without blocking, unless another thread
+    /// is the reader (it files everything it reads).
+    fn drain_now(&self) {
+        {
+            let mut w = self.lock();
+            if w.reader {
+                return;
+            }
+            w.reader = true;
+        }
+        self.recv_available();
+        let mut w = self.lock();
+        w.reader = false;
+        drop(w);
+        self.cond.notify_all();
+    }
+
     /// Wait up to `wait` for the socket to be readable, then file every reply there is.
     fn read_replies(&self, wait: Duration) {
         let mut pfd = libc::pollfd { fd: self.fd, events: libc::POLLIN, revents: 0 };
@@ -427,6 +503,11 @@ impl Channel {
         if n <= 0 {
             return;
         }
+        self.recv_available();
+    }
+
+    /// Receive and file every frame waiting on the socket.
+    fn recv_available(&self) {
         let drain = |buf: &mut SecretBuf| {
             let v = buf.vec();
             if v.len() < MAX_FRAME_LEN + 1 {
@@ -463,16 +544,48 @@ impl Channel {
         });
     }
 
+    /// Apply the stores and removals other workers made to the replica.
+    fn apply_sync(&self, payload: &[u8]) {
+        let Some(mut r) = self.replica() else { return };
+        let now = crate::master::now_secs();
+        let cap = now.saturating_add(MAX_LIFETIME_SECS.load(Relaxed));
+        for rec in protocol::sync_records(payload) {
+            match rec {
+                Ok(m) if m.op == Op::Put => {
+                    r.put(m.namespace, m.id, m.payload, m.expiry.min(cap), now);
+                }
+                Ok(m) => {
+                    r.remove(m.namespace, m.id);
+                }
+                Err(_) => {
+                    // A garbled push: what it might have removed is unknown, so trust nothing.
+                    r.clear();
+                    bump(&WORKER.decode_failures);
+                    return;
+                }
+            }
+            bump(&WORKER.replica_updates);
+        }
+    }
+
     fn file_reply(&self, frame: &[u8]) {
         let Ok(msg) = protocol::decode(frame) else {
             bump(&WORKER.decode_failures);
             return;
         };
         let reply = match msg.op {
+            Op::Sync => return self.apply_sync(msg.payload),
+            Op::Flush => {
+                if let Some(mut r) = self.replica() {
+                    r.clear();
+                }
+                bump(&WORKER.replica_flushes);
+                return;
+            }
             Op::Hit => {
                 let mut b = SecretBuf::with_capacity(msg.payload.len());
                 b.vec().extend_from_slice(msg.payload);
-                Reply::Hit(b)
+                Reply::Hit(b, msg.expiry)
             }
             Op::Miss => Reply::Miss,
             Op::TicketKeysReply => {

@@ -36,6 +36,12 @@ pub struct Config {
     /// nginx/HAProxy format (one 48- or 80-byte key, or base64 lines; the first key encrypts,
     /// all open). The master reloads it when it changes (checked every second). Default none.
     pub ticket_key_file: Option<std::path::PathBuf>,
+    /// Byte budget of each worker's replica: the master pushes every stored or removed
+    /// session to the other workers, which keep recent ones (LRU, same accounting as the
+    /// master's cache), so most lookups are answered in the worker without a round trip.
+    /// Memory cost: up to this much per worker. 0 turns replicas off (every lookup asks the
+    /// master). Default 4 MiB.
+    pub replica_bytes: usize,
 }
 
 impl Default for Config {
@@ -50,6 +56,7 @@ impl Default for Config {
             ticket_key_rotation: Duration::from_secs(3600),
             ticket_keys: 3,
             ticket_key_file: None,
+            replica_bytes: 4 << 20,
         }
     }
 }
@@ -60,6 +67,9 @@ impl Config {
         let bad = |why: String| Err(Error::InvalidConfig(why));
         if self.max_session_bytes < 256 || self.max_session_bytes > MAX_PAYLOAD_LEN {
             return bad(format!("max_session_bytes = {} (allowed 256..={MAX_PAYLOAD_LEN})", self.max_session_bytes));
+        }
+        if self.replica_bytes != 0 && !(64 << 10..=1 << 40).contains(&self.replica_bytes) {
+            return bad(format!("replica_bytes = {} (0, or 65536 ..= 2^40)", self.replica_bytes));
         }
         if self.cache_bytes < 64 << 10 {
             return bad(format!("cache_bytes = {} (at least 65536)", self.cache_bytes));

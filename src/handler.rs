@@ -42,8 +42,11 @@ pub fn handle_frame(
             Handled::NoReply
         }
         Op::Get => {
-            match cache.get(msg.namespace, msg.id, now) {
-                Some(der) => protocol::encode(out, Op::Hit, msg.request_id, 0, msg.namespace, msg.id, der),
+            match cache.lookup(msg.namespace, msg.id, now) {
+                // The entry's expiry rides along, for the worker's replica.
+                Some((der, expiry)) => {
+                    protocol::encode(out, Op::Hit, msg.request_id, expiry, msg.namespace, msg.id, der)
+                }
                 None => protocol::encode(out, Op::Miss, msg.request_id, 0, msg.namespace, msg.id, &[]),
             }
             Handled::Reply
@@ -59,7 +62,7 @@ pub fn handle_frame(
             crate::wipe::wipe(&mut keys);
             Handled::Reply
         }
-        Op::Hit | Op::Miss | Op::StatsReply | Op::TicketKeysReply => Handled::Bad,
+        Op::Hit | Op::Miss | Op::StatsReply | Op::TicketKeysReply | Op::Sync | Op::Flush => Handled::Bad,
     }
 }
 

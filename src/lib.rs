@@ -191,6 +191,15 @@ pub mod bench {
         channel::current().ok()?.get(namespace, id).map(|d| d.len())
     }
 
+    /// Look up (`namespace`, `id`) in the master with a round trip, bypassing this worker's
+    /// replica: the channel's request/reply path alone.
+    pub fn get_from_master(namespace: &[u8], id: &[u8]) -> Option<usize> {
+        if master::get().is_some() {
+            return get(namespace, id);
+        }
+        channel::current().ok()?.get_from_master(namespace, id).map(|d| d.len())
+    }
+
     /// Remove (`namespace`, `id`) cluster-wide.
     pub fn del(namespace: &[u8], id: &[u8]) {
         if let Some(m) = master::get() {

@@ -36,6 +36,71 @@ impl Scratch {
     }
 }
 
+/// One worker's channel as the loop sees it.
+struct Conn {
+    fd: OwnedFd,
+    /// Records (PUT and DEL frames other workers sent) waiting to go to this worker's
+    /// replica as one `Op::Sync` frame; wiped once sent or dropped.
+    sync: Vec<u8>,
+    /// Pushes to this worker were lost: it must drop its replica (`Op::Flush`) before it may
+    /// trust pushes again.
+    flush_due: bool,
+    /// The last frame sent to this worker was a Flush (while it is unread, a new loss needs
+    /// no other Flush).
+    last_was_flush: bool,
+    /// Replica pushes may fill at most this many bytes of the worker's socket (half of the
+    /// send buffer): the other half stays free for replies and for a Flush.
+    sync_room: usize,
+}
+
+/// Bytes sent on `fd` that the peer has not read yet (SIOCOUTQ).
+fn unread_bytes(fd: RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int to a valid pointer.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
+    if rc == 0 {
+        n.max(0) as usize
+    } else {
+        usize::MAX
+    }
+}
+
+impl Conn {
+    fn new(fd: OwnedFd) -> Conn {
+        let mut sndbuf: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `sndbuf`.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&mut sndbuf as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        let sync_room = if rc == 0 && sndbuf > 0 { sndbuf as usize / 2 } else { 64 << 10 };
+        Conn { fd, sync: Vec::new(), flush_due: false, last_was_flush: false, sync_room }
+    }
+
+    fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        wipe(&mut self.sync);
+    }
+}
+
+/// Send one frame to a worker without blocking; false if it was not sent.
+fn send_nonblocking(fd: RawFd, frame: &[u8]) -> bool {
+    // SAFETY: `frame` is valid for its length. Non-blocking and no SIGPIPE: a full or closed
+    // worker socket costs that frame, nothing else.
+    unsafe { libc::send(fd, frame.as_ptr().cast(), frame.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) >= 0 }
+}
+
 /// State shared between the cache thread, the fork handlers and in-process callers.
 pub struct Master {
     pub(crate) config: Config,
@@ -45,6 +110,8 @@ pub struct Master {
     workers: AtomicU64,
     bad_frames: AtomicU64,
     reply_drops: AtomicU64,
+    sync_records: AtomicU64,
+    sync_drops: AtomicU64,
     tickets: Mutex<KeySchedule>,
     key_file: Mutex<Option<FileKeys>>,
 }
@@ -126,6 +193,8 @@ pub fn setup(config: Config) -> Result<(), Error> {
         workers: AtomicU64::new(0),
         bad_frames: AtomicU64::new(0),
         reply_drops: AtomicU64::new(0),
+        sync_records: AtomicU64::new(0),
+        sync_drops: AtomicU64::new(0),
         tickets: Mutex::new(schedule),
         key_file: Mutex::new(None),
     };
@@ -208,6 +277,8 @@ impl Master {
             reply_drops: self.reply_drops.load(Relaxed),
             ticket_rotations: self.tickets.lock().unwrap_or_else(|e| e.into_inner()).rotations()
                 + self.key_file.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |f| f.reloads),
+            sync_records: self.sync_records.load(Relaxed),
+            sync_drops: self.sync_drops.load(Relaxed),
         }
     }
 
@@ -269,18 +340,22 @@ impl Master {
     /// `master_setup` returns only when a fork can no longer catch it mid-allocation.
     fn run(&'static self, started: std::sync::mpsc::SyncSender<()>) {
         fork::gate_lock();
-        let mut conns: Vec<OwnedFd> = Vec::new();
+        let mut conns: Vec<Conn> = Vec::new();
         let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(64);
         let mut main = Scratch::new();
         let mut spare = Scratch::new();
-        let mut raw: Vec<RawFd> = Vec::with_capacity(64);
         let mut last_sweep = now_secs();
         let _ = started.send(());
         drop(started);
         loop {
             pfds.clear();
             pfds.push(libc::pollfd { fd: self.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 });
-            pfds.extend(conns.iter().map(|c| libc::pollfd { fd: c.as_raw_fd(), events: libc::POLLIN, revents: 0 }));
+            // A worker that owes a Flush is watched for room to send it.
+            pfds.extend(conns.iter().map(|c| libc::pollfd {
+                fd: c.raw(),
+                events: if c.flush_due { libc::POLLIN | libc::POLLOUT } else { libc::POLLIN },
+                revents: 0,
+            }));
             fork::gate_unlock();
             // SAFETY: `pfds` is a valid, initialised array of `pfds.len()` pollfd structs.
             let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, SWEEP_INTERVAL_MS) };
@@ -295,10 +370,8 @@ impl Master {
             if pfds[0].revents != 0 {
                 self.drain_wake();
                 let mut incoming = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
-                conns.append(&mut incoming);
+                conns.extend(incoming.drain(..).map(Conn::new));
             }
-            raw.clear();
-            raw.extend(conns.iter().map(|c| c.as_raw_fd()));
             // Walk backwards so removing a closed channel keeps earlier indices valid.
             for i in (1..pfds.len()).rev() {
                 let revents = pfds[i].revents;
@@ -307,12 +380,15 @@ impl Master {
                 }
                 // Readable, hung up or broken: `serve` reads what is there and tells whether
                 // the channel lives on (EOF and hard errors end it).
-                let keep = self.serve(conns[i - 1].as_raw_fd(), &raw, &mut main, Some(&mut spare));
+                let keep = self.serve(i - 1, &mut conns, &mut main, Some(&mut spare));
                 if !keep {
-                    let fd = conns.swap_remove(i - 1);
-                    fork::untrack_master_fd(fd.as_raw_fd());
-                    drop(fd);
+                    let conn = conns.swap_remove(i - 1);
+                    fork::untrack_master_fd(conn.raw());
+                    drop(conn);
                 }
+            }
+            for c in conns.iter_mut() {
+                self.flush_sync(c, &mut main.out);
             }
             self.workers.store(conns.len() as u64, Relaxed);
             let now = now_secs();
@@ -340,7 +416,11 @@ impl Master {
     /// the first worker's channel, but perhaps not yet read. Before answering a GET that would
     /// miss, the loop therefore catches up on the other channels (with `spare` buffers, one
     /// level deep), so an immediate reconnection to another worker finds its session.
-    fn serve(&self, fd: RawFd, others: &[RawFd], s: &mut Scratch, mut spare: Option<&mut Scratch>) -> bool {
+    ///
+    /// With replicas on, every PUT and DEL that was applied is queued for the other workers
+    /// (sent by `flush_sync` at the end of the loop's round, batched).
+    fn serve(&self, idx: usize, conns: &mut [Conn], s: &mut Scratch, mut spare: Option<&mut Scratch>) -> bool {
+        let fd = conns[idx].raw();
         let Scratch { buf, out } = s;
         for _ in 0..BATCH {
             // SAFETY: `buf` is valid for `buf.len()` bytes; MSG_TRUNC makes recv return the
@@ -361,17 +441,22 @@ impl Master {
             }
             if let Some(sp) = spare.as_deref_mut() {
                 if self.would_miss(&buf[..n]) {
-                    for &other in others.iter().filter(|&&o| o != fd) {
+                    for other in (0..conns.len()).filter(|&o| o != idx) {
                         // An EOF seen here is seen again (and handled) by the main loop.
-                        self.serve(other, &[], sp, None);
+                        self.serve(other, conns, sp, None);
                     }
                 }
             }
             // A bug in handling one frame must not end the cache thread for every worker:
             // the frame is dropped and counted, the loop goes on.
             let frame = &buf[..n];
-            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(fd, frame, out))).is_err() {
-                self.bad_frames.fetch_add(1, Relaxed);
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(fd, frame, out))) {
+                Ok(Handled::NoReply) if self.config.replica_bytes > 0 => self.queue_sync(idx, conns, frame, out),
+                Ok(Handled::Reply) => conns[idx].last_was_flush = false,
+                Ok(_) => {}
+                Err(_) => {
+                    self.bad_frames.fetch_add(1, Relaxed);
+                }
             }
             wipe(&mut buf[..n]);
         }
@@ -390,7 +475,90 @@ impl Master {
         }
     }
 
-    fn handle(&self, fd: RawFd, frame: &[u8], out: &mut Vec<u8>) {
+    /// Queue an applied PUT or DEL from worker `from` for every other worker's replica.
+    fn queue_sync(&self, from: usize, conns: &mut [Conn], frame: &[u8], out: &mut Vec<u8>) {
+        if !matches!(frame.get(1), Some(&b) if b == Op::Put as u8 || b == Op::Del as u8) {
+            return;
+        }
+        // A PUT goes out with the expiry the cache applied (capped by max_lifetime now), so
+        // a worker that reads it late cannot stretch the session's life.
+        let capped = match protocol::decode(frame) {
+            Ok(m) if m.op == Op::Put => {
+                Some(m.expiry.min(now_secs().saturating_add(self.config.max_lifetime.as_secs())))
+            }
+            _ => None,
+        };
+        for (j, c) in conns.iter_mut().enumerate() {
+            if j == from {
+                continue;
+            }
+            if !protocol::push_sync_record(&mut c.sync, frame) {
+                // Full batch: send it now and start another.
+                self.flush_sync(c, out);
+                if !protocol::push_sync_record(&mut c.sync, frame) {
+                    continue;
+                }
+            }
+            if let Some(expiry) = capped {
+                let at = c.sync.len() - frame.len() + protocol::EXPIRY_OFFSET;
+                c.sync[at..at + 8].copy_from_slice(&expiry.to_le_bytes());
+            }
+            self.sync_records.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Send a worker its queued replica updates as one frame. If the worker's socket is
+    /// full they are lost, and the worker is told to drop its replica as soon as a frame
+    /// fits again, so it never keeps serving a session that was removed meanwhile.
+    ///
+    /// Pushes use at most half of the socket's buffer (`sync_room`), so the Flush that
+    /// follows a loss finds room at once: the worker reads it, in order, before anything it
+    /// could resume from a stale replica. Only if replies alone fill the other half is the
+    /// Flush late; the loop then watches the socket and sends it as soon as it fits.
+    fn flush_sync(&self, c: &mut Conn, out: &mut Vec<u8>) {
+        if c.flush_due {
+            self.send_flush(c, out);
+        }
+        if c.sync.is_empty() {
+            return;
+        }
+        if !c.flush_due {
+            out.clear();
+            protocol::encode(out, Op::Sync, 0, 0, b"", b"", &c.sync);
+            // Kernel accounting adds roughly a page of overhead per datagram.
+            let fits = unread_bytes(c.raw()).saturating_add(out.len() + 4096) <= c.sync_room;
+            let sent = fits && send_nonblocking(c.raw(), out);
+            let len = out.len();
+            wipe(&mut out[..len]);
+            out.clear();
+            if sent {
+                c.last_was_flush = false;
+            } else {
+                self.sync_drops.fetch_add(1, Relaxed);
+                // An unread Flush still ahead of everything the worker has not read covers
+                // this loss too.
+                if !(c.last_was_flush && unread_bytes(c.raw()) > 0) {
+                    c.flush_due = true;
+                    self.send_flush(c, out);
+                }
+            }
+        }
+        let len = c.sync.len();
+        wipe(&mut c.sync[..len]);
+        c.sync.clear();
+    }
+
+    fn send_flush(&self, c: &mut Conn, out: &mut Vec<u8>) {
+        out.clear();
+        protocol::encode(out, Op::Flush, 0, 0, b"", b"", &[]);
+        if send_nonblocking(c.raw(), out) {
+            c.flush_due = false;
+            c.last_was_flush = true;
+        }
+        out.clear();
+    }
+
+    fn handle(&self, fd: RawFd, frame: &[u8], out: &mut Vec<u8>) -> Handled {
         let handled = {
             let mut cache = self.cache();
             let max_lifetime = self.config.max_lifetime.as_secs();
@@ -428,5 +596,6 @@ impl Master {
             let len = out.len();
             wipe(&mut out[..len]);
         }
+        handled
     }
 }

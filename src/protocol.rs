@@ -48,6 +48,13 @@ pub enum Op {
     StatsReply = 0x84,
     /// Master → worker: the ticket keys, encoded by `crate::tickets::KeySet::encode`.
     TicketKeysReply = 0x85,
+    /// Master → worker, unasked: PUTs and DELs other workers made, for the worker's replica.
+    /// The payload is a sequence of records, each a little-endian u16 length and a whole
+    /// PUT or DEL frame (see `sync_records`).
+    Sync = 0x86,
+    /// Master → worker, unasked: some `Sync` frames to this worker were lost (its socket was
+    /// full); drop the whole replica, which may hold a session removed since.
+    Flush = 0x87,
 }
 
 impl Op {
@@ -62,6 +69,8 @@ impl Op {
             0x82 => Op::Miss,
             0x84 => Op::StatsReply,
             0x85 => Op::TicketKeysReply,
+            0x86 => Op::Sync,
+            0x87 => Op::Flush,
             _ => return None,
         })
     }
@@ -101,6 +110,9 @@ pub struct Message<'a> {
     pub payload: &'a [u8],
 }
 
+/// Where a frame's expiry (little-endian u64) sits in its header.
+pub const EXPIRY_OFFSET: usize = 12;
+
 /// Parse one frame.
 pub fn decode(frame: &[u8]) -> Result<Message<'_>, DecodeError> {
     if frame.len() > MAX_FRAME_LEN {
@@ -128,7 +140,8 @@ pub fn decode(frame: &[u8]) -> Result<Message<'_>, DecodeError> {
         return Err(DecodeError::Oversized);
     }
     let request_id = u64::from_le_bytes(frame[4..12].try_into().map_err(|_| DecodeError::Truncated)?);
-    let expiry = u64::from_le_bytes(frame[12..20].try_into().map_err(|_| DecodeError::Truncated)?);
+    let expiry =
+        u64::from_le_bytes(frame[EXPIRY_OFFSET..EXPIRY_OFFSET + 8].try_into().map_err(|_| DecodeError::Truncated)?);
     Ok(Message { op, request_id, expiry, namespace, id, payload })
 }
 
@@ -161,6 +174,50 @@ pub fn encode(out: &mut Vec<u8>, op: Op, request_id: u64, expiry: u64, namespace
     out.reserve(frame_len(namespace, id, payload.len()));
     encode_header(out, op, request_id, expiry, namespace, id);
     out.extend_from_slice(payload);
+}
+
+/// Append one record (a whole PUT or DEL frame) to a `Sync` payload. False, with `payload`
+/// unchanged, when it would not fit in `MAX_PAYLOAD_LEN`.
+pub fn push_sync_record(payload: &mut Vec<u8>, frame: &[u8]) -> bool {
+    if frame.len() > u16::MAX as usize || payload.len() + 2 + frame.len() > MAX_PAYLOAD_LEN {
+        return false;
+    }
+    payload.extend_from_slice(&(frame.len() as u16).to_le_bytes());
+    payload.extend_from_slice(frame);
+    true
+}
+
+/// The records of a `Sync` payload, in order. A record that does not decode as a PUT or DEL
+/// ends the walk with an error item; what came before stays valid.
+pub fn sync_records(payload: &[u8]) -> impl Iterator<Item = Result<Message<'_>, DecodeError>> {
+    let mut rest = payload;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let Some((len, tail)) = rest.split_first_chunk::<2>() else {
+            rest = &[];
+            return Some(Err(DecodeError::Truncated));
+        };
+        let len = u16::from_le_bytes(*len) as usize;
+        if tail.len() < len {
+            rest = &[];
+            return Some(Err(DecodeError::LengthMismatch));
+        }
+        let (frame, after) = tail.split_at(len);
+        rest = after;
+        match decode(frame) {
+            Ok(m) if matches!(m.op, Op::Put | Op::Del) => Some(Ok(m)),
+            Ok(m) => {
+                rest = &[];
+                Some(Err(DecodeError::UnknownOp(m.op as u8)))
+            }
+            Err(e) => {
+                rest = &[];
+                Some(Err(e))
+            }
+        }
+    })
 }
 
 #[cfg(test)]
@@ -249,5 +306,28 @@ mod tests {
             }
             let _ = decode(&buf);
         }
+    }
+
+    #[test]
+    fn sync_records_round_trip_and_stop_at_garbage() {
+        let mut payload = Vec::new();
+        let put = frame(Op::Put, b"der");
+        let mut del = Vec::new();
+        encode(&mut del, Op::Del, 0, 0, b"web", b"id", &[]);
+        assert!(push_sync_record(&mut payload, &put));
+        assert!(push_sync_record(&mut payload, &del));
+        let got: Vec<_> = sync_records(&payload).collect();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].expect("put").payload, b"der");
+        assert_eq!(got[1].expect("del").op, Op::Del);
+        // A GET is not a sync record; a truncated record ends the walk.
+        let mut bad = payload.clone();
+        assert!(push_sync_record(&mut bad, &frame(Op::Get, b"")));
+        assert!(sync_records(&bad).nth(2).expect("third").is_err());
+        for cut in 0..payload.len() {
+            assert!(sync_records(&payload[..cut]).count() <= 2);
+        }
+        let big = vec![0u8; MAX_PAYLOAD_LEN];
+        assert!(!push_sync_record(&mut payload, &big), "a record that does not fit is refused");
     }
 }

@@ -35,6 +35,11 @@ pub struct MasterStats {
     pub reply_drops: u64,
     /// Ticket key rotations (a new key took over encryption).
     pub ticket_rotations: u64,
+    /// Stores and removals pushed to the workers' replicas (one per receiving worker).
+    pub sync_records: u64,
+    /// Pushes lost because a worker's socket was full; that worker's replica is then
+    /// flushed, so it never serves a session removed meanwhile.
+    pub sync_drops: u64,
 }
 
 /// This process's own handshake-side counters.
@@ -80,6 +85,12 @@ pub struct WorkerStats {
     pub tickets_refused: u64,
     /// Times the ticket keys were fetched from the master.
     pub ticket_key_fetches: u64,
+    /// Lookups answered by this worker's replica, without asking the master.
+    pub replica_hits: u64,
+    /// Stores and removals from other workers applied to this worker's replica.
+    pub replica_updates: u64,
+    /// Times the master told this worker to drop its replica (pushes were lost).
+    pub replica_flushes: u64,
 }
 
 /// `Stats::role`: neither master nor connected worker.
@@ -105,10 +116,10 @@ pub struct Stats {
 }
 
 /// Encoded size of `MasterStats` on the wire.
-pub const MASTER_STATS_WIRE_LEN: usize = 14 * 8;
+pub const MASTER_STATS_WIRE_LEN: usize = 16 * 8;
 
 impl MasterStats {
-    fn fields(&self) -> [u64; 14] {
+    fn fields(&self) -> [u64; 16] {
         [
             self.hits,
             self.misses,
@@ -124,6 +135,8 @@ impl MasterStats {
             self.bad_frames,
             self.reply_drops,
             self.ticket_rotations,
+            self.sync_records,
+            self.sync_drops,
         ]
     }
 
@@ -141,7 +154,7 @@ impl MasterStats {
         if bytes.len() != MASTER_STATS_WIRE_LEN {
             return None;
         }
-        let mut f = [0u64; 14];
+        let mut f = [0u64; 16];
         for (v, chunk) in f.iter_mut().zip(bytes.chunks_exact(8)) {
             *v = u64::from_le_bytes(chunk.try_into().ok()?);
         }
@@ -160,6 +173,8 @@ impl MasterStats {
             bad_frames: f[11],
             reply_drops: f[12],
             ticket_rotations: f[13],
+            sync_records: f[14],
+            sync_drops: f[15],
         })
     }
 }
@@ -185,6 +200,9 @@ pub struct WorkerCounters {
     pub(crate) tickets_renewed: AtomicU64,
     pub(crate) tickets_refused: AtomicU64,
     pub(crate) ticket_key_fetches: AtomicU64,
+    pub(crate) replica_hits: AtomicU64,
+    pub(crate) replica_updates: AtomicU64,
+    pub(crate) replica_flushes: AtomicU64,
 }
 
 /// This process's counters.
@@ -211,10 +229,13 @@ impl WorkerCounters {
             tickets_renewed: AtomicU64::new(0),
             tickets_refused: AtomicU64::new(0),
             ticket_key_fetches: AtomicU64::new(0),
+            replica_hits: AtomicU64::new(0),
+            replica_updates: AtomicU64::new(0),
+            replica_flushes: AtomicU64::new(0),
         }
     }
 
-    fn all(&self) -> [&AtomicU64; 18] {
+    fn all(&self) -> [&AtomicU64; 21] {
         [
             &self.gets,
             &self.hits,
@@ -234,6 +255,9 @@ impl WorkerCounters {
             &self.tickets_renewed,
             &self.tickets_refused,
             &self.ticket_key_fetches,
+            &self.replica_hits,
+            &self.replica_updates,
+            &self.replica_flushes,
         ]
     }
 
@@ -266,6 +290,9 @@ impl WorkerCounters {
             tickets_renewed: v[15],
             tickets_refused: v[16],
             ticket_key_fetches: v[17],
+            replica_hits: v[18],
+            replica_updates: v[19],
+            replica_flushes: v[20],
         }
     }
 }
@@ -295,6 +322,8 @@ mod tests {
             bad_frames: 12,
             reply_drops: u64::MAX,
             ticket_rotations: 14,
+            sync_records: 15,
+            sync_drops: 16,
         };
         assert_eq!(MasterStats::decode(&s.encode()), Some(s));
         assert_eq!(MasterStats::decode(&s.encode()[1..]), None);

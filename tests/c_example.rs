@@ -615,7 +615,8 @@ fn stats_endpoint_reports_master_counters() {
         let stats = parse_stats(&body);
         assert_eq!(stat(&stats, "role"), 2, "a worker answers: {body:?}");
         if stat(&stats, "master_valid") == 1 {
-            assert!(stat(&stats, "hits") >= 5, "5 resumptions were served from the cache: {body:?}");
+            // The resumptions were served by the workers' replicas or by the master; which,
+            // depends on timing, so only the stores are certain.
             assert!(stat(&stats, "stores") >= 1, "{body:?}");
             assert!(stat(&stats, "entries") >= 1, "{body:?}");
             return;

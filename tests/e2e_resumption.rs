@@ -24,7 +24,34 @@ fn tls12_session_ids_resume_across_workers() {
     all_resumed_on_several_workers(&s, true, "TLSv1.2");
     let st = s.stats();
     assert_eq!(st["master_valid"], 1);
-    assert!(st["hits"] >= 60, "{st:?}");
+    assert!(st["sync_records"] >= 3, "the stored session was pushed to the other workers: {st:?}");
+    assert!(st["w_hits"] >= 1, "{st:?}");
+}
+
+#[test]
+fn without_replicas_every_lookup_is_a_round_trip_to_the_master() {
+    let s = Server::start(&["--workers", "4", "--tls12", "--no-tickets", "--replica-bytes", "0"]);
+    all_resumed_on_several_workers(&s, true, "TLSv1.2");
+    let st = s.stats();
+    assert!(st["hits"] >= 60, "the master answered every resumption: {st:?}");
+    assert_eq!(st["sync_records"] + st["w_replica_hits"], 0, "{st:?}");
+}
+
+#[test]
+fn replicas_answer_lookups_inside_the_worker() {
+    let s = Server::start(&["--workers", "4", "--tls12", "--no-tickets"]);
+    all_resumed_on_several_workers(&s, true, "TLSv1.2");
+    // Ask every worker (several /stats requests spread over them): together their replicas
+    // answered most of the resumptions, and the master only a few.
+    let mut per_worker = std::collections::HashMap::new();
+    for _ in 0..40 {
+        let st = s.stats();
+        per_worker.insert(st["pid"], st);
+    }
+    let replica_hits: u64 = per_worker.values().map(|st| st["w_replica_hits"]).sum();
+    let any = per_worker.values().next().expect("stats");
+    assert!(replica_hits >= 30, "replica hits {replica_hits} over {} workers: {per_worker:?}", per_worker.len());
+    assert!(any["hits"] < 60, "{any:?}");
 }
 
 #[test]
@@ -151,7 +178,10 @@ fn max_lifetime_caps_a_long_session_timeout() {
 #[test]
 fn cache_evicts_least_recently_used_at_the_byte_budget() {
     let budget = 65_536u64;
-    let s = Server::start(&["--workers", "2", "--tls12", "--no-tickets", "--cache-bytes", &budget.to_string()]);
+    // Replicas are sized apart from the master's cache; give them the same budget so that an
+    // eviction is one everywhere.
+    let b = budget.to_string();
+    let s = Server::start(&["--workers", "2", "--tls12", "--no-tickets", "--cache-bytes", &b, "--replica-bytes", &b]);
     let mut oldest = Client::new(true);
     oldest.request(s.addr(), "/").expect("oldest");
     let oldest_session = oldest.session.clone();

@@ -210,7 +210,7 @@ fn handle(tcp: TcpStream, ctx: &SslContext) -> Result<(), Box<dyn std::error::Er
     let body = if req.starts_with(b"GET /stats") {
         let st = cluster_tls_store::stats();
         format!(
-            "stats role={} master_valid={} hits={} misses={} stores={} entries={} evictions={} expirations={} workers={} w_gets={} w_hits={} w_timeouts={} w_breaker_skips={} w_stateless_skipped={} w_master_gone={} w_oversize={} w_tickets_issued={} w_tickets_opened={} w_tickets_renewed={} w_tickets_refused={} ticket_rotations={} worker_setup_code={} ticket_mode={}\n",
+            "stats role={} master_valid={} hits={} misses={} stores={} entries={} evictions={} expirations={} workers={} w_gets={} w_hits={} w_timeouts={} w_breaker_skips={} w_stateless_skipped={} w_master_gone={} w_oversize={} w_tickets_issued={} w_tickets_opened={} w_tickets_renewed={} w_tickets_refused={} ticket_rotations={} worker_setup_code={} ticket_mode={} sync_records={} sync_drops={} w_replica_hits={} w_replica_updates={} w_replica_flushes={} pid={}\n",
             st.role, st.master_valid, st.master.hits, st.master.misses, st.master.stores, st.master.entries,
             st.master.evictions, st.master.expirations, st.master.workers, st.worker.gets, st.worker.hits,
             st.worker.timeouts, st.worker.breaker_skips, st.worker.stateless_skipped, st.worker.master_gone,
@@ -221,7 +221,13 @@ fn handle(tcp: TcpStream, ctx: &SslContext) -> Result<(), Box<dyn std::error::Er
             st.worker.tickets_refused,
             st.master.ticket_rotations,
             WORKER_SETUP_CODE.load(std::sync::atomic::Ordering::Relaxed),
-            TICKET_MODE.load(std::sync::atomic::Ordering::Relaxed)
+            TICKET_MODE.load(std::sync::atomic::Ordering::Relaxed),
+            st.master.sync_records,
+            st.master.sync_drops,
+            st.worker.replica_hits,
+            st.worker.replica_updates,
+            st.worker.replica_flushes,
+            pid
         )
     } else {
         format!("worker {pid} reused {reused} proto {}\n", s.ssl().version_str())

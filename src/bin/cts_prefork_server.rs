@@ -4,7 +4,7 @@
 //! cts-prefork-server --cert F --key F [--port P] [--workers N] [--threads T] [--no-share]
 //!     [--no-tickets] [--tls12] [--ns NAME] [--ns2 NAME] [--keep-sid-ctx] [--ctx-before-fork] [--verify-client] [--max-session-bytes N]
 //!     [--no-share-tickets (keep the context's own keys)] [--tickets-off] [--ticket-rotation S] [--ticket-keys K] [--ticket-key-file F]
-//!     [--session-timeout S] [--get-timeout-us N] [--cache-bytes N] [--max-lifetime S]
+//!     [--session-timeout S] [--get-timeout-us N] [--cache-bytes N] [--replica-bytes N] [--max-lifetime S]
 //! ```
 //! Prints `ready port=P [port2=Q] workers=N` and one `worker pid=X` line per worker, then
 //! waits for its workers. `--workers 0` serves from the master itself (in-process cache).
@@ -56,6 +56,7 @@ fn main() {
             "--session-timeout" => opts.session_timeout = Some(num(val()) as u32),
             "--get-timeout-us" => config.get_timeout = Duration::from_micros(num(val())),
             "--cache-bytes" => config.cache_bytes = num(val()) as usize,
+            "--replica-bytes" => config.replica_bytes = num(val()) as usize,
             "--max-lifetime" => config.max_lifetime = Duration::from_secs(num(val())),
             "--breaker-max-backoff-ms" => config.breaker_max_backoff = Duration::from_millis(num(val())),
             _ => usage(&format!("unknown argument {a}")),
