@@ -3,12 +3,16 @@
  * through cluster-tls-store. Written only against include/cluster_tls_store.h.
  *
  *   prefork_server --port P --workers N --cert F --key F [--no-share] [--no-tickets]
- *                  [--tls12] [--ns NAME] [--get-timeout-us N]
+ *                  [--tls12] [--ns NAME] [--get-timeout-us N] [--threads T]
  *
  * The master reserves the port (a bound, non-listening SO_REUSEPORT socket; port 0 picks a
  * free one), sets up the shared cache, and forks N workers. Each worker opens its own
  * SO_REUSEPORT listening socket on that port, so the kernel spreads connections across the
  * workers: a client that resumes usually lands on a worker that did not make its session.
+ *
+ * --threads T (default 1) runs T accept loops in each worker, on one SSL_CTX. With
+ * `--workers 1 --threads N --no-share` that is the in-process ideal the benchmarks compare
+ * against (bench/run.sh): N handshakes at once, one OpenSSL cache, no inter-process traffic.
  *
  * Every response body is one line:
  *   GET /       -> "worker <pid> reused <0|1> proto <TLS version>"
@@ -35,6 +39,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <arpa/inet.h>
+#include <pthread.h>
 #include <unistd.h>
 #ifdef __linux__
 #include <sys/prctl.h>
@@ -46,6 +51,7 @@
 #include "cluster_tls_store.h"
 
 #define MAX_WORKERS 256
+#define MAX_THREADS 256
 #define REQUEST_MAX 8192
 #define LISTEN_BACKLOG 128
 
@@ -58,6 +64,7 @@ struct options {
     int share;
     int tickets;
     int tls12;
+    int threads;
     long get_timeout_us; /* -1: library default */
 };
 
@@ -72,7 +79,7 @@ static void usage(const char *argv0)
 {
     fprintf(stderr,
             "usage: %s --port P --workers N --cert FILE --key FILE [--no-share] [--no-tickets]\n"
-            "          [--tls12] [--ns NAME] [--get-timeout-us N]\n",
+            "          [--tls12] [--ns NAME] [--get-timeout-us N] [--threads T]\n",
             argv0);
 }
 
@@ -95,6 +102,7 @@ static int parse_args(int argc, char **argv, struct options *o)
     o->workers = -1;
     o->share = 1;
     o->tickets = 1;
+    o->threads = 1;
     o->get_timeout_us = -1;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -121,6 +129,13 @@ static int parse_args(int argc, char **argv, struct options *o)
                 return -1;
             }
             o->workers = (int)v;
+            i++;
+        } else if (strcmp(a, "--threads") == 0) {
+            if (parse_long(next, 1, MAX_THREADS, &v) != 0) {
+                fprintf(stderr, "bad --threads (1..%d): %s\n", MAX_THREADS, next);
+                return -1;
+            }
+            o->threads = (int)v;
             i++;
         } else if (strcmp(a, "--get-timeout-us") == 0) {
             if (parse_long(next, 0, 0xffffffffL, &v) != 0) {
@@ -299,7 +314,7 @@ static int write_all(SSL *ssl, const char *buf, size_t len)
 
 static void serve_connection(SSL_CTX *ctx, int fd)
 {
-    static char req[REQUEST_MAX];
+    char req[REQUEST_MAX]; /* on the stack: several accept loops may serve at once */
     char body[512];
     char resp[1024];
 
@@ -362,6 +377,28 @@ out:
     close(fd);
 }
 
+struct accept_loop {
+    SSL_CTX *ctx;
+    int lfd;
+};
+
+static void *accept_loop(void *arg)
+{
+    const struct accept_loop *al = arg;
+    for (;;) {
+        int cfd = accept4(al->lfd, NULL, NULL, SOCK_CLOEXEC);
+        if (cfd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED || errno == EAGAIN)
+                continue;
+            perror("accept");
+            sleep(1); /* e.g. EMFILE: do not spin */
+            continue;
+        }
+        serve_connection(al->ctx, cfd);
+    }
+    return NULL;
+}
+
 static void worker_main(const struct options *o, int port, int ready_fd)
 {
 #ifdef __linux__
@@ -391,22 +428,27 @@ static void worker_main(const struct options *o, int port, int ready_fd)
         }
     }
 
+    /* Extra accept loops (--threads) share the listening socket and the SSL_CTX; the worker
+     * ends with its process (SIGTERM), so the threads are never joined. */
+    static struct accept_loop al;
+    al.ctx = ctx;
+    al.lfd = lfd;
+    for (int t = 1; t < o->threads; t++) {
+        pthread_t tid;
+        int err = pthread_create(&tid, NULL, accept_loop, &al);
+        if (err != 0) {
+            fprintf(stderr, "[%ld] pthread_create: %s\n", (long)getpid(), strerror(err));
+            exit(1);
+        }
+        pthread_detach(tid);
+    }
+
     char ok = 'R';
     if (write(ready_fd, &ok, 1) != 1)
         exit(1);
     close(ready_fd);
 
-    for (;;) {
-        int cfd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
-        if (cfd < 0) {
-            if (errno == EINTR || errno == ECONNABORTED || errno == EAGAIN)
-                continue;
-            perror("accept");
-            sleep(1); /* e.g. EMFILE: do not spin */
-            continue;
-        }
-        serve_connection(ctx, cfd);
-    }
+    accept_loop(&al);
 }
 
 int main(int argc, char **argv)

@@ -1,5 +1,6 @@
 //! Any bytes into the wire decoder: never a panic; whatever decodes re-encodes to the same
-//! frame.
+//! frame. The same bytes as a replica push (`Sync` payload): never a panic, and every
+//! record that decodes is a PUT or DEL.
 #![no_main]
 
 use cluster_tls_store::protocol;
@@ -10,5 +11,11 @@ fuzz_target!(|data: &[u8]| {
         let mut again = Vec::new();
         protocol::encode(&mut again, m.op, m.request_id, m.expiry, m.namespace, m.id, m.payload);
         assert_eq!(again, data);
+    }
+    for rec in protocol::sync_records(data) {
+        match rec {
+            Ok(m) => assert!(matches!(m.op, protocol::Op::Put | protocol::Op::Del)),
+            Err(_) => {}
+        }
     }
 });
