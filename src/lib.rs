@@ -49,6 +49,7 @@ mod error;
 mod fork;
 pub mod handler;
 mod log;
+mod remote;
 mod master;
 pub mod protocol;
 mod stats;

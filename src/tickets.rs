@@ -172,6 +172,17 @@ impl KeySchedule {
         k
     }
 
+    /// Install a key agreed with other hosts (see `remote::tickets`). It goes ahead of the
+    /// keys made here, so it encrypts during its window; the local keys keep opening the
+    /// tickets they made. A key already held (same name) is ignored.
+    pub fn install(&mut self, key: TicketKey) {
+        if self.set.keys.iter().any(|k| k.name == key.name) {
+            return;
+        }
+        // `encrypting` takes the first key whose window holds `now`: agreed keys first.
+        self.set.keys.insert(0, key);
+    }
+
     /// Bring the set up to date at `now`: a current key, the next one made ahead, and no key
     /// past its decrypt window (dropped keys are wiped).
     pub fn refresh(&mut self, now: u64, mut random: impl FnMut(&mut [u8])) {
