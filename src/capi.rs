@@ -441,3 +441,11 @@ pub const CTS_ROLE_NONE: u32 = 0;
 pub const CTS_ROLE_MASTER: u32 = 1;
 /// `Stats::role` value: a worker connected to the master.
 pub const CTS_ROLE_WORKER: u32 = 2;
+
+/// `cts_master_stats.remote_state` value: no remote tier configured.
+pub const CTS_REMOTE_OFF: u64 = 0;
+/// `cts_master_stats.remote_state` value: Redis answered the last request.
+pub const CTS_REMOTE_UP: u64 = 1;
+/// `cts_master_stats.remote_state` value: Redis failed (error or timeout); the remote tier is
+/// paused (lookups are answered from the local cache only) until a probe reconnects.
+pub const CTS_REMOTE_DOWN: u64 = 2;

@@ -303,6 +303,33 @@ mod tests {
     }
 
     #[test]
+    fn agreed_keys_encrypt_ahead_of_local_ones_and_local_ones_still_open() {
+        let mut s = KeySchedule::new(10, 3);
+        s.refresh(1005, counter());
+        let local = s.keys().encrypting(1005).expect("local key").name;
+        let agreed = |fill: u8, epoch: u64| TicketKey {
+            name: [fill; 16],
+            aes: [fill; 32],
+            hmac: [fill; 32],
+            aes_len: 32,
+            hmac_len: 32,
+            encrypt_from: epoch * 10,
+            encrypt_until: epoch * 10 + 10,
+            decrypt_until: epoch * 10 + 30,
+        };
+        s.install(agreed(0xA0, 100));
+        s.install(agreed(0xA1, 101));
+        s.install(agreed(0xA1, 101));
+        assert_eq!(s.keys().keys.len(), 4, "a key already held is not installed twice");
+        s.refresh(1006, counter());
+        assert_eq!(s.keys().encrypting(1006).map(|k| k.name), Some([0xA0; 16]));
+        assert!(s.keys().opening(&local, 1006).is_some(), "tickets made before the agreement open");
+        s.refresh(1012, counter());
+        assert_eq!(s.keys().encrypting(1012).map(|k| k.name), Some([0xA1; 16]), "the next agreed key on time");
+        assert_eq!(s.keys().keys.len(), 4, "no local key made while agreed keys cover the time");
+    }
+
+    #[test]
     fn key_files_in_nginx_and_haproxy_formats_parse_first_key_encrypts() {
         let k80: Vec<u8> = (0..80u8).collect();
         let k48: Vec<u8> = (100..148u8).collect();

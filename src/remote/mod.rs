@@ -377,13 +377,11 @@ impl Tier {
         match m.op {
             Op::Put => self.put(m.namespace, m.id, m.payload, m.expiry.min(now.saturating_add(max_lifetime)), now),
             Op::Del => self.del(m.namespace, m.id),
-            Op::Get => {
-                if self.forward_get(fd, m.namespace, m.id, m.request_id) {
-                    let len = out.len();
-                    wipe(&mut out[..len]);
-                    out.clear();
-                    return true;
-                }
+            Op::Get if self.forward_get(fd, m.namespace, m.id, m.request_id) => {
+                let len = out.len();
+                wipe(&mut out[..len]);
+                out.clear();
+                return true;
             }
             _ => {}
         }
@@ -580,7 +578,12 @@ impl Tier {
     }
 
     /// Send the queued writes as one pipeline; returns how many were stores.
-    fn write_batch(&self, c: &mut redis::Connection, batch: &[WriteJob], value: &mut Vec<u8>) -> redis::RedisResult<u64> {
+    fn write_batch(
+        &self,
+        c: &mut redis::Connection,
+        batch: &[WriteJob],
+        value: &mut Vec<u8>,
+    ) -> redis::RedisResult<u64> {
         let now = crate::master::now_secs();
         let mut pipe = redis::pipe();
         let mut stores = 0;
@@ -634,6 +637,12 @@ fn session_aad(key: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_numbers_match_the_c_constants() {
+        assert_eq!(REMOTE_UP, crate::capi::CTS_REMOTE_UP);
+        assert_eq!(REMOTE_DOWN, crate::capi::CTS_REMOTE_DOWN);
+    }
 
     #[test]
     fn urls_are_redacted_in_debug_output() {

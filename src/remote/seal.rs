@@ -57,19 +57,16 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 impl Sealer {
     /// Parse a key file's contents (see the module documentation).
     pub fn parse(text: &[u8]) -> Result<Sealer, String> {
-        let text = std::str::from_utf8(text).map_err(|_| "the key file is not text (hex or base64 lines)".to_string())?;
+        let text =
+            std::str::from_utf8(text).map_err(|_| "the key file is not text (hex or base64 lines)".to_string())?;
         let mut keys = Vec::new();
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let mut raw = if line.len() == 64 {
-                unhex(line)
-            } else {
-                openssl::base64::decode_block(line).ok()
-            }
-            .ok_or_else(|| format!("line {}: neither 64 hex digits nor base64", n + 1))?;
+            let mut raw = if line.len() == 64 { unhex(line) } else { openssl::base64::decode_block(line).ok() }
+                .ok_or_else(|| format!("line {}: neither 64 hex digits nor base64", n + 1))?;
             if raw.len() != 32 {
                 let len = raw.len();
                 wipe(&mut raw);
@@ -186,7 +183,9 @@ mod tests {
         let old = Sealer::parse(K1.as_bytes()).expect("one key");
         let mut v = Vec::new();
         old.seal(b"a", b"x", &mut v).expect("seal");
-        let rotated = two_keys();
+        // The new key goes first: it seals, the old one (second) still opens.
+        let b64 = openssl::base64::encode_block(&[7u8; 32]);
+        let rotated = Sealer::parse(format!("{b64}\n{K1}\n").as_bytes()).expect("parses");
         assert_eq!(&rotated.open(b"a", &v).expect("old key still opens")[..], b"x");
         let b64_only = Sealer::parse(openssl::base64::encode_block(&[7u8; 32]).as_bytes()).expect("base64");
         assert!(b64_only.open(b"a", &v).is_none(), "an unknown key does not open");
