@@ -48,6 +48,11 @@ fn ensure_redis_server() {
 struct Redis {
     child: Option<Child>,
     port: u16,
+    /// Extra `redis-server` arguments (TLS, password).
+    extra: Vec<String>,
+    /// The URL the hosts use, and the one the test itself uses (may skip verification).
+    url: String,
+    test_url: String,
 }
 
 /// Ports handed out in this process, so two tests never pick the same one.
@@ -67,7 +72,38 @@ fn free_port() -> u16 {
 impl Redis {
     fn start() -> Redis {
         ensure_redis_server();
-        let mut r = Redis { child: None, port: free_port() };
+        let port = free_port();
+        let url = format!("redis://127.0.0.1:{port}/0");
+        let mut r = Redis { child: None, port, extra: Vec::new(), test_url: url.clone(), url };
+        r.spawn();
+        r
+    }
+
+    /// TLS only (`rediss://`), with a password, the server certificate being the tests' own
+    /// self-signed one for "localhost".
+    fn start_tls(password: &str) -> Redis {
+        ensure_redis_server();
+        let port = free_port();
+        let (cert, key) = common::cert();
+        let extra = [
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            cert.to_str().expect("utf-8"),
+            "--tls-key-file",
+            key.to_str().expect("utf-8"),
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            password,
+        ]
+        .map(String::from)
+        .to_vec();
+        let url = format!("rediss://:{password}@localhost:{port}/0");
+        let test_url = format!("rediss://:{password}@127.0.0.1:{port}/0#insecure");
+        let mut r = Redis { child: None, port, extra, url, test_url };
         r.spawn();
         r
     }
@@ -75,6 +111,7 @@ impl Redis {
     fn spawn(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -92,12 +129,8 @@ impl Redis {
         panic!("redis-server on port {} did not answer PING in 10 s", self.port);
     }
 
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
     fn client(&self) -> redis::Client {
-        redis::Client::open(self.url()).expect("url")
+        redis::Client::open(self.test_url.as_str()).expect("url")
     }
 
     fn con(&self) -> redis::Connection {
@@ -142,10 +175,16 @@ fn key_file() -> PathBuf {
 
 /// A host: a prefork server whose master uses `redis` as its remote tier.
 fn host(redis: &Redis, args: &[&str]) -> Server {
-    let url = redis.url();
     let key = key_file();
     let key = key.to_str().expect("utf-8 temp path");
-    Server::start_with(args, &[("CTS_REMOTE", &url), ("CTS_REMOTE_KEY_FILE", key)], None)
+    // For rediss://: trust the tests' self-signed certificate (OpenSSL reads SSL_CERT_FILE).
+    let (cert, _) = common::cert();
+    let env = [
+        ("CTS_REMOTE", redis.url.as_str()),
+        ("CTS_REMOTE_KEY_FILE", key),
+        ("SSL_CERT_FILE", cert.to_str().expect("utf-8")),
+    ];
+    Server::start_with(args, &env, None)
 }
 
 fn master_key(c: &Client) -> Vec<u8> {
@@ -213,6 +252,20 @@ fn two_hosts_resume_each_others_sessions_and_redis_holds_no_master_key() {
             assert!(!contains(v, hex.as_bytes()) && !contains(&v.to_ascii_lowercase(), hex.as_bytes()));
         }
     }
+}
+
+#[test]
+fn rediss_with_a_password_is_shared_too() {
+    let redis = Redis::start_tls("s3cret-pw");
+    let args = ["--workers", "2", "--tls12", "--no-tickets"];
+    let a = host(&redis, &args);
+    let b = host(&redis, &args);
+    let (resumed, _) = alternate(a.addr(), b.addr(), true, 10, Duration::from_millis(20));
+    let sb = b.stats();
+    eprintln!("rediss://: {resumed}/10 resumed across hosts; {sb:?}");
+    assert_eq!(resumed, 10, "{sb:?}");
+    assert_eq!(sb["remote_state"], 1);
+    assert!(redis.dump().iter().any(|(k, _)| k.starts_with(b"cts::")), "sessions are stored over TLS");
 }
 
 #[test]
