@@ -393,3 +393,52 @@ fn a_remote_url_without_a_key_file_is_refused_with_a_clear_error() {
     // Stray connection attempts must not matter: nothing listens on port 1.
     assert!(TcpStream::connect("127.0.0.1:1").is_err());
 }
+
+#[test]
+fn hosts_keep_agreeing_on_ticket_keys_across_rotations() {
+    let redis = Redis::start();
+    // A 2 s rotation: over 7 s the hosts go through three or four epochs.
+    let args = ["--workers", "2", "--ticket-rotation", "2", "--ticket-keys", "3"];
+    let a = host(&redis, &args);
+    let b = host(&redis, &args);
+    let (mut tries, mut resumed) = (0, 0);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(7) {
+        let mut c = Client::new(false);
+        assert!(!c.request(a.addr(), "/").expect("full handshake on A").reused);
+        tries += 1;
+        resumed += usize::from(c.request(b.addr(), "/").expect("resumption on B").reused);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let slots = redis.dump().iter().filter(|(k, _)| k.starts_with(b"cts:tk:")).count();
+    eprintln!("ticket made on A opened on B: {resumed}/{tries}; {slots} key slots in redis");
+    assert_eq!(resumed, tries, "every ticket made on host A opens on host B");
+    assert!(slots >= 4, "a slot per epoch: {slots}");
+}
+
+#[test]
+fn cts_master_setup_refuses_a_remote_url_without_a_key_file() {
+    use cluster_tls_store::capi::*;
+    assert!(std::env::var_os("CTS_REMOTE_KEY_FILE").is_none());
+    let mut cfg = std::mem::MaybeUninit::<cts_config>::uninit();
+    // SAFETY: cts_config_init fills the whole struct.
+    let mut cfg = unsafe {
+        assert_eq!(cts_config_init(cfg.as_mut_ptr()), cts_result::CTS_OK);
+        cfg.assume_init()
+    };
+    assert!(cfg.remote_url.is_null() && cfg.remote_key_file.is_null() && cfg.remote_prefix.is_null());
+    assert_eq!((cfg.remote_timeout_ms, cfg.remote_queue_len), (50, 1024));
+    let url = c"redis://user:hunter2@127.0.0.1:1/0";
+    cfg.remote_url = url.as_ptr();
+    // SAFETY: a valid config whose strings outlive the call. Validation fails before any
+    // state is made, so this test process does not become a master.
+    let rc = unsafe { cts_master_setup(&cfg) };
+    assert_eq!(rc, cts_result::CTS_ERR_INVALID_CONFIG);
+    let mut buf = [0 as std::ffi::c_char; 512];
+    // SAFETY: 512 writable bytes.
+    let n = unsafe { cts_last_error(buf.as_mut_ptr(), buf.len()) };
+    // SAFETY: cts_last_error NUL-terminates.
+    let msg = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
+    assert!(n > 0 && msg.contains("remote_key_file") && msg.contains("CTS_REMOTE_KEY_FILE"), "{msg}");
+    assert!(!msg.contains("hunter2"), "the password is never printed: {msg}");
+}
