@@ -315,6 +315,7 @@ fn redis_killed_mid_load_then_restarted() {
     let b = host(&redis, &args);
     let (mut cross, mut local, mut worst) = (0usize, 0usize, Duration::ZERO);
     let mut worst_after_kill = Duration::ZERO;
+    let mut times = Vec::new();
     let rounds = 120;
     for round in 0..rounds {
         if round == rounds / 2 {
@@ -332,6 +333,7 @@ fn redis_killed_mid_load_then_restarted() {
         c.session = made_on_a;
         let (t2, r2) = timed(&mut c, a.addr());
         let t = t0.max(t1).max(t2);
+        times.extend([t0, t1, t2]);
         worst = worst.max(t);
         if round >= rounds / 2 {
             worst_after_kill = worst_after_kill.max(t);
@@ -345,6 +347,9 @@ fn redis_killed_mid_load_then_restarted() {
         rounds / 2,
         rounds / 2
     );
+    times.sort_unstable();
+    let pct = |p: usize| times[(times.len() - 1) * p / 100];
+    eprintln!("connection times: p50 {:?}, p99 {:?}, max {:?}", pct(50), pct(99), pct(100));
     assert!(cross >= rounds / 2 - 2, "cross-host resumption while redis lived: {cross}/{}", rounds / 2);
     assert_eq!(local, rounds / 2, "local resumption goes on without redis");
     assert!(worst_after_kill < Duration::from_millis(500), "a handshake took {worst_after_kill:?}");
@@ -441,4 +446,34 @@ fn cts_master_setup_refuses_a_remote_url_without_a_key_file() {
     let msg = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
     assert!(n > 0 && msg.contains("remote_key_file") && msg.contains("CTS_REMOTE_KEY_FILE"), "{msg}");
     assert!(!msg.contains("hunter2"), "the password is never printed: {msg}");
+}
+
+#[test]
+fn a_stalled_redis_never_makes_a_worker_wait_out_its_deadline() {
+    let redis = Redis::start();
+    let args = ["--workers", "2", "--tls12", "--no-tickets", "--get-timeout-us", "10000"];
+    let a = host(&redis, &args);
+    let b = host(&redis, &args);
+    let pid = redis.child.as_ref().expect("running").id() as i32;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let mut worst = Duration::ZERO;
+    for _ in 0..40 {
+        let mut c = Client::new(true);
+        let (t0, _) = timed(&mut c, a.addr());
+        let (t1, _) = timed(&mut c, b.addr());
+        worst = worst.max(t0).max(t1);
+    }
+    // Each stats request lands on one worker: ask several times to see both of each host.
+    let stats: Vec<_> = (0..6).flat_map(|_| [a.stats(), b.stats()]).collect();
+    let sb = b.stats();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    eprintln!("redis stopped: 80 handshakes, worst {worst:?}; host B: {sb:?}");
+    for st in &stats {
+        assert_eq!(st["w_timeouts"], 0, "{st:?}");
+    }
+    assert!(sb["remote_errors"] >= 1, "the stall was detected: {sb:?}");
+    assert!(sb["remote_skips"] >= 1, "and then skipped: {sb:?}");
+    assert!(worst < Duration::from_millis(500), "{worst:?}");
 }

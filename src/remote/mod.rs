@@ -18,7 +18,9 @@
 //!   other hosts (see `tickets`).
 //! - **Breaker**: any error or timeout drops the connection and pauses the tier (50 ms,
 //!   doubling up to 5 s). While paused, misses are answered at once and writes are skipped
-//!   (counted); the first request after the pause is the probe that reconnects.
+//!   (counted). After the pause each thread reconnects on its own time: lookups are
+//!   forwarded only while the GET thread holds a live connection, so no lookup ever waits
+//!   for a connection to be made (to a stalled Redis, that could take `remote_timeout`).
 //!
 //! Values are sealed with AES-256-GCM (`seal`), so Redis never holds a session's master
 //! secret in the clear.
@@ -28,7 +30,7 @@ mod tickets;
 
 use std::collections::HashMap;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -227,6 +229,8 @@ pub struct Tier {
     next_token: AtomicU64,
     counters: Counters,
     breaker: Breaker,
+    /// The GET thread holds a live connection (lookups are forwarded only then).
+    get_ready: AtomicBool,
     tickets: Option<tickets::Agreement>,
 }
 
@@ -277,6 +281,7 @@ impl Tier {
             tokens: Mutex::new(HashMap::new()),
             next_token: AtomicU64::new(1),
             counters: Counters::default(),
+            get_ready: AtomicBool::new(false),
             breaker: Breaker {
                 start: Instant::now(),
                 down_until: AtomicU64::new(0),
@@ -389,7 +394,7 @@ impl Tier {
     }
 
     fn forward_get(&self, fd: RawFd, namespace: &[u8], id: &[u8], request_id: u64) -> bool {
-        if !self.breaker.allows() {
+        if !self.get_ready.load(Relaxed) || !self.breaker.allows() {
             self.counters.skips.fetch_add(1, Relaxed);
             return false;
         }
@@ -472,26 +477,45 @@ impl Tier {
         Some((expiry, der))
     }
 
+    /// The GET thread. It connects (and reconnects after the pause) on its own time, with
+    /// `get_ready` false meanwhile so that nothing is forwarded: a lookup never waits for a
+    /// connection to be made, only for one GET on a live connection, bounded by its budget.
     fn get_loop(&self, rx: Receiver<GetJob>) {
         let mut con: Option<redis::Connection> = None;
-        while let Ok(job) = rx.recv() {
+        loop {
+            if con.is_none() && self.breaker.allows() {
+                match self.connect(self.timeout) {
+                    Ok(c) => {
+                        con = Some(c);
+                        self.breaker.ok();
+                        self.get_ready.store(true, Relaxed);
+                    }
+                    Err(e) => self.failed(&e),
+                }
+            }
+            // Without a connection, wake up when the pause ends to try again.
+            let wait = if con.is_some() {
+                TICK
+            } else {
+                let until = self.breaker.down_until.load(Relaxed).saturating_sub(self.breaker.now_ms());
+                Duration::from_millis(until.clamp(1, TICK.as_millis() as u64))
+            };
+            let job = match rx.recv_timeout(wait) {
+                Ok(job) => job,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
             let left = job.deadline.saturating_duration_since(Instant::now());
-            if left < Duration::from_millis(1) || !self.breaker.allows() {
-                // Too late to ask in time, or paused since it was queued: a miss now.
+            let Some(c) = con.as_mut().filter(|_| left >= Duration::from_millis(1) && self.breaker.allows()) else {
+                // Too late to ask in time, paused or not connected since it was queued: a
+                // miss now.
                 self.counters.skips.fetch_add(1, Relaxed);
                 self.reply(job, None);
                 continue;
-            }
+            };
             let key = self.key(&job.namespace, &job.id);
-            let result = (|| -> redis::RedisResult<Option<Vec<u8>>> {
-                if con.is_none() {
-                    con = Some(self.connect(left)?);
-                }
-                let c = con.as_mut().ok_or_else(|| redis::RedisError::from(std::io::Error::other("no connection")))?;
-                let left = job.deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-                c.set_read_timeout(Some(left))?;
-                redis::cmd("GET").arg(&key).query(c)
-            })();
+            let result: redis::RedisResult<Option<Vec<u8>>> =
+                c.set_read_timeout(Some(left)).and_then(|()| redis::cmd("GET").arg(&key).query(c));
             let found = match result {
                 Ok(Some(sealed)) => {
                     self.breaker.ok();
@@ -508,6 +532,7 @@ impl Tier {
                 }
                 Err(e) => {
                     con = None;
+                    self.get_ready.store(false, Relaxed);
                     self.failed(&e);
                     None
                 }
