@@ -17,7 +17,10 @@
  * Every response body is one line:
  *   GET /       -> "worker <pid> reused <0|1> proto <TLS version>"
  *   GET /stats  -> "stats role=.. master_valid=.. hits=.. misses=.. stores=.. entries=..
- *                   w_gets=.. w_hits=.. w_timeouts=.."   (one line)
+ *                   w_gets=.. w_hits=.. w_timeouts=.. remote_state=.. remote_hits=..
+ *                   remote_misses=.. remote_errors=.. remote_open_failures=.. remote_stores=.."
+ *                   (one line; remote_* are the Redis tier's, turned on by CTS_REMOTE and
+ *                   CTS_REMOTE_KEY_FILE in the environment)
  *
  * The one rule every server using the library must follow: shut a connection down
  * (SSL_shutdown) before SSL_free. SSL_free on a connection that was not shut down makes
@@ -295,9 +298,13 @@ static void stats_body(char *body, size_t cap)
     snprintf(body, cap,
              "stats role=%" PRIu32 " master_valid=%" PRIu32 " hits=%" PRIu64 " misses=%" PRIu64
              " stores=%" PRIu64 " entries=%" PRIu64 " w_gets=%" PRIu64 " w_hits=%" PRIu64
-             " w_timeouts=%" PRIu64 "\n",
+             " w_timeouts=%" PRIu64 " remote_state=%" PRIu64 " remote_hits=%" PRIu64
+             " remote_misses=%" PRIu64 " remote_errors=%" PRIu64 " remote_open_failures=%" PRIu64
+             " remote_stores=%" PRIu64 "\n",
              st.role, st.master_valid, st.master.hits, st.master.misses, st.master.stores,
-             st.master.entries, st.worker.gets, st.worker.hits, st.worker.timeouts);
+             st.master.entries, st.worker.gets, st.worker.hits, st.worker.timeouts,
+             st.master.remote_state, st.master.remote_hits, st.master.remote_misses,
+             st.master.remote_errors, st.master.remote_open_failures, st.master.remote_stores);
 }
 
 static int write_all(SSL *ssl, const char *buf, size_t len)

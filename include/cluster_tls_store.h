@@ -77,6 +77,22 @@
 #define CTS_ROLE_WORKER 2
 
 /**
+ * `cts_master_stats.remote_state` value: no remote tier configured.
+ */
+#define CTS_REMOTE_OFF 0
+
+/**
+ * `cts_master_stats.remote_state` value: Redis answered the last request.
+ */
+#define CTS_REMOTE_UP 1
+
+/**
+ * `cts_master_stats.remote_state` value: Redis failed (error or timeout); the remote tier is
+ * paused (lookups are answered from the local cache only) until a probe reconnects.
+ */
+#define CTS_REMOTE_DOWN 2
+
+/**
  * Result codes. Numbers are stable and never reused.
  */
 enum cts_result
@@ -190,6 +206,40 @@ typedef struct cts_config {
    * 0 turns replicas off (every lookup asks the master). Default 4194304 (4 MiB).
    */
   uint64_t replica_bytes;
+  /**
+   * NULL (default), or the URL of a Redis (or Valkey) shared by the masters of several
+   * hosts: `redis://[user:password@]host:port/db`, or `rediss://...` for TLS. A local miss
+   * then asks Redis (within the lookup deadline), stores go to both (Redis asynchronously,
+   * with a TTL equal to the session's remaining lifetime), removals to both, and the hosts
+   * agree on the ticket keys through it. When NULL, `cts_master_setup` reads the
+   * environment variable `CTS_REMOTE`; when both are unset the cache stays on this host.
+   * Copied by `cts_master_setup`.
+   */
+  const char *remote_url;
+  /**
+   * NULL (default), or the path of the remote tier's at-rest key file: one 32-byte
+   * AES-256-GCM key per line, as 64 hex digits or base64; `#` starts a comment. The first
+   * key seals every value written to Redis, all keys open. When NULL, `cts_master_setup`
+   * reads `CTS_REMOTE_KEY_FILE`. With a remote URL and no key file, `cts_master_setup`
+   * returns `CTS_ERR_INVALID_CONFIG`: sessions are never stored unencrypted.
+   */
+  const char *remote_key_file;
+  /**
+   * NULL (default "cts:", or the environment variable `CTS_REMOTE_PREFIX`), or the prefix
+   * of every Redis key (at most 64 bytes): keys are `<prefix><namespace>:<hex session id>`
+   * and `<prefix>tk:<epoch>` for ticket keys, so several clusters can share one Redis.
+   */
+  const char *remote_prefix;
+  /**
+   * Connect, read and write timeout of Redis requests, in milliseconds; a lookup also
+   * gives up at half of `get_timeout_us`. Default 50; allowed 1..=10000.
+   */
+  uint32_t remote_timeout_ms;
+  /**
+   * Length of each queue to the remote threads (lookups; stores and removals). Work that
+   * finds its queue full is dropped and counted (`remote_queue_drops`). Default 1024.
+   */
+  uint32_t remote_queue_len;
 } cts_config;
 
 /**
@@ -261,6 +311,41 @@ typedef struct cts_master_stats {
    * flushed, so it never serves a session removed meanwhile.
    */
   uint64_t sync_drops;
+  /**
+   * Remote tier (Redis) state: 0 off (not configured), 1 up, 2 down (the breaker paused
+   * it after an error or timeout; lookups and stores skip it until the next probe).
+   */
+  uint64_t remote_state;
+  /**
+   * Local misses the remote tier answered with a session (stored locally too).
+   */
+  uint64_t remote_hits;
+  /**
+   * Lookups the remote tier answered "not found" (including errors, timeouts and values
+   * that failed to open).
+   */
+  uint64_t remote_misses;
+  /**
+   * Redis errors and timeouts (each pauses the remote tier).
+   */
+  uint64_t remote_errors;
+  /**
+   * Lookups, stores and removals dropped because a remote queue was full.
+   */
+  uint64_t remote_queue_drops;
+  /**
+   * Values read from Redis that failed to open (tampered, moved, unknown key): misses.
+   */
+  uint64_t remote_open_failures;
+  /**
+   * Lookups, stores and removals not sent because the remote tier was paused, or a lookup
+   * whose time ran out in the queue.
+   */
+  uint64_t remote_skips;
+  /**
+   * Sessions written to Redis.
+   */
+  uint64_t remote_stores;
 } cts_master_stats;
 
 /**

@@ -105,6 +105,30 @@ pub struct cts_config {
     /// lookups are answered inside the worker. Costs up to this much memory per worker.
     /// 0 turns replicas off (every lookup asks the master). Default 4194304 (4 MiB).
     pub replica_bytes: u64,
+    /// NULL (default), or the URL of a Redis (or Valkey) shared by the masters of several
+    /// hosts: `redis://[user:password@]host:port/db`, or `rediss://...` for TLS. A local miss
+    /// then asks Redis (within the lookup deadline), stores go to both (Redis asynchronously,
+    /// with a TTL equal to the session's remaining lifetime), removals to both, and the hosts
+    /// agree on the ticket keys through it. When NULL, `cts_master_setup` reads the
+    /// environment variable `CTS_REMOTE`; when both are unset the cache stays on this host.
+    /// Copied by `cts_master_setup`.
+    pub remote_url: *const c_char,
+    /// NULL (default), or the path of the remote tier's at-rest key file: one 32-byte
+    /// AES-256-GCM key per line, as 64 hex digits or base64; `#` starts a comment. The first
+    /// key seals every value written to Redis, all keys open. When NULL, `cts_master_setup`
+    /// reads `CTS_REMOTE_KEY_FILE`. With a remote URL and no key file, `cts_master_setup`
+    /// returns `CTS_ERR_INVALID_CONFIG`: sessions are never stored unencrypted.
+    pub remote_key_file: *const c_char,
+    /// NULL (default "cts:", or the environment variable `CTS_REMOTE_PREFIX`), or the prefix
+    /// of every Redis key (at most 64 bytes): keys are `<prefix><namespace>:<hex session id>`
+    /// and `<prefix>tk:<epoch>` for ticket keys, so several clusters can share one Redis.
+    pub remote_prefix: *const c_char,
+    /// Connect, read and write timeout of Redis requests, in milliseconds; a lookup also
+    /// gives up at half of `get_timeout_us`. Default 50; allowed 1..=10000.
+    pub remote_timeout_ms: u32,
+    /// Length of each queue to the remote threads (lookups; stores and removals). Work that
+    /// finds its queue full is dropped and counted (`remote_queue_drops`). Default 1024.
+    pub remote_queue_len: u32,
 }
 
 impl From<&Config> for cts_config {
@@ -120,6 +144,11 @@ impl From<&Config> for cts_config {
             ticket_keys: c.ticket_keys,
             ticket_key_file: std::ptr::null(),
             replica_bytes: c.replica_bytes as u64,
+            remote_url: std::ptr::null(),
+            remote_key_file: std::ptr::null(),
+            remote_prefix: std::ptr::null(),
+            remote_timeout_ms: c.remote_timeout.as_millis().min(u32::MAX as u128) as u32,
+            remote_queue_len: c.remote_queue_len.min(u32::MAX as usize) as u32,
         }
     }
 }
@@ -143,8 +172,27 @@ impl From<&cts_config> for Config {
                 Some(std::path::PathBuf::from(std::ffi::OsStr::from_bytes(path.to_bytes())))
             },
             replica_bytes: usize::try_from(c.replica_bytes).unwrap_or(usize::MAX),
+            // SAFETY (the three below): the caller gives NULL or NUL-terminated strings.
+            remote_url: unsafe { opt_str(c.remote_url) }.map(crate::remote::RemoteUrl),
+            remote_key_file: unsafe { opt_str(c.remote_key_file) }.map(Into::into),
+            remote_prefix: unsafe { opt_str(c.remote_prefix) }
+                .unwrap_or_else(|| crate::remote::DEFAULT_PREFIX.to_string()),
+            remote_timeout: Duration::from_millis(u64::from(c.remote_timeout_ms)),
+            remote_queue_len: c.remote_queue_len as usize,
         }
     }
+}
+
+/// A C string as an owned `String` (lossy), `None` for NULL.
+///
+/// # Safety
+/// `p` must be NULL or a NUL-terminated string.
+unsafe fn opt_str(p: *const c_char) -> Option<String> {
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: non-NULL and NUL-terminated per the contract.
+    Some(unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
 }
 
 thread_local! {
@@ -393,3 +441,11 @@ pub const CTS_ROLE_NONE: u32 = 0;
 pub const CTS_ROLE_MASTER: u32 = 1;
 /// `Stats::role` value: a worker connected to the master.
 pub const CTS_ROLE_WORKER: u32 = 2;
+
+/// `cts_master_stats.remote_state` value: no remote tier configured.
+pub const CTS_REMOTE_OFF: u64 = 0;
+/// `cts_master_stats.remote_state` value: Redis answered the last request.
+pub const CTS_REMOTE_UP: u64 = 1;
+/// `cts_master_stats.remote_state` value: Redis failed (error or timeout); the remote tier is
+/// paused (lookups are answered from the local cache only) until a probe reconnects.
+pub const CTS_REMOTE_DOWN: u64 = 2;

@@ -42,6 +42,23 @@ pub struct Config {
     /// Memory cost: up to this much per worker. 0 turns replicas off (every lookup asks the
     /// master). Default 4 MiB.
     pub replica_bytes: usize,
+    /// The remote tier, shared by the masters of several hosts: a Redis (or Valkey) URL,
+    /// `redis://[user:password@]host:port/db` or `rediss://` for TLS. `None` (default) keeps
+    /// the cache on this host; `master_setup` then reads `CTS_REMOTE` from the environment.
+    pub remote_url: Option<crate::remote::RemoteUrl>,
+    /// The at-rest key file of the remote tier: one 32-byte AES-256-GCM key per line, as 64
+    /// hex digits or base64; the first seals, all open. Required with `remote_url`;
+    /// `None` reads `CTS_REMOTE_KEY_FILE`.
+    pub remote_key_file: Option<std::path::PathBuf>,
+    /// Prefix of every Redis key, so several clusters can share one Redis. Default "cts:"
+    /// (`CTS_REMOTE_PREFIX` replaces the default).
+    pub remote_prefix: String,
+    /// Connect, read and write timeout of Redis requests; a lookup also gives up at half the
+    /// worker's `get_timeout`. Default 50 ms.
+    pub remote_timeout: Duration,
+    /// Length of each of the two queues to the remote threads (lookups; stores and removals);
+    /// work that finds its queue full is dropped and counted. Default 1024.
+    pub remote_queue_len: usize,
 }
 
 impl Default for Config {
@@ -57,6 +74,11 @@ impl Default for Config {
             ticket_keys: 3,
             ticket_key_file: None,
             replica_bytes: 4 << 20,
+            remote_url: None,
+            remote_key_file: None,
+            remote_prefix: crate::remote::DEFAULT_PREFIX.to_string(),
+            remote_timeout: Duration::from_millis(50),
+            remote_queue_len: 1024,
         }
     }
 }
@@ -101,7 +123,7 @@ impl Config {
                 return bad(format!("ticket_key_file {}: {why}", path.display()));
             }
         }
-        Ok(())
+        crate::remote::validate(self)
     }
 }
 

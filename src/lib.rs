@@ -51,6 +51,7 @@ pub mod handler;
 mod log;
 mod master;
 pub mod protocol;
+mod remote;
 mod stats;
 pub mod tickets;
 mod wipe;
@@ -62,6 +63,7 @@ pub use callbacks::{ShareOptions, TicketMode};
 pub use channel::CHANNEL_FD_ENV;
 pub use config::Config;
 pub use error::Error;
+pub use remote::RemoteUrl;
 pub use stats::{MasterStats, Stats, WorkerStats, ROLE_MASTER, ROLE_NONE, ROLE_WORKER};
 
 /// Start the shared cache in this process (the master) and arrange that every later `fork()`

@@ -114,6 +114,7 @@ pub struct Master {
     sync_drops: AtomicU64,
     tickets: Mutex<KeySchedule>,
     key_file: Mutex<Option<FileKeys>>,
+    remote: Option<crate::remote::Tier>,
 }
 
 /// Operator-managed ticket keys, reloaded when the file changes.
@@ -158,7 +159,7 @@ pub fn now_secs() -> u64 {
 static SETUP: Mutex<()> = Mutex::new(());
 
 /// Start the cache thread and install the fork handlers. Idempotent in the master.
-pub fn setup(config: Config) -> Result<(), Error> {
+pub fn setup(mut config: Config) -> Result<(), Error> {
     if fork::is_master() {
         return Ok(());
     }
@@ -168,6 +169,7 @@ pub fn setup(config: Config) -> Result<(), Error> {
     if std::env::var_os(crate::channel::CHANNEL_FD_ENV).is_some() {
         return Err(Error::InWorker);
     }
+    crate::remote::apply_env(&mut config);
     config.validate()?;
     let _guard = SETUP.lock().unwrap_or_else(|e| e.into_inner());
     if fork::is_master() {
@@ -183,6 +185,7 @@ pub fn setup(config: Config) -> Result<(), Error> {
     if !fork::track_master_fd(wake.as_raw_fd()) {
         return Err(Error::System("eventfd descriptor number too large to track".into()));
     }
+    let remote = crate::remote::Tier::new(&config, wake.as_raw_fd())?;
     let cache = Cache::new(config.cache_bytes, config.max_session_bytes);
     let schedule = KeySchedule::new(config.ticket_key_rotation.as_secs(), u64::from(config.ticket_keys));
     let master = Master {
@@ -197,11 +200,16 @@ pub fn setup(config: Config) -> Result<(), Error> {
         sync_drops: AtomicU64::new(0),
         tickets: Mutex::new(schedule),
         key_file: Mutex::new(None),
+        remote,
     };
     if MASTER.set(master).is_err() {
         return Err(Error::System("cache master state already initialised".into()));
     }
     let master = MASTER.get().ok_or(Error::Panic)?;
+    if let Some(r) = &master.remote {
+        // Before the first fork, so workers start with the keys every host shares.
+        r.first_ticket_sync(&install_ticket_key);
+    }
     crate::channel::set_worker_config(&master.config);
     fork::install_handlers()?;
     let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
@@ -215,6 +223,10 @@ pub fn setup(config: Config) -> Result<(), Error> {
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
         let r = std::thread::Builder::new().name("cts-cache".into()).spawn(move || master.run(started_tx));
+        let r = match (r, &master.remote) {
+            (Ok(h), Some(remote)) => remote.start(install_ticket_key).map(|()| h).map_err(std::io::Error::other),
+            (r, _) => r,
+        };
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
         r
     };
@@ -223,6 +235,13 @@ pub fn setup(config: Config) -> Result<(), Error> {
     fork::set_master_pid(fork::pid());
     ACCEPTING.store(true, Relaxed);
     Ok(())
+}
+
+/// Put a ticket key agreed with the other hosts (remote tier) into the schedule.
+fn install_ticket_key(key: crate::tickets::TicketKey) {
+    if let Some(m) = MASTER.get() {
+        m.tickets.lock().unwrap_or_else(|e| e.into_inner()).install(key);
+    }
 }
 
 /// Hand a new worker's channel to the cache thread (called by the fork parent handler).
@@ -251,6 +270,9 @@ impl Master {
     pub(crate) fn put(&self, namespace: &[u8], id: &[u8], der: &[u8], expiry: u64) -> PutOutcome {
         let now = now_secs();
         let cap = now.saturating_add(self.config.max_lifetime.as_secs());
+        if let Some(r) = &self.remote {
+            r.put(namespace, id, der, expiry.min(cap), now);
+        }
         self.cache().put(namespace, id, der, expiry.min(cap), now)
     }
 
@@ -261,7 +283,7 @@ impl Master {
 
     fn stats_with(&self, cache: &Cache) -> MasterStats {
         let c = cache.counters();
-        MasterStats {
+        let mut s = MasterStats {
             hits: c.hits,
             misses: c.misses,
             stores: c.stores,
@@ -279,7 +301,12 @@ impl Master {
                 + self.key_file.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |f| f.reloads),
             sync_records: self.sync_records.load(Relaxed),
             sync_drops: self.sync_drops.load(Relaxed),
+            ..MasterStats::default()
+        };
+        if let Some(r) = &self.remote {
+            r.fill(&mut s);
         }
+        s
     }
 
     /// Keys from the operator's file: reloaded when its stamp changes; a file that no longer
@@ -370,7 +397,12 @@ impl Master {
             if pfds[0].revents != 0 {
                 self.drain_wake();
                 let mut incoming = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(r) = &self.remote {
+                    incoming.iter().for_each(|c| r.conn_opened(c.as_raw_fd()));
+                }
                 conns.extend(incoming.drain(..).map(Conn::new));
+                drop(incoming);
+                self.answer_remote(&mut conns, &mut main.out);
             }
             // Walk backwards so removing a closed channel keeps earlier indices valid.
             for i in (1..pfds.len()).rev() {
@@ -383,6 +415,9 @@ impl Master {
                 let keep = self.serve(i - 1, &mut conns, &mut main, Some(&mut spare));
                 if !keep {
                     let conn = conns.swap_remove(i - 1);
+                    if let Some(r) = &self.remote {
+                        r.conn_closed(conn.raw());
+                    }
                     fork::untrack_master_fd(conn.raw());
                     drop(conn);
                 }
@@ -400,6 +435,47 @@ impl Master {
                 wipe(&mut retired);
             }
         }
+    }
+
+    /// Answer the lookups the remote tier finished: a hit is stored here first (and, with
+    /// replicas on, pushed to the other workers like any store), then the worker gets Hit or
+    /// Miss with its own request id, if its channel is still the one that asked.
+    fn answer_remote(&self, conns: &mut [Conn], out: &mut Vec<u8>) {
+        let Some(r) = &self.remote else { return };
+        let mut frame = crate::wipe::SecretBuf::with_capacity(0);
+        for reply in r.take_replies() {
+            let open = r.still_open(&reply);
+            let asker = conns.iter().position(|c| open && c.raw() == reply.fd).unwrap_or(usize::MAX);
+            let (ns, id) = (&reply.namespace[..], &reply.id[..]);
+            frame.clear();
+            match &reply.found {
+                Some((expiry, der)) => {
+                    let expiry = self.put_local(ns, id, der, *expiry);
+                    if self.config.replica_bytes > 0 {
+                        protocol::encode(frame.vec(), Op::Put, 0, expiry, ns, id, der);
+                        self.queue_sync(asker, conns, &frame, out);
+                        frame.clear();
+                    }
+                    protocol::encode(frame.vec(), Op::Hit, reply.request_id, expiry, ns, id, der);
+                }
+                None => protocol::encode(frame.vec(), Op::Miss, reply.request_id, 0, ns, id, &[]),
+            }
+            if open {
+                self.send_reply(reply.fd, &frame);
+                if let Some(c) = conns.get_mut(asker) {
+                    // A reply now follows any Flush still unread (see `flush_sync`).
+                    c.last_was_flush = false;
+                }
+            }
+        }
+    }
+
+    /// Store a session the remote tier found; returns the expiry applied (capped).
+    fn put_local(&self, namespace: &[u8], id: &[u8], der: &[u8], expiry: u64) -> u64 {
+        let now = now_secs();
+        let expiry = expiry.min(now.saturating_add(self.config.max_lifetime.as_secs()));
+        self.cache().put(namespace, id, der, expiry, now);
+        expiry
     }
 
     fn drain_wake(&self) {
@@ -566,7 +642,14 @@ impl Master {
                 Op::TicketKeys => self.ticket_keys(),
                 _ => self.stats_with(c).encode().to_vec(),
             };
-            handle_frame(&mut cache, frame, now_secs(), max_lifetime, info, out)
+            let handled = handle_frame(&mut cache, frame, now_secs(), max_lifetime, info, out);
+            drop(cache);
+            if let Some(r) = &self.remote {
+                // Stores and removals go to Redis too; a GET that missed is forwarded there
+                // and answered later (`answer_remote`), so nothing is sent now.
+                r.after_frame(fd, frame, out, now_secs(), max_lifetime);
+            }
+            handled
         };
         if handled == Handled::Bad {
             self.bad_frames.fetch_add(1, Relaxed);
@@ -586,16 +669,19 @@ impl Master {
             }
         }
         if !out.is_empty() {
-            // SAFETY: `out` is valid for `out.len()` bytes. Non-blocking and no SIGPIPE: a
-            // full or closed worker socket costs that worker its reply, nothing else.
-            let sent =
-                unsafe { libc::send(fd, out.as_ptr().cast(), out.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-            if sent < 0 {
-                self.reply_drops.fetch_add(1, Relaxed);
-            }
+            self.send_reply(fd, out);
             let len = out.len();
             wipe(&mut out[..len]);
         }
         handled
+    }
+
+    fn send_reply(&self, fd: RawFd, out: &[u8]) {
+        // SAFETY: `out` is valid for `out.len()` bytes. Non-blocking and no SIGPIPE: a
+        // full or closed worker socket costs that worker its reply, nothing else.
+        let sent = unsafe { libc::send(fd, out.as_ptr().cast(), out.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if sent < 0 {
+            self.reply_drops.fetch_add(1, Relaxed);
+        }
     }
 }

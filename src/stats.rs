@@ -40,6 +40,25 @@ pub struct MasterStats {
     /// Pushes lost because a worker's socket was full; that worker's replica is then
     /// flushed, so it never serves a session removed meanwhile.
     pub sync_drops: u64,
+    /// Remote tier (Redis) state: 0 off (not configured), 1 up, 2 down (the breaker paused
+    /// it after an error or timeout; lookups and stores skip it until the next probe).
+    pub remote_state: u64,
+    /// Local misses the remote tier answered with a session (stored locally too).
+    pub remote_hits: u64,
+    /// Lookups the remote tier answered "not found" (including errors, timeouts and values
+    /// that failed to open).
+    pub remote_misses: u64,
+    /// Redis errors and timeouts (each pauses the remote tier).
+    pub remote_errors: u64,
+    /// Lookups, stores and removals dropped because a remote queue was full.
+    pub remote_queue_drops: u64,
+    /// Values read from Redis that failed to open (tampered, moved, unknown key): misses.
+    pub remote_open_failures: u64,
+    /// Lookups, stores and removals not sent because the remote tier was paused, or a lookup
+    /// whose time ran out in the queue.
+    pub remote_skips: u64,
+    /// Sessions written to Redis.
+    pub remote_stores: u64,
 }
 
 /// This process's own handshake-side counters.
@@ -116,10 +135,11 @@ pub struct Stats {
 }
 
 /// Encoded size of `MasterStats` on the wire.
-pub const MASTER_STATS_WIRE_LEN: usize = 16 * 8;
+pub const MASTER_STATS_WIRE_LEN: usize = MASTER_STATS_FIELDS * 8;
+const MASTER_STATS_FIELDS: usize = 24;
 
 impl MasterStats {
-    fn fields(&self) -> [u64; 16] {
+    fn fields(&self) -> [u64; MASTER_STATS_FIELDS] {
         [
             self.hits,
             self.misses,
@@ -137,6 +157,14 @@ impl MasterStats {
             self.ticket_rotations,
             self.sync_records,
             self.sync_drops,
+            self.remote_state,
+            self.remote_hits,
+            self.remote_misses,
+            self.remote_errors,
+            self.remote_queue_drops,
+            self.remote_open_failures,
+            self.remote_skips,
+            self.remote_stores,
         ]
     }
 
@@ -154,7 +182,7 @@ impl MasterStats {
         if bytes.len() != MASTER_STATS_WIRE_LEN {
             return None;
         }
-        let mut f = [0u64; 16];
+        let mut f = [0u64; MASTER_STATS_FIELDS];
         for (v, chunk) in f.iter_mut().zip(bytes.chunks_exact(8)) {
             *v = u64::from_le_bytes(chunk.try_into().ok()?);
         }
@@ -175,6 +203,14 @@ impl MasterStats {
             ticket_rotations: f[13],
             sync_records: f[14],
             sync_drops: f[15],
+            remote_state: f[16],
+            remote_hits: f[17],
+            remote_misses: f[18],
+            remote_errors: f[19],
+            remote_queue_drops: f[20],
+            remote_open_failures: f[21],
+            remote_skips: f[22],
+            remote_stores: f[23],
         })
     }
 }
@@ -324,6 +360,14 @@ mod tests {
             ticket_rotations: 14,
             sync_records: 15,
             sync_drops: 16,
+            remote_state: 17,
+            remote_hits: 18,
+            remote_misses: 19,
+            remote_errors: 20,
+            remote_queue_drops: 21,
+            remote_open_failures: 22,
+            remote_skips: 23,
+            remote_stores: 24,
         };
         assert_eq!(MasterStats::decode(&s.encode()), Some(s));
         assert_eq!(MasterStats::decode(&s.encode()[1..]), None);

@@ -172,6 +172,17 @@ impl KeySchedule {
         k
     }
 
+    /// Install a key agreed with other hosts (see `remote::tickets`). It goes ahead of the
+    /// keys made here, so it encrypts during its window; the local keys keep opening the
+    /// tickets they made. A key already held (same name) is ignored.
+    pub fn install(&mut self, key: TicketKey) {
+        if self.set.keys.iter().any(|k| k.name == key.name) {
+            return;
+        }
+        // `encrypting` takes the first key whose window holds `now`: agreed keys first.
+        self.set.keys.insert(0, key);
+    }
+
     /// Bring the set up to date at `now`: a current key, the next one made ahead, and no key
     /// past its decrypt window (dropped keys are wiped).
     pub fn refresh(&mut self, now: u64, mut random: impl FnMut(&mut [u8])) {
@@ -289,6 +300,33 @@ mod tests {
         let now_current = copy.encrypting(1005).expect("current").name;
         let later = copy.encrypting(1011).expect("next").name;
         assert_ne!(now_current, later, "the copy knows the next key");
+    }
+
+    #[test]
+    fn agreed_keys_encrypt_ahead_of_local_ones_and_local_ones_still_open() {
+        let mut s = KeySchedule::new(10, 3);
+        s.refresh(1005, counter());
+        let local = s.keys().encrypting(1005).expect("local key").name;
+        let agreed = |fill: u8, epoch: u64| TicketKey {
+            name: [fill; 16],
+            aes: [fill; 32],
+            hmac: [fill; 32],
+            aes_len: 32,
+            hmac_len: 32,
+            encrypt_from: epoch * 10,
+            encrypt_until: epoch * 10 + 10,
+            decrypt_until: epoch * 10 + 30,
+        };
+        s.install(agreed(0xA0, 100));
+        s.install(agreed(0xA1, 101));
+        s.install(agreed(0xA1, 101));
+        assert_eq!(s.keys().keys.len(), 4, "a key already held is not installed twice");
+        s.refresh(1006, counter());
+        assert_eq!(s.keys().encrypting(1006).map(|k| k.name), Some([0xA0; 16]));
+        assert!(s.keys().opening(&local, 1006).is_some(), "tickets made before the agreement open");
+        s.refresh(1012, counter());
+        assert_eq!(s.keys().encrypting(1012).map(|k| k.name), Some([0xA1; 16]), "the next agreed key on time");
+        assert_eq!(s.keys().keys.len(), 4, "no local key made while agreed keys cover the time");
     }
 
     #[test]

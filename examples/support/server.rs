@@ -228,7 +228,7 @@ fn handle(tcp: TcpStream, ctx: &SslContext) -> Result<(), Box<dyn std::error::Er
             st.worker.replica_updates,
             st.worker.replica_flushes,
             pid
-        )
+        ) + &remote_stats(&st.master)
     } else {
         format!("worker {pid} reused {reused} proto {}\n", s.ssl().version_str())
     };
@@ -318,4 +318,19 @@ pub fn worker_main(opts: &ServerOpts, port: u16, port2: Option<u16>) -> ! {
 /// The address of a port on loopback.
 pub fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// The remote tier's counters, for `GET /stats`.
+fn remote_stats(m: &cluster_tls_store::MasterStats) -> String {
+    format!(
+        "remote_state={} remote_hits={} remote_misses={} remote_errors={} remote_queue_drops={} remote_open_failures={} remote_skips={} remote_stores={}\n",
+        m.remote_state,
+        m.remote_hits,
+        m.remote_misses,
+        m.remote_errors,
+        m.remote_queue_drops,
+        m.remote_open_failures,
+        m.remote_skips,
+        m.remote_stores
+    )
 }

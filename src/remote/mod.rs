@@ -1,0 +1,708 @@
+//! The remote tier: a Redis (or Valkey) shared by the masters of several hosts.
+//!
+//! The master's cache stays the first tier. The cache thread never touches the network: it
+//! hands work to two threads of this module through bounded queues and goes on.
+//!
+//! - **GET** (`cts-remote-get`): a local miss is forwarded with the worker's channel, a token
+//!   naming that channel's life, and the request id. The thread asks Redis, opens the sealed
+//!   value, and leaves the answer in `replies`, then writes the master's wake-up eventfd. The
+//!   cache thread stores a hit locally and answers the worker itself, with the original
+//!   request id, only if the channel still has the same token (a worker that died and whose
+//!   descriptor number was reused gets nothing). Each forwarded GET has a budget (half the
+//!   worker's `get_timeout`, at most `remote_timeout`): past it the thread answers "miss"
+//!   without asking, and Redis's read timeout is the time left, so the worker hears back
+//!   before its own deadline and never counts a timeout because of Redis.
+//! - **PUT/DEL and ticket keys** (`cts-remote-put`): stores (sealed, with a TTL equal to the
+//!   session's remaining lifetime) and removals are queued, pipelined, and dropped (counted)
+//!   when the queue is full. Once a second the same thread agrees on ticket keys with the
+//!   other hosts (see `tickets`).
+//! - **Breaker**: any error or timeout drops the connection and pauses the tier (50 ms,
+//!   doubling up to 5 s). While paused, misses are answered at once and writes are skipped
+//!   (counted). After the pause each thread reconnects on its own time: lookups are
+//!   forwarded only while the GET thread holds a live connection, so no lookup ever waits
+//!   for a connection to be made (to a stalled Redis, that could take `remote_timeout`).
+//!
+//! Values are sealed with AES-256-GCM (`seal`), so Redis never holds a session's master
+//! secret in the clear.
+
+pub mod seal;
+mod tickets;
+
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::protocol::{self, Op};
+use crate::stats::MasterStats;
+use crate::wipe::{wipe, SecretBuf};
+use crate::Error;
+use seal::Sealer;
+
+/// `MasterStats::remote_state` (0 when no remote tier is configured): the last request to Redis succeeded (or none failed yet).
+pub const REMOTE_UP: u64 = 1;
+/// `MasterStats::remote_state`: Redis failed; requests are skipped until the next probe.
+pub const REMOTE_DOWN: u64 = 2;
+
+/// Default key prefix.
+pub const DEFAULT_PREFIX: &str = "cts:";
+/// Environment variable naming the Redis URL when the configuration does not.
+pub const ENV_URL: &str = "CTS_REMOTE";
+/// Environment variable naming the at-rest key file when the configuration does not.
+pub const ENV_KEY_FILE: &str = "CTS_REMOTE_KEY_FILE";
+/// Environment variable for the key prefix when the configuration leaves the default.
+pub const ENV_PREFIX: &str = "CTS_REMOTE_PREFIX";
+
+const BREAKER_MIN: Duration = Duration::from_millis(50);
+const BREAKER_MAX: Duration = Duration::from_secs(5);
+/// Writes sent to Redis in one pipeline at most.
+const WRITE_BATCH: usize = 64;
+/// How often the write thread agrees on ticket keys (and probes a paused tier).
+const TICK: Duration = Duration::from_secs(1);
+
+/// A Redis URL, which may hold a password: `Debug` shows the scheme and host only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RemoteUrl(pub String);
+
+impl From<&str> for RemoteUrl {
+    fn from(s: &str) -> RemoteUrl {
+        RemoteUrl(s.to_string())
+    }
+}
+
+impl From<String> for RemoteUrl {
+    fn from(s: String) -> RemoteUrl {
+        RemoteUrl(s)
+    }
+}
+
+impl RemoteUrl {
+    /// The URL without user name or password, for messages.
+    pub fn redacted(&self) -> String {
+        match (self.0.split_once("://"), self.0.rfind('@')) {
+            (Some((scheme, _)), Some(at)) => format!("{scheme}://***@{}", &self.0[at + 1..]),
+            _ => self.0.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for RemoteUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+/// Fill the remote settings the configuration leaves unset from the environment
+/// (`CTS_REMOTE`, `CTS_REMOTE_KEY_FILE`, `CTS_REMOTE_PREFIX`).
+pub fn apply_env(config: &mut Config) {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    if config.remote_url.is_none() {
+        config.remote_url = var(ENV_URL).map(RemoteUrl);
+    }
+    if config.remote_key_file.is_none() {
+        config.remote_key_file = var(ENV_KEY_FILE).map(Into::into);
+    }
+    if config.remote_prefix == DEFAULT_PREFIX {
+        if let Some(p) = var(ENV_PREFIX) {
+            config.remote_prefix = p;
+        }
+    }
+}
+
+/// Check the remote settings (called by `Config::validate` when a URL is set).
+pub fn validate(config: &Config) -> Result<(), Error> {
+    let Some(url) = &config.remote_url else { return Ok(()) };
+    let bad = |why: String| Err(Error::InvalidConfig(why));
+    if let Err(e) = redis::Client::open(url.0.as_str()) {
+        return bad(format!("remote_url {}: {e}", url.redacted()));
+    }
+    let Some(path) = &config.remote_key_file else {
+        return bad(format!(
+            "remote_url is set but no remote_key_file (or {ENV_KEY_FILE}): the remote tier \
+             refuses to store sessions unencrypted"
+        ));
+    };
+    if let Err(why) = Sealer::load(path) {
+        return bad(format!("remote_key_file {why}"));
+    }
+    if config.remote_prefix.len() > 64 {
+        return bad(format!("remote_prefix is {} bytes (at most 64)", config.remote_prefix.len()));
+    }
+    if config.remote_timeout < Duration::from_millis(1) || config.remote_timeout > Duration::from_secs(10) {
+        return bad(format!("remote_timeout = {:?} (allowed 1 ms ..= 10 s)", config.remote_timeout));
+    }
+    if !(1..=1 << 20).contains(&config.remote_queue_len) {
+        return bad(format!("remote_queue_len = {} (allowed 1 ..= 1048576)", config.remote_queue_len));
+    }
+    Ok(())
+}
+
+/// A lookup forwarded by the cache thread.
+struct GetJob {
+    fd: RawFd,
+    token: u64,
+    request_id: u64,
+    namespace: Vec<u8>,
+    id: Vec<u8>,
+    deadline: Instant,
+}
+
+/// The answer to a forwarded lookup, for the cache thread.
+pub struct Reply {
+    /// The worker channel that asked.
+    pub fd: RawFd,
+    token: u64,
+    /// The worker's request id.
+    pub request_id: u64,
+    /// The session's namespace.
+    pub namespace: Vec<u8>,
+    /// The session id.
+    pub id: Vec<u8>,
+    /// On a hit: the session's expiry (unix seconds) and its DER.
+    pub found: Option<(u64, SecretBuf)>,
+}
+
+enum WriteJob {
+    Put { namespace: Vec<u8>, id: Vec<u8>, der: SecretBuf, expiry: u64 },
+    Del { namespace: Vec<u8>, id: Vec<u8> },
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    errors: AtomicU64,
+    queue_drops: AtomicU64,
+    open_failures: AtomicU64,
+    skips: AtomicU64,
+    stores: AtomicU64,
+}
+
+/// Shared by both threads and the cache thread: paused until `down_until` (ms since start).
+struct Breaker {
+    start: Instant,
+    down_until: AtomicU64,
+    backoff_ms: AtomicU64,
+    state: AtomicU8,
+}
+
+impl Breaker {
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn allows(&self) -> bool {
+        self.now_ms() >= self.down_until.load(Relaxed)
+    }
+
+    fn trip(&self) {
+        let b = self.backoff_ms.load(Relaxed);
+        let next = if b == 0 { BREAKER_MIN.as_millis() as u64 } else { (b * 2).min(BREAKER_MAX.as_millis() as u64) };
+        self.backoff_ms.store(next, Relaxed);
+        self.down_until.store(self.now_ms() + next, Relaxed);
+        self.state.store(REMOTE_DOWN as u8, Relaxed);
+    }
+
+    fn ok(&self) {
+        self.backoff_ms.store(0, Relaxed);
+        self.state.store(REMOTE_UP as u8, Relaxed);
+    }
+}
+
+/// The remote tier, owned by the master.
+pub struct Tier {
+    client: redis::Client,
+    url: RemoteUrl,
+    sealer: Sealer,
+    prefix: Vec<u8>,
+    timeout: Duration,
+    get_budget: Duration,
+    wake_fd: RawFd,
+    get_tx: SyncSender<GetJob>,
+    put_tx: SyncSender<WriteJob>,
+    receivers: Mutex<Option<(Receiver<GetJob>, Receiver<WriteJob>)>>,
+    replies: Mutex<Vec<Reply>>,
+    tokens: Mutex<HashMap<RawFd, u64>>,
+    next_token: AtomicU64,
+    counters: Counters,
+    breaker: Breaker,
+    /// The GET thread holds a live connection (lookups are forwarded only then).
+    get_ready: AtomicBool,
+    tickets: Option<tickets::Agreement>,
+}
+
+impl std::fmt::Debug for Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tier").field("url", &self.url).field("sealer", &self.sealer).finish()
+    }
+}
+
+/// Hex of bytes, lower case.
+fn hex_into(out: &mut Vec<u8>, bytes: &[u8]) {
+    const H: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(H[(b >> 4) as usize]);
+        out.push(H[(b & 15) as usize]);
+    }
+}
+
+impl Tier {
+    /// Build the tier from a validated configuration; `None` when no URL is configured.
+    /// `wake_fd` is the master's eventfd, written when replies are ready.
+    pub fn new(config: &Config, wake_fd: RawFd) -> Result<Option<Tier>, Error> {
+        let Some(url) = config.remote_url.clone() else { return Ok(None) };
+        validate(config)?;
+        let client = redis::Client::open(url.0.as_str())
+            .map_err(|e| Error::InvalidConfig(format!("remote_url {}: {e}", url.redacted())))?;
+        let path = config.remote_key_file.as_ref().ok_or_else(|| Error::InvalidConfig("remote_key_file".into()))?;
+        let sealer = Sealer::load(path).map_err(|why| Error::InvalidConfig(format!("remote_key_file {why}")))?;
+        crate::log::debug!("remote tier {}: {} at-rest key(s)", url.redacted(), sealer.len());
+        let queue = config.remote_queue_len;
+        let (get_tx, get_rx) = std::sync::mpsc::sync_channel(queue);
+        let (put_tx, put_rx) = std::sync::mpsc::sync_channel(queue);
+        let tickets = (config.share_tickets && config.ticket_key_file.is_none()).then(|| {
+            tickets::Agreement::new(config.ticket_key_rotation.as_secs().max(1), u64::from(config.ticket_keys))
+        });
+        Ok(Some(Tier {
+            client,
+            url,
+            sealer,
+            prefix: config.remote_prefix.as_bytes().to_vec(),
+            timeout: config.remote_timeout,
+            get_budget: config.remote_timeout.min(config.get_timeout / 2),
+            wake_fd,
+            get_tx,
+            put_tx,
+            receivers: Mutex::new(Some((get_rx, put_rx))),
+            replies: Mutex::new(Vec::new()),
+            tokens: Mutex::new(HashMap::new()),
+            next_token: AtomicU64::new(1),
+            counters: Counters::default(),
+            get_ready: AtomicBool::new(false),
+            breaker: Breaker {
+                start: Instant::now(),
+                down_until: AtomicU64::new(0),
+                backoff_ms: AtomicU64::new(0),
+                state: AtomicU8::new(REMOTE_UP as u8),
+            },
+            tickets,
+        }))
+    }
+
+    /// Agree on ticket keys once, now, on the calling thread (the master's setup, before
+    /// the first fork, so workers start with the shared keys). Failure leaves the local
+    /// keys; the write thread retries every second.
+    pub fn first_ticket_sync(&self, install: &dyn Fn(crate::tickets::TicketKey)) {
+        let Some(t) = &self.tickets else { return };
+        match self.connect(self.timeout) {
+            Ok(mut con) => {
+                if let Err(e) = t.sync(self, &mut con, crate::master::now_secs(), install) {
+                    self.failed(&e);
+                }
+            }
+            Err(e) => self.failed(&e),
+        }
+    }
+
+    /// Start the GET and write threads (the caller has blocked signals). `install` puts
+    /// agreed ticket keys into the master's schedule.
+    pub fn start(&'static self, install: fn(crate::tickets::TicketKey)) -> Result<(), Error> {
+        let Some((get_rx, put_rx)) = self.receivers.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return Ok(());
+        };
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map(drop)
+                .map_err(|e| Error::System(format!("spawning the {name} thread: {e}")))
+        };
+        spawn("cts-remote-get", Box::new(move || self.get_loop(get_rx)))?;
+        spawn("cts-remote-put", Box::new(move || self.write_loop(put_rx, install)))
+    }
+
+    /// The Redis key of a session: prefix, namespace, ':', hex session id.
+    pub fn key(&self, namespace: &[u8], id: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(self.prefix.len() + namespace.len() + 1 + 2 * id.len());
+        k.extend_from_slice(&self.prefix);
+        k.extend_from_slice(namespace);
+        k.push(b':');
+        hex_into(&mut k, id);
+        k
+    }
+
+    fn connect(&self, timeout: Duration) -> redis::RedisResult<redis::Connection> {
+        let con = self.client.get_connection_with_timeout(timeout)?;
+        con.set_write_timeout(Some(self.timeout))?;
+        con.set_read_timeout(Some(self.timeout))?;
+        Ok(con)
+    }
+
+    fn failed(&self, e: &redis::RedisError) {
+        self.counters.errors.fetch_add(1, Relaxed);
+        self.breaker.trip();
+        crate::log::debug!("remote {}: {e}; paused", self.url.redacted());
+    }
+
+    /// A new worker channel (the cache thread adopted `fd`).
+    pub fn conn_opened(&self, fd: RawFd) {
+        let t = self.next_token.fetch_add(1, Relaxed);
+        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).insert(fd, t);
+    }
+
+    /// A worker channel closed; replies to it are dropped from now on.
+    pub fn conn_closed(&self, fd: RawFd) {
+        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).remove(&fd);
+    }
+
+    fn token(&self, fd: RawFd) -> Option<u64> {
+        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).get(&fd).copied()
+    }
+
+    /// True when `reply` is for the channel that is open on its descriptor now.
+    pub fn still_open(&self, reply: &Reply) -> bool {
+        self.token(reply.fd) == Some(reply.token)
+    }
+
+    /// After the cache handled `frame` from worker `fd` (and `out` holds its reply): send
+    /// stores and removals to Redis, and forward a GET that missed. Returns true when the
+    /// GET was forwarded: `out` is then cleared, the answer comes later through `replies`.
+    pub fn after_frame(&self, fd: RawFd, frame: &[u8], out: &mut Vec<u8>, now: u64, max_lifetime: u64) -> bool {
+        let Some(&op) = frame.get(1) else { return false };
+        if op == Op::Get as u8 && out.get(1) != Some(&(Op::Miss as u8)) {
+            return false; // a local hit (or no reply)
+        }
+        if op != Op::Get as u8 && op != Op::Put as u8 && op != Op::Del as u8 {
+            return false;
+        }
+        let Ok(m) = protocol::decode(frame) else { return false };
+        match m.op {
+            Op::Put => self.put(m.namespace, m.id, m.payload, m.expiry.min(now.saturating_add(max_lifetime)), now),
+            Op::Del => self.del(m.namespace, m.id),
+            Op::Get if self.forward_get(fd, m.namespace, m.id, m.request_id) => {
+                let len = out.len();
+                wipe(&mut out[..len]);
+                out.clear();
+                return true;
+            }
+            _ => {}
+        }
+        false
+    }
+
+    fn forward_get(&self, fd: RawFd, namespace: &[u8], id: &[u8], request_id: u64) -> bool {
+        if !self.get_ready.load(Relaxed) || !self.breaker.allows() {
+            self.counters.skips.fetch_add(1, Relaxed);
+            return false;
+        }
+        let Some(token) = self.token(fd) else { return false };
+        let job = GetJob {
+            fd,
+            token,
+            request_id,
+            namespace: namespace.to_vec(),
+            id: id.to_vec(),
+            deadline: Instant::now() + self.get_budget,
+        };
+        match self.get_tx.try_send(job) {
+            Ok(()) => true,
+            Err(_) => {
+                self.counters.queue_drops.fetch_add(1, Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Queue a store of `der` (sealed by the write thread) until `expiry`.
+    pub fn put(&self, namespace: &[u8], id: &[u8], der: &[u8], expiry: u64, now: u64) {
+        if expiry <= now {
+            return;
+        }
+        let mut buf = SecretBuf::with_capacity(der.len());
+        buf.vec().extend_from_slice(der);
+        self.queue_write(WriteJob::Put { namespace: namespace.to_vec(), id: id.to_vec(), der: buf, expiry });
+    }
+
+    /// Queue a removal.
+    pub fn del(&self, namespace: &[u8], id: &[u8]) {
+        self.queue_write(WriteJob::Del { namespace: namespace.to_vec(), id: id.to_vec() });
+    }
+
+    fn queue_write(&self, job: WriteJob) {
+        if !self.breaker.allows() {
+            self.counters.skips.fetch_add(1, Relaxed);
+            return;
+        }
+        match self.put_tx.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.counters.queue_drops.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Take the answers ready for the cache thread.
+    pub fn take_replies(&self) -> Vec<Reply> {
+        std::mem::take(&mut *self.replies.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn reply(&self, job: GetJob, found: Option<(u64, SecretBuf)>) {
+        let GetJob { fd, token, request_id, namespace, id, .. } = job;
+        self.replies.lock().unwrap_or_else(|e| e.into_inner()).push(Reply {
+            fd,
+            token,
+            request_id,
+            namespace,
+            id,
+            found,
+        });
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to the master's eventfd, which lives as long
+        // as the master (a static); a full counter is harmless (the loop drains on any wake).
+        unsafe { libc::write(self.wake_fd, (&one as *const u64).cast(), 8) };
+    }
+
+    /// Open a sealed session value: `expiry (8, LE) | DER`.
+    fn open_session(&self, key: &[u8], sealed: &[u8]) -> Option<(u64, SecretBuf)> {
+        let plain = self.sealer.open(&session_aad(key), sealed)?;
+        if plain.len() < 9 {
+            return None;
+        }
+        let expiry = u64::from_le_bytes(plain[..8].try_into().ok()?);
+        let mut der = SecretBuf::with_capacity(plain.len() - 8);
+        der.vec().extend_from_slice(&plain[8..]);
+        Some((expiry, der))
+    }
+
+    /// The GET thread. It connects (and reconnects after the pause) on its own time, with
+    /// `get_ready` false meanwhile so that nothing is forwarded: a lookup never waits for a
+    /// connection to be made, only for one GET on a live connection, bounded by its budget.
+    fn get_loop(&self, rx: Receiver<GetJob>) {
+        let mut con: Option<redis::Connection> = None;
+        loop {
+            if con.is_none() && self.breaker.allows() {
+                match self.connect(self.timeout) {
+                    Ok(c) => {
+                        con = Some(c);
+                        self.breaker.ok();
+                        self.get_ready.store(true, Relaxed);
+                    }
+                    Err(e) => self.failed(&e),
+                }
+            }
+            // Without a connection, wake up when the pause ends to try again.
+            let wait = if con.is_some() {
+                TICK
+            } else {
+                let until = self.breaker.down_until.load(Relaxed).saturating_sub(self.breaker.now_ms());
+                Duration::from_millis(until.clamp(1, TICK.as_millis() as u64))
+            };
+            let job = match rx.recv_timeout(wait) {
+                Ok(job) => job,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            let left = job.deadline.saturating_duration_since(Instant::now());
+            let Some(c) = con.as_mut().filter(|_| left >= Duration::from_millis(1) && self.breaker.allows()) else {
+                // Too late to ask in time, paused or not connected since it was queued: a
+                // miss now.
+                self.counters.skips.fetch_add(1, Relaxed);
+                self.reply(job, None);
+                continue;
+            };
+            let key = self.key(&job.namespace, &job.id);
+            let result: redis::RedisResult<Option<Vec<u8>>> =
+                c.set_read_timeout(Some(left)).and_then(|()| redis::cmd("GET").arg(&key).query(c));
+            let found = match result {
+                Ok(Some(sealed)) => {
+                    self.breaker.ok();
+                    let opened = self.open_session(&key, &sealed);
+                    if opened.is_none() {
+                        self.counters.open_failures.fetch_add(1, Relaxed);
+                        crate::log::debug!("remote: a value failed to open (key {})", String::from_utf8_lossy(&key));
+                    }
+                    opened
+                }
+                Ok(None) => {
+                    self.breaker.ok();
+                    None
+                }
+                Err(e) => {
+                    con = None;
+                    self.get_ready.store(false, Relaxed);
+                    self.failed(&e);
+                    None
+                }
+            };
+            if found.is_some() {
+                self.counters.hits.fetch_add(1, Relaxed);
+            } else {
+                self.counters.misses.fetch_add(1, Relaxed);
+            }
+            self.reply(job, found);
+        }
+    }
+
+    fn write_loop(&self, rx: Receiver<WriteJob>, install: fn(crate::tickets::TicketKey)) {
+        let mut con: Option<redis::Connection> = None;
+        let mut next_tick = Instant::now() + TICK;
+        let mut batch: Vec<WriteJob> = Vec::with_capacity(WRITE_BATCH);
+        let mut value: Vec<u8> = Vec::new();
+        loop {
+            match rx.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
+                Ok(job) => batch.push(job),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            while batch.len() < WRITE_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            let tick = Instant::now() >= next_tick;
+            if tick {
+                next_tick = Instant::now() + TICK;
+            }
+            if !self.breaker.allows() {
+                self.counters.skips.fetch_add(batch.len() as u64, Relaxed);
+                batch.clear();
+                continue;
+            }
+            if batch.is_empty() && !tick {
+                continue;
+            }
+            let r = (|| -> redis::RedisResult<()> {
+                if con.is_none() {
+                    con = Some(self.connect(self.timeout)?);
+                }
+                let c = con.as_mut().ok_or_else(|| redis::RedisError::from(std::io::Error::other("no connection")))?;
+                if !batch.is_empty() {
+                    let stores = self.write_batch(c, &batch, &mut value)?;
+                    self.counters.stores.fetch_add(stores, Relaxed);
+                }
+                if tick {
+                    if let Some(t) = &self.tickets {
+                        t.sync(self, c, crate::master::now_secs(), &install)?;
+                    }
+                }
+                Ok(())
+            })();
+            batch.clear();
+            match r {
+                Ok(()) => self.breaker.ok(),
+                Err(e) => {
+                    con = None;
+                    self.failed(&e);
+                }
+            }
+        }
+    }
+
+    /// Send the queued writes as one pipeline; returns how many were stores.
+    fn write_batch(
+        &self,
+        c: &mut redis::Connection,
+        batch: &[WriteJob],
+        value: &mut Vec<u8>,
+    ) -> redis::RedisResult<u64> {
+        let now = crate::master::now_secs();
+        let mut pipe = redis::pipe();
+        let mut stores = 0;
+        let mut plain = SecretBuf::with_capacity(0);
+        for job in batch {
+            match job {
+                WriteJob::Put { namespace, id, der, expiry } => {
+                    let Some(ttl) = expiry.checked_sub(now).filter(|&t| t > 0) else { continue };
+                    let key = self.key(namespace, id);
+                    plain.clear();
+                    plain.vec().extend_from_slice(&expiry.to_le_bytes());
+                    plain.vec().extend_from_slice(der);
+                    value.clear();
+                    if self.sealer.seal(&session_aad(&key), &plain, value).is_err() {
+                        self.counters.errors.fetch_add(1, Relaxed);
+                        continue;
+                    }
+                    pipe.cmd("SET").arg(key).arg(value.as_slice()).arg("EX").arg(ttl).ignore();
+                    stores += 1;
+                }
+                WriteJob::Del { namespace, id } => {
+                    pipe.cmd("DEL").arg(self.key(namespace, id)).ignore();
+                }
+            }
+        }
+        pipe.query::<()>(c)?;
+        Ok(stores)
+    }
+
+    /// Copy the counters into the master's stats.
+    pub fn fill(&self, s: &mut MasterStats) {
+        let c = &self.counters;
+        s.remote_state = u64::from(self.breaker.state.load(Relaxed));
+        s.remote_hits = c.hits.load(Relaxed);
+        s.remote_misses = c.misses.load(Relaxed);
+        s.remote_errors = c.errors.load(Relaxed);
+        s.remote_queue_drops = c.queue_drops.load(Relaxed);
+        s.remote_open_failures = c.open_failures.load(Relaxed);
+        s.remote_skips = c.skips.load(Relaxed);
+        s.remote_stores = c.stores.load(Relaxed);
+    }
+}
+
+/// Associated data of a session value: a label and the Redis key (prefix, namespace, id).
+fn session_aad(key: &[u8]) -> Vec<u8> {
+    let mut aad = b"cts-session-v1\0".to_vec();
+    aad.extend_from_slice(key);
+    aad
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_numbers_match_the_c_constants() {
+        assert_eq!(REMOTE_UP, crate::capi::CTS_REMOTE_UP);
+        assert_eq!(REMOTE_DOWN, crate::capi::CTS_REMOTE_DOWN);
+    }
+
+    #[test]
+    fn urls_are_redacted_in_debug_output() {
+        let u = RemoteUrl::from("redis://user:hunter2@10.0.0.1:6379/2");
+        let d = format!("{u:?}");
+        assert!(!d.contains("hunter2") && d.contains("10.0.0.1:6379/2"), "{d}");
+        assert_eq!(RemoteUrl::from("redis://h:1").redacted(), "redis://h:1");
+    }
+
+    #[test]
+    fn a_url_without_a_key_file_is_refused() {
+        let c = Config { remote_url: Some("redis://127.0.0.1:1/".into()), ..Config::default() };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("remote_key_file"), "{e}");
+        let c = Config { remote_url: Some("nonsense".into()), ..Config::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("remote_url"));
+    }
+
+    #[test]
+    fn breaker_pauses_and_doubles_then_closes() {
+        let b = Breaker {
+            start: Instant::now(),
+            down_until: AtomicU64::new(0),
+            backoff_ms: AtomicU64::new(0),
+            state: AtomicU8::new(REMOTE_UP as u8),
+        };
+        assert!(b.allows());
+        b.trip();
+        assert!(!b.allows());
+        assert_eq!(b.backoff_ms.load(Relaxed), 50);
+        b.trip();
+        assert_eq!(b.backoff_ms.load(Relaxed), 100);
+        b.ok();
+        assert_eq!(b.state.load(Relaxed) as u64, REMOTE_UP);
+        b.trip();
+        assert_eq!(b.backoff_ms.load(Relaxed), 50, "a success resets the back-off");
+    }
+}

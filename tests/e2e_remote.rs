@@ -1,0 +1,479 @@
+//! End to end, across hosts: two independent prefork servers ("hosts", each its own master)
+//! share one real `redis-server` through the remote tier, configured the way a server that
+//! cannot change code does it: `CTS_REMOTE` and `CTS_REMOTE_KEY_FILE` in the environment.
+//!
+//! `redis-server` is started by the tests on free loopback ports and stopped at the end. If
+//! it is not installed, the first test installs Debian's package (`apt-get install -y
+//! redis-server`); if that fails the tests fail and say so: they are never skipped.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::{Client, Server};
+
+/// The at-rest key the hosts of these tests share (hex, one line).
+const AT_REST_KEY: &str = "5a5b1c0d2e3f405162738495a6b7c8d9eafb0c1d2e3f40516273849500112233";
+
+fn ensure_redis_server() {
+    static READY: OnceLock<Result<(), String>> = OnceLock::new();
+    let r = READY.get_or_init(|| {
+        let have = || Command::new("redis-server").arg("--version").output().is_ok_and(|o| o.status.success());
+        if have() {
+            return Ok(());
+        }
+        eprintln!("redis-server is missing: installing Debian's package (apt-get install -y redis-server)");
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg("apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server")
+            .status();
+        match status {
+            Ok(s) if s.success() && have() => Ok(()),
+            Ok(s) => {
+                Err(format!("`apt-get install -y redis-server` failed ({s}); install redis-server to run these tests"))
+            }
+            Err(e) => Err(format!("could not run apt-get ({e}); install redis-server to run these tests")),
+        }
+    });
+    if let Err(why) = r {
+        panic!("{why}");
+    }
+}
+
+/// A `redis-server` on a free loopback port, killed on drop.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    /// Extra `redis-server` arguments (TLS, password).
+    extra: Vec<String>,
+    /// The URL the hosts use, and the one the test itself uses (may skip verification).
+    url: String,
+    test_url: String,
+}
+
+/// Ports handed out in this process, so two tests never pick the same one.
+static PORTS: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+
+fn free_port() -> u16 {
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let mut used = PORTS.lock().unwrap_or_else(|e| e.into_inner());
+        if !used.contains(&port) {
+            used.push(port);
+            return port;
+        }
+    }
+}
+
+impl Redis {
+    fn start() -> Redis {
+        ensure_redis_server();
+        let port = free_port();
+        let url = format!("redis://127.0.0.1:{port}/0");
+        let mut r = Redis { child: None, port, extra: Vec::new(), test_url: url.clone(), url };
+        r.spawn();
+        r
+    }
+
+    /// TLS only (`rediss://`), with a password, the server certificate being the tests' own
+    /// self-signed one for "localhost".
+    fn start_tls(password: &str) -> Redis {
+        ensure_redis_server();
+        let port = free_port();
+        let (cert, key) = common::cert();
+        let extra = [
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            cert.to_str().expect("utf-8"),
+            "--tls-key-file",
+            key.to_str().expect("utf-8"),
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            password,
+        ]
+        .map(String::from)
+        .to_vec();
+        let url = format!("rediss://:{password}@localhost:{port}/0");
+        let test_url = format!("rediss://:{password}@127.0.0.1:{port}/0#insecure");
+        let mut r = Redis { child: None, port, extra, url, test_url };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if let Ok(mut c) = self.client().get_connection() {
+                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server on port {} did not answer PING in 10 s", self.port);
+    }
+
+    fn client(&self) -> redis::Client {
+        redis::Client::open(self.test_url.as_str()).expect("url")
+    }
+
+    fn con(&self) -> redis::Connection {
+        self.client().get_connection().expect("connect to redis")
+    }
+
+    /// Every key and value stored now.
+    fn dump(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut c = self.con();
+        let keys: Vec<Vec<u8>> = redis::cmd("KEYS").arg("*").query(&mut c).expect("KEYS");
+        keys.into_iter()
+            .filter_map(|k| {
+                let v: Option<Vec<u8>> = redis::cmd("GET").arg(&k).query(&mut c).expect("GET");
+                v.map(|v| (k, v))
+            })
+            .collect()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn key_file() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let p = std::env::temp_dir().join(format!("cts-remote-key-{}.txt", std::process::id()));
+        std::fs::write(&p, format!("# test at-rest key\n{AT_REST_KEY}\n")).expect("key file");
+        p
+    })
+    .clone()
+}
+
+/// A host: a prefork server whose master uses `redis` as its remote tier.
+fn host(redis: &Redis, args: &[&str]) -> Server {
+    let key = key_file();
+    let key = key.to_str().expect("utf-8 temp path");
+    // For rediss://: trust the tests' self-signed certificate (OpenSSL reads SSL_CERT_FILE).
+    let (cert, _) = common::cert();
+    let env = [
+        ("CTS_REMOTE", redis.url.as_str()),
+        ("CTS_REMOTE_KEY_FILE", key),
+        ("SSL_CERT_FILE", cert.to_str().expect("utf-8")),
+    ];
+    Server::start_with(args, &env, None)
+}
+
+fn master_key(c: &Client) -> Vec<u8> {
+    let s = c.session.as_ref().expect("session");
+    let mut k = vec![0u8; s.master_key_len()];
+    s.master_key(&mut k);
+    k
+}
+
+/// `n` connections alternating between the hosts after a full handshake on `a`; returns
+/// how many resumed, and the master keys the client saw.
+fn alternate(a: SocketAddr, b: SocketAddr, tls12: bool, n: usize, pause: Duration) -> (usize, Vec<Vec<u8>>) {
+    let mut c = Client::new(tls12);
+    assert!(!c.request(a, "/").expect("full handshake").reused);
+    let mut keys = vec![master_key(&c)];
+    let mut resumed = 0;
+    for i in 0..n {
+        std::thread::sleep(pause);
+        let to = if i % 2 == 0 { b } else { a };
+        let o = c.request(to, "/").unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        resumed += usize::from(o.reused);
+        keys.push(master_key(&c));
+    }
+    (resumed, keys)
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn two_hosts_resume_each_others_sessions_and_redis_holds_no_master_key() {
+    let redis = Redis::start();
+    let mut all_keys = Vec::new();
+    for (name, args, tls12) in [
+        ("TLS 1.2 session ids", &["--workers", "2", "--tls12", "--no-tickets"][..], true),
+        ("TLS 1.3 stateful tickets", &["--workers", "2", "--no-tickets"][..], false),
+        ("TLS 1.3 stateless tickets", &["--workers", "2"][..], false),
+    ] {
+        let a = host(&redis, args);
+        let b = host(&redis, args);
+        let (resumed, keys) = alternate(a.addr(), b.addr(), tls12, 30, Duration::from_millis(20));
+        eprintln!("{name}: {resumed}/30 connections resumed, alternating between two hosts");
+        assert_eq!(resumed, 30, "{name}: every connection resumes on the other host");
+        all_keys.extend(keys);
+        let sb = b.stats();
+        assert_eq!(sb["remote_state"], 1, "{name}: {sb:?}");
+        if tls12 || args.contains(&"--no-tickets") {
+            let sa = a.stats();
+            assert!(sa["remote_stores"] + sb["remote_stores"] >= 1, "{name}: {sa:?} {sb:?}");
+            assert!(sa["remote_hits"] + sb["remote_hits"] >= 1, "{name}: {sa:?} {sb:?}");
+        }
+    }
+    let dump = redis.dump();
+    let sessions = dump.iter().filter(|(k, _)| !contains(k, b":tk:")).count();
+    let ticket_slots = dump.iter().filter(|(k, _)| k.starts_with(b"cts:tk:")).count();
+    eprintln!("redis holds {sessions} session values and {ticket_slots} ticket key slots");
+    assert!(sessions >= 2 && ticket_slots >= 2, "{:?}", dump.iter().map(|(k, _)| k).collect::<Vec<_>>());
+    assert!(dump.iter().all(|(k, _)| k.starts_with(b"cts:")), "every key has the prefix");
+    for key in &all_keys {
+        assert!(key.len() >= 32);
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        for (k, v) in &dump {
+            assert!(!contains(v, &key[..16]), "a master key is in the value of {}", String::from_utf8_lossy(k));
+            assert!(!contains(v, hex.as_bytes()) && !contains(&v.to_ascii_lowercase(), hex.as_bytes()));
+        }
+    }
+}
+
+#[test]
+fn rediss_with_a_password_is_shared_too() {
+    let redis = Redis::start_tls("s3cret-pw");
+    let args = ["--workers", "2", "--tls12", "--no-tickets"];
+    let a = host(&redis, &args);
+    let b = host(&redis, &args);
+    let (resumed, _) = alternate(a.addr(), b.addr(), true, 10, Duration::from_millis(20));
+    let sb = b.stats();
+    eprintln!("rediss://: {resumed}/10 resumed across hosts; {sb:?}");
+    assert_eq!(resumed, 10, "{sb:?}");
+    assert_eq!(sb["remote_state"], 1);
+    assert!(redis.dump().iter().any(|(k, _)| k.starts_with(b"cts::")), "sessions are stored over TLS");
+}
+
+#[test]
+fn a_tampered_value_is_a_miss_and_counted() {
+    let redis = Redis::start();
+    let args = ["--workers", "2", "--tls12", "--no-tickets"];
+    let a = host(&redis, &args);
+    let mut c = Client::new(true);
+    c.request(a.addr(), "/").expect("full handshake");
+    let saved = c.session.clone();
+    let id_hex: String = saved.as_ref().expect("session").id().iter().map(|b| format!("{b:02x}")).collect();
+    // Wait for the asynchronous store, then flip one byte of the ciphertext.
+    let key = format!("cts::{id_hex}");
+    let mut con = redis.con();
+    let start = Instant::now();
+    let mut value: Option<Vec<u8>> = None;
+    while value.is_none() && start.elapsed() < Duration::from_secs(5) {
+        value = redis::cmd("GET").arg(&key).query(&mut con).expect("GET");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut value = value.expect("the session reached redis");
+    let at = value.len() / 2;
+    value[at] ^= 0x40;
+    let _: () = redis::cmd("SET").arg(&key).arg(&value).query(&mut con).expect("SET");
+    // Another host has only redis to ask: the tampered value must not resume.
+    let b = host(&redis, &args);
+    c.session = saved;
+    let o = c.request(b.addr(), "/").expect("handshake completes");
+    assert!(!o.reused, "a tampered value resumed a session");
+    let sb = b.stats();
+    assert!(sb["remote_open_failures"] >= 1, "counted: {sb:?}");
+}
+
+/// One handshake's time and whether it resumed.
+fn timed(c: &mut Client, to: SocketAddr) -> (Duration, bool) {
+    let t = Instant::now();
+    let o = c.request(to, "/").expect("handshake completes");
+    (t.elapsed(), o.reused)
+}
+
+#[test]
+fn redis_killed_mid_load_then_restarted() {
+    let mut redis = Redis::start();
+    // The default lookup deadline (10 ms), as in production.
+    let args = ["--workers", "2", "--tls12", "--no-tickets", "--get-timeout-us", "10000"];
+    let a = host(&redis, &args);
+    let b = host(&redis, &args);
+    let (mut cross, mut local, mut worst) = (0usize, 0usize, Duration::ZERO);
+    let mut worst_after_kill = Duration::ZERO;
+    let mut times = Vec::new();
+    let rounds = 120;
+    for round in 0..rounds {
+        if round == rounds / 2 {
+            redis.kill();
+            eprintln!("redis killed after {round} rounds");
+        }
+        // A fresh session on host A, resumed on host B (through redis while it lives), then
+        // on A again (A's own cache: must keep working with redis gone).
+        let mut c = Client::new(true);
+        let (t0, _) = timed(&mut c, a.addr());
+        std::thread::sleep(Duration::from_millis(5));
+        let made_on_a = c.session.clone();
+        let (t1, r1) = timed(&mut c, b.addr());
+        // Offer A's session to A again (after a miss on B the client holds B's new session).
+        c.session = made_on_a;
+        let (t2, r2) = timed(&mut c, a.addr());
+        let t = t0.max(t1).max(t2);
+        times.extend([t0, t1, t2]);
+        worst = worst.max(t);
+        if round >= rounds / 2 {
+            worst_after_kill = worst_after_kill.max(t);
+            local += usize::from(r2);
+        } else {
+            cross += usize::from(r1);
+        }
+    }
+    eprintln!(
+        "before the kill {cross}/{} resumed across hosts; after it {local}/{} resumed locally; worst handshake {worst:?} ({worst_after_kill:?} after the kill)",
+        rounds / 2,
+        rounds / 2
+    );
+    times.sort_unstable();
+    let pct = |p: usize| times[(times.len() - 1) * p / 100];
+    eprintln!("connection times: p50 {:?}, p99 {:?}, max {:?}", pct(50), pct(99), pct(100));
+    assert!(cross >= rounds / 2 - 2, "cross-host resumption while redis lived: {cross}/{}", rounds / 2);
+    assert_eq!(local, rounds / 2, "local resumption goes on without redis");
+    assert!(worst_after_kill < Duration::from_millis(500), "a handshake took {worst_after_kill:?}");
+    // The workers never waited out their deadline because of redis, and the masters noticed.
+    for s in [&a, &b] {
+        for _ in 0..6 {
+            let st = s.stats();
+            assert_eq!(st["w_timeouts"], 0, "{st:?}");
+            assert!(st["remote_errors"] >= 1 || st["remote_skips"] >= 1, "{st:?}");
+        }
+    }
+    // Restarted (empty): cross-host resumption comes back by itself.
+    redis.spawn();
+    let start = Instant::now();
+    let mut back = None;
+    while start.elapsed() < Duration::from_secs(20) {
+        let mut c = Client::new(true);
+        c.request(a.addr(), "/").expect("full handshake");
+        std::thread::sleep(Duration::from_millis(50));
+        if c.request(b.addr(), "/").expect("handshake").reused {
+            back = Some(start.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let back = back.expect("cross-host resumption came back within 20 s of the restart");
+    eprintln!("cross-host resumption back {back:?} after the restart");
+    assert_eq!(b.stats()["remote_state"], 1);
+}
+
+#[test]
+fn a_remote_url_without_a_key_file_is_refused_with_a_clear_error() {
+    let (c, k) = common::cert();
+    let out = Command::new(env!("CARGO_BIN_EXE_cts-prefork-server"))
+        .arg("--cert")
+        .arg(c)
+        .arg("--key")
+        .arg(k)
+        .env("CTS_REMOTE", "redis://127.0.0.1:1/0")
+        .env_remove("CTS_REMOTE_KEY_FILE")
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("remote_key_file") && err.contains("CTS_REMOTE_KEY_FILE"), "{err}");
+    // Stray connection attempts must not matter: nothing listens on port 1.
+    assert!(TcpStream::connect("127.0.0.1:1").is_err());
+}
+
+#[test]
+fn hosts_keep_agreeing_on_ticket_keys_across_rotations() {
+    let redis = Redis::start();
+    // A 2 s rotation: over 7 s the hosts go through three or four epochs.
+    let args = ["--workers", "2", "--ticket-rotation", "2", "--ticket-keys", "3"];
+    let a = host(&redis, &args);
+    let b = host(&redis, &args);
+    let (mut tries, mut resumed) = (0, 0);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(7) {
+        let mut c = Client::new(false);
+        assert!(!c.request(a.addr(), "/").expect("full handshake on A").reused);
+        tries += 1;
+        resumed += usize::from(c.request(b.addr(), "/").expect("resumption on B").reused);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let slots = redis.dump().iter().filter(|(k, _)| k.starts_with(b"cts:tk:")).count();
+    eprintln!("ticket made on A opened on B: {resumed}/{tries}; {slots} key slots in redis");
+    assert_eq!(resumed, tries, "every ticket made on host A opens on host B");
+    assert!(slots >= 4, "a slot per epoch: {slots}");
+}
+
+#[test]
+fn cts_master_setup_refuses_a_remote_url_without_a_key_file() {
+    use cluster_tls_store::capi::*;
+    assert!(std::env::var_os("CTS_REMOTE_KEY_FILE").is_none());
+    let mut cfg = std::mem::MaybeUninit::<cts_config>::uninit();
+    // SAFETY: cts_config_init fills the whole struct.
+    let mut cfg = unsafe {
+        assert_eq!(cts_config_init(cfg.as_mut_ptr()), cts_result::CTS_OK);
+        cfg.assume_init()
+    };
+    assert!(cfg.remote_url.is_null() && cfg.remote_key_file.is_null() && cfg.remote_prefix.is_null());
+    assert_eq!((cfg.remote_timeout_ms, cfg.remote_queue_len), (50, 1024));
+    let url = c"redis://user:hunter2@127.0.0.1:1/0";
+    cfg.remote_url = url.as_ptr();
+    // SAFETY: a valid config whose strings outlive the call. Validation fails before any
+    // state is made, so this test process does not become a master.
+    let rc = unsafe { cts_master_setup(&cfg) };
+    assert_eq!(rc, cts_result::CTS_ERR_INVALID_CONFIG);
+    let mut buf = [0 as std::ffi::c_char; 512];
+    // SAFETY: 512 writable bytes.
+    let n = unsafe { cts_last_error(buf.as_mut_ptr(), buf.len()) };
+    // SAFETY: cts_last_error NUL-terminates.
+    let msg = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
+    assert!(n > 0 && msg.contains("remote_key_file") && msg.contains("CTS_REMOTE_KEY_FILE"), "{msg}");
+    assert!(!msg.contains("hunter2"), "the password is never printed: {msg}");
+}
+
+#[test]
+fn a_stalled_redis_never_makes_a_worker_wait_out_its_deadline() {
+    let redis = Redis::start();
+    let args = ["--workers", "2", "--tls12", "--no-tickets", "--get-timeout-us", "10000"];
+    let a = host(&redis, &args);
+    let b = host(&redis, &args);
+    let pid = redis.child.as_ref().expect("running").id() as i32;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let mut worst = Duration::ZERO;
+    for _ in 0..40 {
+        let mut c = Client::new(true);
+        let (t0, _) = timed(&mut c, a.addr());
+        let (t1, _) = timed(&mut c, b.addr());
+        worst = worst.max(t0).max(t1);
+    }
+    // Each stats request lands on one worker: ask several times to see both of each host.
+    let stats: Vec<_> = (0..6).flat_map(|_| [a.stats(), b.stats()]).collect();
+    let sb = b.stats();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    eprintln!("redis stopped: 80 handshakes, worst {worst:?}; host B: {sb:?}");
+    for st in &stats {
+        assert_eq!(st["w_timeouts"], 0, "{st:?}");
+    }
+    assert!(sb["remote_errors"] >= 1, "the stall was detected: {sb:?}");
+    assert!(sb["remote_skips"] >= 1, "and then skipped: {sb:?}");
+    assert!(worst < Duration::from_millis(500), "{worst:?}");
+}
