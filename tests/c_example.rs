@@ -10,6 +10,8 @@
 //!
 //! The harness is multi-threaded: nothing here forks the test process; every wait is bounded.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -251,6 +253,11 @@ struct Server {
 
 impl Server {
     fn start(fx: &Fixture, flags: &[&str]) -> Server {
+        Server::start_env(fx, flags, &[])
+    }
+
+    /// As `start`, with extra environment variables (the library reads `CTS_*` ones).
+    fn start_env(fx: &Fixture, flags: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Server {
         static SEQ: AtomicUsize = AtomicUsize::new(0);
         let log = fx.dir.path(&format!("server-{}.log", SEQ.fetch_add(1, Ordering::Relaxed)));
         let stderr = fs::File::create(&log).expect("server log");
@@ -261,6 +268,7 @@ impl Server {
             .arg("--key")
             .arg(&fx.key)
             .args(flags)
+            .envs(env.iter().copied())
             .args(if flags.contains(&"--no-share") { &[][..] } else { &["--get-timeout-us", GET_TIMEOUT_US][..] })
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -625,4 +633,90 @@ fn stats_endpoint_reports_master_counters() {
         thread::sleep(Duration::from_millis(100));
     }
     panic!("the master never answered the stats request; last: {last:?}");
+}
+
+/// The session's secret in hex, as `openssl sess_id -text` prints it: the master key (TLS 1.2)
+/// or the resumption PSK (TLS 1.3).
+fn master_key_hex(sess: &std::path::Path) -> String {
+    let mut cmd = Command::new("openssl");
+    cmd.args(["sess_id", "-noout", "-text", "-in"]).arg(sess);
+    let done = run(&mut cmd, b"", CLIENT_TIMEOUT);
+    let line = done.stdout.lines().find_map(|l| {
+        let l = l.trim();
+        l.strip_prefix("Master-Key:").or_else(|| l.strip_prefix("Resumption PSK:")).map(|v| v.trim().to_string())
+    });
+    let hex = line.unwrap_or_else(|| panic!("no Master-Key or Resumption PSK in:\n{}", done.stdout));
+    assert!(hex.len() >= 64, "master key {} hex digits", hex.len());
+    hex
+}
+
+/// Across hosts (issue 6): two copies of the C program, each its own master, configured only
+/// through `CTS_REMOTE` and `CTS_REMOTE_KEY_FILE`, share one real redis-server. A session that
+/// `openssl s_client` made on host A resumes on host B, for TLS 1.2 session ids and TLS 1.3
+/// default tickets; the values in redis hold no master key; hosts started without the
+/// variables do not resume each other's sessions.
+#[test]
+fn two_c_hosts_resume_each_others_sessions_through_redis() {
+    use common::redis_server::{key_file, Redis};
+    let redis = Redis::start();
+    let fx = Fixture::new("remote");
+    let key = key_file();
+    let env = [("CTS_REMOTE", redis.url.as_ref()), ("CTS_REMOTE_KEY_FILE", key.as_os_str())];
+    let mut master_keys = Vec::new();
+    for (name, server_flags, client_flag) in
+        [("TLS 1.2 session ids", &["--no-tickets"][..], "-tls1_2"), ("TLS 1.3 default tickets", &[][..], "-tls1_3")]
+    {
+        let a = Server::start_env(&fx, server_flags, &env);
+        let b = Server::start_env(&fx, server_flags, &env);
+        let sess = fx.dir.path(&format!("remote-{client_flag}.pem"));
+        let first = a.s_client(HTTP_GET, &[client_flag.as_ref(), "-sess_out".as_ref(), sess.as_os_str()]);
+        assert_eq!(first.reused, Some(false), "{name}: full handshake on A:\n{}", first.output);
+        master_keys.push(master_key_hex(&sess));
+        let offer = [client_flag.as_ref(), "-sess_in".as_ref(), sess.as_os_str()];
+        // The store to redis is asynchronous: give the first cross-host resumption 5 s.
+        let start = Instant::now();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let r = b.s_client(HTTP_GET, &offer);
+            if r.reused == Some(true) {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(5), "{name}: no resumption on B after {tries} tries");
+            thread::sleep(Duration::from_millis(100));
+        }
+        let series = Series { runs: (0..8).map(|_| b.s_client(HTTP_GET, &offer)).collect() };
+        series.assert_all_resumed();
+        let st = b.s_client(HTTP_STATS, &[]).body.unwrap_or_default();
+        eprintln!(
+            "{name}: resumed on host B after {tries} tries, then 8/8 on workers {:?}; {st}",
+            series.resumed_pids()
+        );
+
+        // Control: the same two programs without the variables share nothing across hosts.
+        let a0 = fx.start(server_flags);
+        let b0 = fx.start(server_flags);
+        let sess0 = fx.dir.path(&format!("alone-{client_flag}.pem"));
+        let first = a0.s_client(HTTP_GET, &[client_flag.as_ref(), "-sess_out".as_ref(), sess0.as_os_str()]);
+        assert_eq!(first.reused, Some(false), "{}", first.output);
+        thread::sleep(Duration::from_millis(300));
+        let alone = Series {
+            runs: (0..4)
+                .map(|_| b0.s_client(HTTP_GET, &[client_flag.as_ref(), "-sess_in".as_ref(), sess0.as_os_str()]))
+                .collect(),
+        };
+        assert_eq!(alone.new_handshakes(), 4, "{name}: hosts without redis must not resume each other's sessions");
+    }
+    let dump = redis.dump();
+    assert!(dump.len() >= 2, "redis holds the sessions: {} keys", dump.len());
+    for hex in &master_keys {
+        let raw: Vec<u8> =
+            (0..hex.len() / 2).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex")).collect();
+        for (k, v) in &dump {
+            let lower = v.to_ascii_lowercase();
+            let found = v.windows(16).any(|w| w == &raw[..16])
+                || lower.windows(32).any(|w| w == hex[..32].to_ascii_lowercase().as_bytes());
+            assert!(!found, "a master key is in the value of {}", String::from_utf8_lossy(k));
+        }
+    }
 }

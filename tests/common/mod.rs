@@ -6,6 +6,7 @@
 mod cert;
 #[path = "../../examples/support/client.rs"]
 pub mod client;
+pub mod redis_server;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
