@@ -486,7 +486,7 @@ impl Channel {
             }
             w.reader = true;
         }
-        self.recv_available();
+        self.recv_available(false);
         let mut w = self.lock();
         w.reader = false;
         drop(w);
@@ -503,11 +503,14 @@ impl Channel {
         if n <= 0 {
             return;
         }
-        self.recv_available();
+        // Stop at the first reply a caller waits for: its caller need not pay for one more
+        // recv that finds the socket empty (pushes behind it are drained at the next lookup).
+        self.recv_available(true);
     }
 
-    /// Receive and file every frame waiting on the socket.
-    fn recv_available(&self) {
+    /// Receive and file the frames waiting on the socket: all of them, or with
+    /// `until_reply` up to the first one that answers a waiting request.
+    fn recv_available(&self, until_reply: bool) {
         let drain = |buf: &mut SecretBuf| {
             let v = buf.vec();
             if v.len() < MAX_FRAME_LEN + 1 {
@@ -532,10 +535,11 @@ impl Channel {
                     }
                 }
                 let n = n as usize;
-                if n <= v.len() {
-                    self.file_reply(&v[..n]);
-                }
+                let answered = n <= v.len() && self.file_reply(&v[..n]);
                 wipe(&mut v[..n.min(MAX_FRAME_LEN + 1)]);
+                if until_reply && answered {
+                    return;
+                }
             }
         };
         let _ = RECV_BUF.try_with(|b| match b.try_borrow_mut() {
@@ -568,19 +572,22 @@ impl Channel {
         }
     }
 
-    fn file_reply(&self, frame: &[u8]) {
+    fn file_reply(&self, frame: &[u8]) -> bool {
         let Ok(msg) = protocol::decode(frame) else {
             bump(&WORKER.decode_failures);
-            return;
+            return false;
         };
         let reply = match msg.op {
-            Op::Sync => return self.apply_sync(msg.payload),
+            Op::Sync => {
+                self.apply_sync(msg.payload);
+                return false;
+            }
             Op::Flush => {
                 if let Some(mut r) = self.replica() {
                     r.clear();
                 }
                 bump(&WORKER.replica_flushes);
-                return;
+                return false;
             }
             Op::Hit => {
                 let mut b = SecretBuf::with_capacity(msg.payload.len());
@@ -597,18 +604,24 @@ impl Channel {
                 Some(s) => Reply::Stats(s),
                 None => {
                     bump(&WORKER.decode_failures);
-                    return;
+                    return false;
                 }
             },
             _ => {
                 bump(&WORKER.decode_failures);
-                return;
+                return false;
             }
         };
         let mut w = self.lock();
         match w.slots.iter_mut().find(|s| s.id == msg.request_id && s.reply.is_none()) {
-            Some(slot) => slot.reply = Some(reply),
-            None => bump(&WORKER.late_replies),
+            Some(slot) => {
+                slot.reply = Some(reply);
+                true
+            }
+            None => {
+                bump(&WORKER.late_replies);
+                false
+            }
         }
     }
 }

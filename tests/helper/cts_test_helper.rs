@@ -334,10 +334,16 @@ fn sync_overflow() {
     let ns = b"overflow";
     let der = [0x42u8; 135];
     let far = 4_000_000_000u64;
-    // The sleeper: opens its channel (and replica), then stops reading for a while.
+    // The sleeper: opens its channel (and replica), then stops reading until the writer is
+    // done (a byte on `go`; at most 20 s), however slowly a loaded machine runs the writer.
+    let mut go = [0 as libc::c_int; 2];
+    // SAFETY: `go` has room for the two descriptors.
+    assert_eq!(unsafe { libc::pipe(go.as_mut_ptr()) }, 0, "pipe");
     let sleeper = fork_child(move || {
         let _ = cluster_tls_store::bench::get(ns, b"warm-up");
-        std::thread::sleep(Duration::from_millis(1500));
+        let mut pfd = libc::pollfd { fd: go[0], events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, 20_000) };
         let victim_found = cluster_tls_store::bench::get(ns, b"victim").is_some();
         let kept_found = cluster_tls_store::bench::get(ns, b"kept").is_some();
         let st = stats();
@@ -363,7 +369,10 @@ fn sync_overflow() {
         let _ = stats();
         0
     });
-    let (w, s) = (wait(writer), wait(sleeper));
+    let w = wait(writer);
+    // SAFETY: writing one byte to our own pipe.
+    unsafe { libc::write(go[1], b"g".as_ptr().cast(), 1) };
+    let s = wait(sleeper);
     let st = stats();
     println!("writer_exit={w}");
     println!("sleeper_exit={s}");
