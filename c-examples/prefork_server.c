@@ -18,9 +18,12 @@
  *   GET /       -> "worker <pid> reused <0|1> proto <TLS version>"
  *   GET /stats  -> "stats role=.. master_valid=.. hits=.. misses=.. stores=.. entries=..
  *                   w_gets=.. w_hits=.. w_timeouts=.. remote_state=.. remote_hits=..
- *                   remote_misses=.. remote_errors=.. remote_open_failures=.. remote_stores=.."
+ *                   remote_misses=.. remote_errors=.. remote_open_failures=.. remote_stores=..
+ *                   w_replica_hits=.. sync_records=.. sync_drops=.. w_tickets_opened=..
+ *                   ticket_mode=.."
  *                   (one line; remote_* are the Redis tier's, turned on by CTS_REMOTE and
- *                   CTS_REMOTE_KEY_FILE in the environment)
+ *                   CTS_REMOTE_KEY_FILE in the environment; ticket_mode is what
+ *                   cts_ticket_mode says of this worker's SSL_CTX: CTS_TICKETS_*)
  *
  * The one rule every server using the library must follow: shut a connection down
  * (SSL_shutdown) before SSL_free. SSL_free on a connection that was not shut down makes
@@ -287,7 +290,7 @@ static int is_stats_request(const char *req)
     return plen == 6 && strncmp(path, "/stats", 6) == 0;
 }
 
-static void stats_body(char *body, size_t cap)
+static void stats_body(const SSL_CTX *ctx, char *body, size_t cap)
 {
     cts_stats st;
     cts_result rc = cts_get_stats(&st);
@@ -300,11 +303,14 @@ static void stats_body(char *body, size_t cap)
              " stores=%" PRIu64 " entries=%" PRIu64 " w_gets=%" PRIu64 " w_hits=%" PRIu64
              " w_timeouts=%" PRIu64 " remote_state=%" PRIu64 " remote_hits=%" PRIu64
              " remote_misses=%" PRIu64 " remote_errors=%" PRIu64 " remote_open_failures=%" PRIu64
-             " remote_stores=%" PRIu64 "\n",
+             " remote_stores=%" PRIu64 " w_replica_hits=%" PRIu64 " sync_records=%" PRIu64
+             " sync_drops=%" PRIu64 " w_tickets_opened=%" PRIu64 " ticket_mode=%" PRIu32 "\n",
              st.role, st.master_valid, st.master.hits, st.master.misses, st.master.stores,
              st.master.entries, st.worker.gets, st.worker.hits, st.worker.timeouts,
              st.master.remote_state, st.master.remote_hits, st.master.remote_misses,
-             st.master.remote_errors, st.master.remote_open_failures, st.master.remote_stores);
+             st.master.remote_errors, st.master.remote_open_failures, st.master.remote_stores,
+             st.worker.replica_hits, st.master.sync_records, st.master.sync_drops,
+             st.worker.tickets_opened, cts_ticket_mode(ctx));
 }
 
 static int write_all(SSL *ssl, const char *buf, size_t len)
@@ -322,8 +328,8 @@ static int write_all(SSL *ssl, const char *buf, size_t len)
 static void serve_connection(SSL_CTX *ctx, int fd)
 {
     char req[REQUEST_MAX]; /* on the stack: several accept loops may serve at once */
-    char body[512];
-    char resp[1024];
+    char body[1024];
+    char resp[1536];
 
     /* Bounds every step: the handshake, the request, the reply. One client at a time, so a
      * silent client must not hold the worker for long. */
@@ -341,7 +347,7 @@ static void serve_connection(SSL_CTX *ctx, int fd)
         goto out;
 
     if (is_stats_request(req))
-        stats_body(body, sizeof body);
+        stats_body(ctx, body, sizeof body);
     else
         snprintf(body, sizeof body, "worker %ld reused %d proto %s\n", (long)getpid(),
                  SSL_session_reused(ssl) ? 1 : 0, SSL_get_version(ssl));

@@ -545,6 +545,9 @@ fn openssl_cli_resumes_across_workers_tls13_default_tickets() {
     series.assert_all_resumed();
     let pids = series.resumed_pids();
     assert!(pids.len() >= 2, "all resumptions hit one worker {pids:?}: connections are not spread");
+    // The server is told which ticket keys its SSL_CTX uses: the cluster's (1).
+    let body = server.s_client(HTTP_STATS, &[]).body.expect("stats body");
+    assert_eq!(stat(&parse_stats(&body), "ticket_mode"), 1, "CTS_TICKETS_CLUSTER_KEYS: {body:?}");
     drop(server);
 
     let alone = fx.start(&["--no-share"]);
@@ -622,6 +625,8 @@ fn stats_endpoint_reports_master_counters() {
         assert!(body.starts_with("stats "), "{body:?}");
         let stats = parse_stats(&body);
         assert_eq!(stat(&stats, "role"), 2, "a worker answers: {body:?}");
+        // --no-tickets: the SSL_CTX issues none, and cts_ticket_mode says so (4).
+        assert_eq!(stat(&stats, "ticket_mode"), 4, "CTS_TICKETS_NONE_ISSUED: {body:?}");
         if stat(&stats, "master_valid") == 1 {
             // The resumptions were served by the workers' replicas or by the master; which,
             // depends on timing, so only the stores are certain.
