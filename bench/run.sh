@@ -73,6 +73,20 @@ stop_pid() { # stop one process we started, wait for it (at most ~5 s, then SIGK
     forget_pid "$p"
 }
 
+# A client or bench command, bounded in time: `timeout` puts it in its own process group and
+# forwards the TERM our cleanup sends it to that whole group. Waiting with `wait` lets the
+# INT/TERM trap run at once.
+run_bounded() { # secs out err cmd...
+    local secs=$1 out=$2 err=$3 p rc=0
+    shift 3
+    timeout "$secs" "$@" >"$out" 2>>"$err" &
+    p=$!
+    PIDS+=("$p")
+    wait "$p" || rc=$?
+    forget_pid "$p"
+    return "$rc"
+}
+
 RAW="$TMP/raw.jsonl"
 : >"$RAW"
 emit() { printf '%s\n' "$1" >>"$RAW"; }
@@ -192,7 +206,8 @@ run_loadgen() { # rep variant n proto mode
     local args=(--port "$SRV_PORT" --clients "$CLIENTS" --warmup-ms "$WARMUP_MS" "--$proto" --label "$rep/$variant/$n")
     if [ "$mode" = full ]; then args+=(--full); ms=$FULL_MS; else ms=$RESUME_MS; fi
     args+=(--duration-ms "$ms")
-    line=$(timeout 30 "$LOADGEN" "${args[@]}" 2>>"$TMP/loadgen.err" | grep '^{"bench":"loadgen"' || true)
+    run_bounded 30 "$TMP/loadgen.out" "$TMP/loadgen.err" "$LOADGEN" "${args[@]}" || true
+    line=$(grep '^{"bench":"loadgen"' "$TMP/loadgen.out" || true)
     if [ -z "$line" ]; then
         line="{\"bench\":\"loadgen\",\"error\":\"no output\"}"
     fi
@@ -204,7 +219,8 @@ run_stime() { # rep variant n proto mode(reuse|new) seconds
     out="$TMP/stime.out"
     local flag=-tls1_3; [ "$proto" = tls12 ] && flag=-tls1_2
     t1=$(date +%s.%N)
-    timeout $((secs + 20)) openssl s_time -connect "127.0.0.1:$SRV_PORT" -www / "-$mode" -time "$secs" "$flag" >"$out" 2>&1 || true
+    : >"$TMP/s_time.err"
+    run_bounded $((secs + 20)) "$out" "$TMP/s_time.err" openssl s_time -connect "127.0.0.1:$SRV_PORT" -www / "-$mode" -time "$secs" "$flag" || true
     t2=$(date +%s.%N)
     # "N connections in X.XXs; R connections/user sec, bytes read B"
     conns=$(sed -n 's/^\([0-9]*\) connections in [0-9.]*s; .*/\1/p' "$out" | tail -1)
@@ -216,13 +232,13 @@ run_stime() { # rep variant n proto mode(reuse|new) seconds
     if [ -n "$conns" ] && [ -n "$user" ]; then
         emit "{\"section\":\"s_time\",\"rep\":$rep,\"variant\":\"$variant\",\"n\":$n,\"proto\":\"$proto\",\"mode\":\"$mode\",\"data\":{\"connections\":$conns,\"time_s\":$secs,\"wall_s\":$(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.3f", b - a }'),\"connections_per_s\":$(awk -v c="$conns" -v s="$secs" 'BEGIN { printf "%.3f", c / s }'),\"connections_per_user_s\":$user,\"marks_reused\":$reused,\"marks_total\":$total}}"
     else
-        emit "{\"section\":\"s_time\",\"rep\":$rep,\"variant\":\"$variant\",\"n\":$n,\"proto\":\"$proto\",\"mode\":\"$mode\",\"data\":{\"error\":$(json_str "$(tail -c 300 "$out")")}}"
+        emit "{\"section\":\"s_time\",\"rep\":$rep,\"variant\":\"$variant\",\"n\":$n,\"proto\":\"$proto\",\"mode\":\"$mode\",\"data\":{\"error\":$(json_str "$(tail -c 300 "$out"; tail -c 200 "$TMP/s_time.err" 2>/dev/null)")}}"
     fi
 }
 
 # ---- 1. channel ---------------------------------------------------------------------------------
 log "channel bench (${CHANNEL_ARGS[*]})"
-if timeout 120 cargo bench -q --bench channel -- "${CHANNEL_ARGS[@]}" >"$TMP/channel.out" 2>"$TMP/channel.err"; then
+if run_bounded 120 "$TMP/channel.out" "$TMP/channel.err" cargo bench -q --bench channel -- "${CHANNEL_ARGS[@]}"; then
     grep '^{"bench":"channel"' "$TMP/channel.out" | while IFS= read -r l; do emit "{\"section\":\"channel\",\"data\":$l}"; done
 else
     emit "{\"section\":\"channel\",\"error\":$(json_str "$(tail -c 300 "$TMP/channel.err")")}"
@@ -263,7 +279,7 @@ done
 
 # ---- 5. memory -----------------------------------------------------------------------------------
 log "memory bench"
-if timeout 120 cargo bench -q --bench memory >"$TMP/memory.out" 2>"$TMP/memory.err"; then
+if run_bounded 120 "$TMP/memory.out" "$TMP/memory.err" cargo bench -q --bench memory; then
     grep '^{"bench":"memory"' "$TMP/memory.out" | while IFS= read -r l; do emit "{\"section\":\"memory\",\"data\":$l}"; done
 else
     emit "{\"section\":\"memory\",\"error\":$(json_str "$(tail -c 300 "$TMP/memory.err")")}"
