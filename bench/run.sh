@@ -1,0 +1,300 @@
+#!/usr/bin/env bash
+# Benchmark harness of issue 4 (deliverable 1). See bench/README.md.
+#
+#   bench/run.sh [--with-nginx] [--quick]
+#
+# Runs the channel bench, the handshake benchmarks (C example prefork server: store on, store
+# off, in-process ideal, and nginx with --with-nginx), openssl s_time and the memory bench,
+# then writes bench/results/latest.{md,json,svg} (bench/report.py) and prints the markdown.
+# Repetitions are interleaved: rep 1 runs every variant, then rep 2, ...
+# Every process it starts is stopped on exit, on error and on Ctrl-C.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+WITH_NGINX=0
+QUICK=0
+for a in "$@"; do
+    case "$a" in
+        --with-nginx) WITH_NGINX=1 ;;
+        --quick) QUICK=1 ;;
+        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        *) echo "unknown option: $a" >&2; exit 2 ;;
+    esac
+done
+
+# ---- knobs (same for every row) --------------------------------------------------------
+CLIENTS=8
+WORKERS_LIST="1 2 4"
+STIME_WORKERS="2 4"
+if [ "$QUICK" = 1 ]; then
+    REPS=1; RESUME_MS=800; FULL_MS=500; WARMUP_MS=200; STIME_S=1; STIME_NEW_S=1
+    CHANNEL_ARGS=(--reps 1 --phase-ms 200)
+else
+    REPS=3; RESUME_MS=1500; FULL_MS=800; WARMUP_MS=300; STIME_S=2; STIME_NEW_S=1
+    CHANNEL_ARGS=(--reps 3 --phase-ms 400)
+fi
+
+T0=$(date +%s.%N)
+elapsed() { awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+log() { printf '[%6ss] %s\n' "$(elapsed)" "$*" >&2; }
+
+# ---- process bookkeeping -----------------------------------------------------------------
+TMP="$(mktemp -d /tmp/cts-bench.XXXXXX)"
+PIDS=()
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    for p in "${PIDS[@]:-}"; do
+        [ -n "$p" ] && kill -TERM "$p" 2>/dev/null || true
+    done
+    for p in "${PIDS[@]:-}"; do
+        [ -n "$p" ] && wait "$p" 2>/dev/null || true
+    done
+    if [ "${KEEP_TMP:-0}" != 1 ]; then rm -rf "$TMP"; else echo "temp dir kept: $TMP" >&2; fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'echo "interrupted" >&2; exit 130' INT TERM
+
+forget_pid() {
+    local keep=() p
+    for p in "${PIDS[@]:-}"; do [ "$p" != "$1" ] && [ -n "$p" ] && keep+=("$p"); done
+    PIDS=("${keep[@]:-}")
+}
+
+stop_pid() { # stop one process we started, wait for it (at most ~5 s, then SIGKILL)
+    local p=$1 i
+    kill -TERM "$p" 2>/dev/null || true
+    for i in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+    forget_pid "$p"
+}
+
+# A client or bench command, bounded in time: `timeout` puts it in its own process group and
+# forwards the TERM our cleanup sends it to that whole group. Waiting with `wait` lets the
+# INT/TERM trap run at once.
+run_bounded() { # secs out err cmd...
+    local secs=$1 out=$2 err=$3 p rc=0
+    shift 3
+    timeout "$secs" "$@" >"$out" 2>>"$err" &
+    p=$!
+    PIDS+=("$p")
+    wait "$p" || rc=$?
+    forget_pid "$p"
+    return "$rc"
+}
+
+RAW="$TMP/raw.jsonl"
+: >"$RAW"
+emit() { printf '%s\n' "$1" >>"$RAW"; }
+
+# ---- build -------------------------------------------------------------------------------
+log "building (release lib, loadgen, benches, C example)"
+cargo build --release --lib --example loadgen >&2
+cargo bench --no-run --bench channel --bench memory >"$TMP/bench-build.log" 2>&1 || { cat "$TMP/bench-build.log" >&2; exit 1; }
+make -s -C c-examples >&2
+LOADGEN="$ROOT/target/release/examples/loadgen"
+SERVER="$ROOT/c-examples/prefork_server"
+
+# ---- machine header ------------------------------------------------------------------------
+GIT_COMMIT="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src include c-examples examples benches 2>/dev/null || echo '-dirty')"
+KERNEL="$(uname -srm)"
+OSSL="$(openssl version)"
+NPROC="$(nproc)"
+CPU="$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | sed 's/.*: //' || echo unknown)"
+
+# ---- certificate ---------------------------------------------------------------------------
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj /CN=localhost -keyout "$TMP/key.pem" -out "$TMP/cert.pem" 2>/dev/null
+CERT="$TMP/cert.pem"; KEY="$TMP/key.pem"
+
+# ---- nginx ------------------------------------------------------------------------------------
+NGINX=""
+NGINX_VERSION="not run"
+if [ "$WITH_NGINX" = 1 ]; then
+    if ! command -v nginx >/dev/null; then
+        if [ "$(id -u)" != 0 ]; then echo "--with-nginx: nginx missing and not root" >&2; exit 1; fi
+        log "installing nginx"
+        apt-get update >&2 && { apt-get install -y nginx-light >&2 || apt-get install -y nginx >&2; }
+    fi
+    NGINX="$(command -v nginx)"
+    NGINX_VERSION="$("$NGINX" -v 2>&1 | sed 's/^nginx version: //')"
+fi
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+wait_tcp() { # port, pid: wait until 127.0.0.1:port accepts (max 10 s)
+    local i
+    for i in $(seq 100); do
+        kill -0 "$2" 2>/dev/null || return 1
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    return 1
+}
+
+SRV_PID=""; SRV_PORT=""
+start_server() { # variant n ; sets SRV_PID, SRV_PORT; returns 1 on failure
+    local variant=$1 n=$2 i out="$TMP/server.out" err="$TMP/server-$1-$2.err"
+    SRV_PID=""; SRV_PORT=""
+    : >"$out"
+    case "$variant" in
+        on)    "$SERVER" --port 0 --workers "$n" --cert "$CERT" --key "$KEY" --no-tickets >"$out" 2>"$err" & ;;
+        off)   "$SERVER" --port 0 --workers "$n" --cert "$CERT" --key "$KEY" --no-tickets --no-share >"$out" 2>"$err" & ;;
+        ideal) "$SERVER" --port 0 --workers 1 --threads "$n" --cert "$CERT" --key "$KEY" --no-tickets --no-share >"$out" 2>"$err" & ;;
+        nginx)
+            SRV_PORT=$(free_port)
+            local d="$TMP/nginx-$n"
+            rm -rf "$d"; mkdir -p "$d/logs" "$d/tmp"
+            cat >"$d/nginx.conf" <<EOF
+worker_processes $n;
+$( [ "$(id -u)" = 0 ] && echo "user root;" )
+daemon off;
+master_process on;
+pid $d/nginx.pid;
+error_log $d/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $d/tmp/body;
+    proxy_temp_path $d/tmp/proxy;
+    fastcgi_temp_path $d/tmp/fastcgi;
+    uwsgi_temp_path $d/tmp/uwsgi;
+    scgi_temp_path $d/tmp/scgi;
+    keepalive_timeout 0;
+    server {
+        listen 127.0.0.1:$SRV_PORT ssl reuseport;
+        ssl_certificate $CERT;
+        ssl_certificate_key $KEY;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache shared:SSL:64m;
+        ssl_session_tickets off;
+        location / { return 200 "ok\n"; }
+    }
+}
+EOF
+            "$NGINX" -p "$d" -c "$d/nginx.conf" -e "$d/logs/error.log" >"$out" 2>"$err" & ;;
+        *) return 1 ;;
+    esac
+    SRV_PID=$!
+    PIDS+=("$SRV_PID")
+    if [ "$variant" = nginx ]; then
+        wait_tcp "$SRV_PORT" "$SRV_PID" || { log "nginx did not come up: $(tail -3 "$err" "$d/logs/error.log" 2>/dev/null | tr '\n' ' ')"; return 1; }
+        # every worker up (their listening sockets exist once the master forked them)
+        sleep 0.3
+        return 0
+    fi
+    for i in $(seq 100); do
+        SRV_PORT=$(sed -n 's/^ready port=\([0-9]*\).*/\1/p' "$out")
+        [ -n "$SRV_PORT" ] && return 0
+        kill -0 "$SRV_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    log "server $variant n=$n did not come up: $(tail -3 "$err" | tr '\n' ' ')"
+    return 1
+}
+
+json_str() { python3 -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$1"; }
+
+run_loadgen() { # rep variant n proto mode
+    local rep=$1 variant=$2 n=$3 proto=$4 mode=$5 ms line
+    local args=(--port "$SRV_PORT" --clients "$CLIENTS" --warmup-ms "$WARMUP_MS" "--$proto" --label "$rep/$variant/$n")
+    if [ "$mode" = full ]; then args+=(--full); ms=$FULL_MS; else ms=$RESUME_MS; fi
+    args+=(--duration-ms "$ms")
+    run_bounded 30 "$TMP/loadgen.out" "$TMP/loadgen.err" "$LOADGEN" "${args[@]}" || true
+    line=$(grep '^{"bench":"loadgen"' "$TMP/loadgen.out" || true)
+    if [ -z "$line" ]; then
+        line="{\"bench\":\"loadgen\",\"error\":\"no output\"}"
+    fi
+    emit "{\"section\":\"handshakes\",\"rep\":$rep,\"variant\":\"$variant\",\"n\":$n,\"proto\":\"$proto\",\"mode\":\"$mode\",\"data\":$line}"
+}
+
+run_stime() { # rep variant n proto mode(reuse|new) seconds
+    local rep=$1 variant=$2 n=$3 proto=$4 mode=$5 secs=$6 out t1 t2 conns user
+    out="$TMP/stime.out"
+    local flag=-tls1_3; [ "$proto" = tls12 ] && flag=-tls1_2
+    t1=$(date +%s.%N)
+    : >"$TMP/s_time.err"
+    run_bounded $((secs + 20)) "$out" "$TMP/s_time.err" openssl s_time -connect "127.0.0.1:$SRV_PORT" -www / "-$mode" -time "$secs" "$flag" || true
+    t2=$(date +%s.%N)
+    # "N connections in X.XXs; R connections/user sec, bytes read B"
+    conns=$(sed -n 's/^\([0-9]*\) connections in [0-9.]*s; .*/\1/p' "$out" | tail -1)
+    user=$(sed -n 's/.*; \([0-9.]*\) connections\/user sec.*/\1/p' "$out" | tail -1)
+    local reused total
+    # one mark per connection: 'r' reused, '*' (or a version letter) not reused
+    reused=$({ grep -E '^[*rtsu]+$' "$out" || true; } | tr -cd 'r' | wc -c)
+    total=$({ grep -E '^[*rtsu]+$' "$out" || true; } | tr -d '\n' | wc -c)
+    if [ -n "$conns" ] && [ -n "$user" ]; then
+        emit "{\"section\":\"s_time\",\"rep\":$rep,\"variant\":\"$variant\",\"n\":$n,\"proto\":\"$proto\",\"mode\":\"$mode\",\"data\":{\"connections\":$conns,\"time_s\":$secs,\"wall_s\":$(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.3f", b - a }'),\"connections_per_s\":$(awk -v c="$conns" -v s="$secs" 'BEGIN { printf "%.3f", c / s }'),\"connections_per_user_s\":$user,\"marks_reused\":$reused,\"marks_total\":$total}}"
+    else
+        emit "{\"section\":\"s_time\",\"rep\":$rep,\"variant\":\"$variant\",\"n\":$n,\"proto\":\"$proto\",\"mode\":\"$mode\",\"data\":{\"error\":$(json_str "$(tail -c 300 "$out"; tail -c 200 "$TMP/s_time.err" 2>/dev/null)")}}"
+    fi
+}
+
+# ---- 1. channel ---------------------------------------------------------------------------------
+log "channel bench (${CHANNEL_ARGS[*]})"
+if run_bounded 120 "$TMP/channel.out" "$TMP/channel.err" cargo bench -q --bench channel -- "${CHANNEL_ARGS[@]}"; then
+    grep '^{"bench":"channel"' "$TMP/channel.out" | while IFS= read -r l; do emit "{\"section\":\"channel\",\"data\":$l}"; done
+else
+    emit "{\"section\":\"channel\",\"error\":$(json_str "$(tail -c 300 "$TMP/channel.err")")}"
+fi
+
+# ---- 2-4. handshakes, s_time, nginx (interleaved repetitions) ----------------------------------
+VARIANTS="on off ideal"
+[ "$WITH_NGINX" = 1 ] && VARIANTS="$VARIANTS nginx"
+for rep in $(seq "$REPS"); do
+    for n in $WORKERS_LIST; do
+        for variant in $VARIANTS; do
+            log "rep $rep/$REPS  N=$n  $variant"
+            if ! start_server "$variant" "$n"; then
+                for proto in tls12 tls13; do for mode in resume full; do
+                    emit "{\"section\":\"handshakes\",\"rep\":$rep,\"variant\":\"$variant\",\"n\":$n,\"proto\":\"$proto\",\"mode\":\"$mode\",\"data\":{\"error\":\"server did not start\"}}"
+                done; done
+                [ -n "$SRV_PID" ] && stop_pid "$SRV_PID"
+                continue
+            fi
+            for proto in tls12 tls13; do
+                run_loadgen "$rep" "$variant" "$n" "$proto" resume
+            done
+            for proto in tls12 tls13; do
+                run_loadgen "$rep" "$variant" "$n" "$proto" full
+            done
+            if { [ "$variant" = on ] || [ "$variant" = nginx ]; } && [[ " $STIME_WORKERS " == *" $n "* ]]; then
+                for proto in tls12 tls13; do
+                    run_stime "$rep" "$variant" "$n" "$proto" reuse "$STIME_S"
+                done
+                for proto in tls12 tls13; do
+                    run_stime "$rep" "$variant" "$n" "$proto" new "$STIME_NEW_S"
+                done
+            fi
+            stop_pid "$SRV_PID"
+        done
+    done
+done
+
+# ---- 5. memory -----------------------------------------------------------------------------------
+log "memory bench"
+if run_bounded 120 "$TMP/memory.out" "$TMP/memory.err" cargo bench -q --bench memory; then
+    grep '^{"bench":"memory"' "$TMP/memory.out" | while IFS= read -r l; do emit "{\"section\":\"memory\",\"data\":$l}"; done
+else
+    emit "{\"section\":\"memory\",\"error\":$(json_str "$(tail -c 300 "$TMP/memory.err")")}"
+fi
+
+# ---- report ----------------------------------------------------------------------------------------
+WALL=$(elapsed)
+log "report (wall so far ${WALL}s)"
+mkdir -p bench/results
+python3 bench/report.py --raw "$RAW" --out bench/results/latest \
+    --meta "commit=$GIT_COMMIT" --meta "kernel=$KERNEL" --meta "openssl=$OSSL" --meta "nproc=$NPROC" \
+    --meta "cpu=$CPU" --meta "nginx=$NGINX_VERSION" --meta "reps=$REPS" --meta "clients=$CLIENTS" \
+    --meta "quick=$QUICK" --meta "with_nginx=$WITH_NGINX" --meta "resume_ms=$RESUME_MS" \
+    --meta "full_ms=$FULL_MS" --meta "warmup_ms=$WARMUP_MS" --meta "s_time_s=$STIME_S" \
+    --meta "s_time_new_s=$STIME_NEW_S" --meta "channel_args=${CHANNEL_ARGS[*]}" \
+    --meta "wall_s=$WALL" --meta "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+cat bench/results/latest.md
+log "done in $(elapsed) s"
