@@ -236,7 +236,8 @@ def build_md(D, targets):
         f"{D.reps} interleaved repetition(s){' (--quick)' if m.get('quick') == '1' else ''}; "
         f"loadgen K={m.get('clients')} clients, {m.get('resume_ms')} ms resumed / {m.get('full_ms')} ms full "
         f"(+{m.get('warmup_ms')} ms warm-up); s_time -reuse {m.get('s_time_s')} s, -new {m.get('s_time_new_s')} s; "
-        f"channel bench `{m.get('channel_args')}`; servers with `--no-tickets` / `ssl_session_tickets off`. "
+        f"channel bench `{m.get('channel_args')}`; servers with `--no-tickets` / `ssl_session_tickets off`; "
+        f"C example with {m.get('threads', '1')} accept loops per process (the ideal: all in one process). "
         f"Cells: median [min–max] over repetitions; ratios are paired per repetition. "
         f"Wall time {float(m.get('wall_s', 'nan')):.0f} s."
     )

@@ -26,6 +26,11 @@ done
 
 # ---- knobs (same for every row) --------------------------------------------------------
 CLIENTS=8
+# Accept loops per C example worker (--threads). The example serves a connection start to
+# finish on one thread, including waiting for the client's close after its close_notify: a
+# single loop per process idles through that round trip, which nginx's event loop does not.
+# Every variant gets the same loops per process; the ideal gets them all in one process.
+THREADS=4
 WORKERS_LIST="1 2 4"
 STIME_WORKERS="2 4"
 if [ "$QUICK" = 1 ]; then
@@ -144,9 +149,9 @@ start_server() { # variant n ; sets SRV_PID, SRV_PORT; returns 1 on failure
     SRV_PID=""; SRV_PORT=""
     : >"$out"
     case "$variant" in
-        on)    "$SERVER" --port 0 --workers "$n" --cert "$CERT" --key "$KEY" --no-tickets >"$out" 2>"$err" & ;;
-        off)   "$SERVER" --port 0 --workers "$n" --cert "$CERT" --key "$KEY" --no-tickets --no-share >"$out" 2>"$err" & ;;
-        ideal) "$SERVER" --port 0 --workers 1 --threads "$n" --cert "$CERT" --key "$KEY" --no-tickets --no-share >"$out" 2>"$err" & ;;
+        on)    "$SERVER" --port 0 --workers "$n" --threads "$THREADS" --cert "$CERT" --key "$KEY" --no-tickets >"$out" 2>"$err" & ;;
+        off)   "$SERVER" --port 0 --workers "$n" --threads "$THREADS" --cert "$CERT" --key "$KEY" --no-tickets --no-share >"$out" 2>"$err" & ;;
+        ideal) "$SERVER" --port 0 --workers 1 --threads "$((n * THREADS))" --cert "$CERT" --key "$KEY" --no-tickets --no-share >"$out" 2>"$err" & ;;
         nginx)
             SRV_PORT=$(free_port)
             local d="$TMP/nginx-$n"
@@ -291,7 +296,7 @@ log "report (wall so far ${WALL}s)"
 mkdir -p bench/results
 python3 bench/report.py --raw "$RAW" --out bench/results/latest \
     --meta "commit=$GIT_COMMIT" --meta "kernel=$KERNEL" --meta "openssl=$OSSL" --meta "nproc=$NPROC" \
-    --meta "cpu=$CPU" --meta "nginx=$NGINX_VERSION" --meta "reps=$REPS" --meta "clients=$CLIENTS" \
+    --meta "cpu=$CPU" --meta "nginx=$NGINX_VERSION" --meta "reps=$REPS" --meta "clients=$CLIENTS" --meta "threads=$THREADS" \
     --meta "quick=$QUICK" --meta "with_nginx=$WITH_NGINX" --meta "resume_ms=$RESUME_MS" \
     --meta "full_ms=$FULL_MS" --meta "warmup_ms=$WARMUP_MS" --meta "s_time_s=$STIME_S" \
     --meta "s_time_new_s=$STIME_NEW_S" --meta "channel_args=${CHANNEL_ARGS[*]}" \

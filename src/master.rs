@@ -28,11 +28,14 @@ const SWEEP_INTERVAL_MS: i32 = 1000;
 struct Scratch {
     buf: Vec<u8>,
     out: Vec<u8>,
+    /// GETs that a catch-up read and that would have missed: (channel index, frame), answered
+    /// once the catch-up has been through every channel. A GET frame holds no secret.
+    deferred: Vec<(usize, Vec<u8>)>,
 }
 
 impl Scratch {
     fn new() -> Scratch {
-        Scratch { buf: vec![0u8; MAX_FRAME_LEN + 1], out: Vec::with_capacity(MAX_FRAME_LEN) }
+        Scratch { buf: vec![0u8; MAX_FRAME_LEN + 1], out: Vec::with_capacity(MAX_FRAME_LEN), deferred: Vec::new() }
     }
 }
 
@@ -497,7 +500,7 @@ impl Master {
     /// (sent by `flush_sync` at the end of the loop's round, batched).
     fn serve(&self, idx: usize, conns: &mut [Conn], s: &mut Scratch, mut spare: Option<&mut Scratch>) -> bool {
         let fd = conns[idx].raw();
-        let Scratch { buf, out } = s;
+        let Scratch { buf, out, deferred } = s;
         for _ in 0..BATCH {
             // SAFETY: `buf` is valid for `buf.len()` bytes; MSG_TRUNC makes recv return the
             // datagram's real length so an oversized frame is detected, not silently cut.
@@ -515,13 +518,37 @@ impl Master {
                 wipe(buf);
                 continue;
             }
-            if let Some(sp) = spare.as_deref_mut() {
-                if self.would_miss(&buf[..n]) {
+            match spare.as_deref_mut() {
+                Some(sp) if self.would_miss(&buf[..n]) => {
                     for other in (0..conns.len()).filter(|&o| o != idx) {
                         // An EOF seen here is seen again (and handled) by the main loop.
                         self.serve(other, conns, sp, None);
                     }
+                    // A GET the catch-up read that would have missed may ask for a session
+                    // whose PUT sits on a channel the catch-up reached after it: answer those
+                    // now that every channel has been read once.
+                    for (o, frame) in sp.deferred.drain(..) {
+                        if let Some(c) = conns.get_mut(o) {
+                            let fd = c.raw();
+                            let h = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                self.handle(fd, &frame, &mut sp.out)
+                            }));
+                            match h {
+                                Ok(Handled::Reply) => c.last_was_flush = false,
+                                Ok(_) => {}
+                                Err(_) => {
+                                    self.bad_frames.fetch_add(1, Relaxed);
+                                }
+                            }
+                        }
+                    }
                 }
+                None if self.would_miss(&buf[..n]) => {
+                    deferred.push((idx, buf[..n].to_vec()));
+                    wipe(&mut buf[..n]);
+                    continue;
+                }
+                _ => {}
             }
             // A bug in handling one frame must not end the cache thread for every worker:
             // the frame is dropped and counted, the loop goes on.
