@@ -37,7 +37,7 @@ if [ "$QUICK" = 1 ]; then
     REPS=1; RESUME_MS=800; FULL_MS=500; WARMUP_MS=200; STIME_S=1; STIME_NEW_S=1
     CHANNEL_ARGS=(--reps 1 --phase-ms 200)
 else
-    REPS=3; RESUME_MS=1500; FULL_MS=800; WARMUP_MS=300; STIME_S=2; STIME_NEW_S=1
+    REPS=4; RESUME_MS=1200; FULL_MS=600; WARMUP_MS=300; STIME_S=2; STIME_NEW_S=1
     CHANNEL_ARGS=(--reps 3 --phase-ms 400)
 fi
 
@@ -252,9 +252,17 @@ fi
 # ---- 2-4. handshakes, s_time, nginx (interleaved repetitions) ----------------------------------
 VARIANTS="on off ideal"
 [ "$WITH_NGINX" = 1 ] && VARIANTS="$VARIANTS nginx"
+# The order of the variants turns by one each repetition, so no variant always runs first
+# (right after the previous server stopped) or last.
+rotate() { # k words... -> the words turned left by k
+    local k=$1; shift
+    local a=("$@") i
+    for ((i = 0; i < ${#a[@]}; i++)); do printf '%s ' "${a[$(((i + k) % ${#a[@]}))]}"; done
+}
 for rep in $(seq "$REPS"); do
     for n in $WORKERS_LIST; do
-        for variant in $VARIANTS; do
+        # shellcheck disable=SC2086
+        for variant in $(rotate "$((rep - 1))" $VARIANTS); do
             log "rep $rep/$REPS  N=$n  $variant"
             if ! start_server "$variant" "$n"; then
                 for proto in tls12 tls13; do for mode in resume full; do
