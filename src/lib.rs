@@ -167,7 +167,25 @@ pub fn channel_fd() -> Option<std::os::fd::RawFd> {
 /// and DEL without OpenSSL around them. Not part of the supported API.
 #[doc(hidden)]
 pub mod bench {
-    use crate::{channel, master};
+    use crate::{channel, fork, master};
+
+    /// Keeps the master's cache thread from handling anything while it lives: the thread
+    /// finishes what it is doing, and after its next wake-up waits for the guard to drop. For
+    /// tests that need several frames queued before the thread reads any. Do not fork while
+    /// holding it (the fork handlers take the same gate).
+    pub struct CacheThreadHold(());
+
+    impl Drop for CacheThreadHold {
+        fn drop(&mut self) {
+            fork::gate_unlock();
+        }
+    }
+
+    /// Hold the cache thread (see `CacheThreadHold`). In the master only.
+    pub fn hold_cache_thread() -> CacheThreadHold {
+        fork::gate_lock();
+        CacheThreadHold(())
+    }
 
     /// Store `der` under (`namespace`, `id`) from a worker, expiring at unix time `expiry`.
     /// In the master it stores directly. Returns false when there is no channel.

@@ -663,6 +663,13 @@ fn master_key_hex(sess: &std::path::Path) -> String {
 #[test]
 fn two_c_hosts_resume_each_others_sessions_through_redis() {
     use common::redis_server::{key_file, Redis};
+    if std::env::var("CTS_C_SANITIZE").is_ok_and(|v| !v.is_empty()) {
+        // With the remote tier on, the master runs two threads outside the fork gate (README,
+        // "Across hosts"); ASan's allocator is not fork-safe, and a worker forked while one of
+        // them allocates can hang (seen once in CI). The plain run of this test covers it.
+        eprintln!("skipped under the sanitizer: the remote tier's threads are outside the fork gate");
+        return;
+    }
     let redis = Redis::start();
     let fx = Fixture::new("remote");
     let key = key_file();

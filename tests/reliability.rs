@@ -152,3 +152,11 @@ fn a_worker_that_stops_reading_loses_pushes_but_never_resumes_a_removed_session(
     assert_eq!(r["sleeper_victim_found"], 0.0, "the removed session is gone everywhere");
     assert_eq!(r["sleeper_kept_found"], 1.0, "a live session is still found (from the master)");
 }
+
+#[test]
+fn a_lookup_the_catch_up_comes_across_finds_a_session_stored_on_a_later_channel() {
+    let r = scenario(&["catch-up-order"]);
+    assert_eq!(r["child_failures"], 0.0);
+    assert_eq!(r["absent_found"], 0.0);
+    assert_eq!(r["late_get_found"], 1.0, "the GET read during the catch-up was answered before the PUT behind it");
+}

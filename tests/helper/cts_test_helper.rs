@@ -380,6 +380,69 @@ fn sync_overflow() {
     println!("sync_records={}", st.master.sync_records);
 }
 
+/// A pipe whose read end a child waits on until the parent writes a byte (at most 20 s).
+fn gate_pipe() -> [libc::c_int; 2] {
+    let mut p = [0 as libc::c_int; 2];
+    // SAFETY: `p` has room for the two descriptors.
+    assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0, "pipe");
+    p
+}
+
+fn wait_gate(p: [libc::c_int; 2]) {
+    let mut pfd = libc::pollfd { fd: p[0], events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut pfd, 1, 20_000) };
+}
+
+fn open_gate(p: [libc::c_int; 2]) {
+    // SAFETY: writing one byte to our own pipe.
+    unsafe { libc::write(p[1], b"g".as_ptr().cast(), 1) };
+}
+
+/// The catch-up before a miss, when it comes across a GET that would miss too. Three workers
+/// in fork order (channel 0, 1, 2). With the cache thread held, worker 2 asks for an absent
+/// session, then worker 0 asks for "s", then worker 1 stores "s". Released, the thread sees
+/// worker 2's GET, which would miss, and catches up on channel 0 (the GET for "s") before
+/// channel 1 (its PUT). Worker 0 must get a hit: its GET is answered after the catch-up.
+fn catch_up_order() {
+    let cfg = Config { get_timeout: Duration::from_secs(10), ..Config::default() };
+    master_setup(cfg).expect("master_setup");
+    let ns = b"order";
+    let der = [0x33u8; 135];
+    let far = 4_000_000_000u64;
+    let gates = [gate_pipe(), gate_pipe(), gate_pipe()];
+    let w0 = fork_child(move || {
+        let _ = cluster_tls_store::bench::get_from_master(ns, b"warm-up");
+        wait_gate(gates[0]);
+        let found = cluster_tls_store::bench::get_from_master(ns, b"s").is_some();
+        println!("late_get_found={}", u8::from(found));
+        0
+    });
+    let w1 = fork_child(move || {
+        let _ = cluster_tls_store::bench::get_from_master(ns, b"warm-up");
+        wait_gate(gates[1]);
+        assert!(cluster_tls_store::bench::put(ns, b"s", &der, far));
+        0
+    });
+    let w2 = fork_child(move || {
+        let _ = cluster_tls_store::bench::get_from_master(ns, b"warm-up");
+        wait_gate(gates[2]);
+        let found = cluster_tls_store::bench::get_from_master(ns, b"absent").is_some();
+        println!("absent_found={}", u8::from(found));
+        0
+    });
+    // Every channel registered and idle (the warm-ups answered), then hold the thread.
+    std::thread::sleep(Duration::from_millis(300));
+    let hold = cluster_tls_store::bench::hold_cache_thread();
+    for g in [gates[2], gates[0], gates[1]] {
+        open_gate(g);
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    drop(hold);
+    let codes = [wait(w0), wait(w1), wait(w2)];
+    println!("child_failures={}", codes.iter().filter(|&&c| c != 0).count());
+}
+
 fn soak(secs: u64, budget_mib: usize) {
     let budget = budget_mib << 20;
     let cfg = Config { cache_bytes: budget, get_timeout: Duration::from_millis(500), ..Config::default() };
@@ -453,6 +516,7 @@ fn main() {
         Some("hostile") => hostile(num(1, 3)),
         Some("soak") => soak(num(1, 5), num(2, 16) as usize),
         Some("sync-overflow") => sync_overflow(),
+        Some("catch-up-order") => catch_up_order(),
         _ => {
             eprintln!("usage: cts-test-helper churn N | grandchild | exec | hostile SECS | soak SECS MIB");
             std::process::exit(2);
