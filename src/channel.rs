@@ -489,8 +489,13 @@ impl Channel {
         self.recv_available(false);
         let mut w = self.lock();
         w.reader = false;
+        // Only a thread with a request in flight waits on `cond` (for its reply, or to become
+        // the reader); without one, skip the wake-up (a futex system call per lookup).
+        let waiting = !w.slots.is_empty();
         drop(w);
-        self.cond.notify_all();
+        if waiting {
+            self.cond.notify_all();
+        }
     }
 
     /// Wait up to `wait` for the socket to be readable, then file every reply there is.
