@@ -36,11 +36,13 @@ fn share_sessions_without_a_master_is_a_clear_error_and_leaves_the_context_untou
     let msg = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
     assert!(n > 0 && msg.contains("no session cache master"), "{msg}");
     assert_eq!(cache_mode(&ctx), before);
+    // SAFETY: a valid SSL_CTX that outlives the call.
     assert_eq!(unsafe { cts_ticket_mode(ctx.as_ptr()) }, CTS_TICKETS_NOT_SHARED, "never shared");
 }
 
 #[test]
 fn null_arguments_are_reported_not_dereferenced() {
+    // SAFETY (every call below): NULL is an allowed argument of each; the functions check it.
     assert_eq!(
         unsafe { cts_share_sessions(std::ptr::null_mut(), std::ptr::null()) },
         cts_result::CTS_ERR_NULL_ARGUMENT
