@@ -231,8 +231,10 @@ typedef struct cts_config {
    */
   const char *remote_prefix;
   /**
-   * Connect, read and write timeout of Redis requests, in milliseconds; a lookup also
-   * gives up at half of `get_timeout_us`. Default 50; allowed 1..=10000.
+   * TCP connect, read and write timeout of Redis requests, in milliseconds; a lookup also
+   * gives up at half of `get_timeout_us`. It does not bound the host name lookup or a
+   * `rediss://` TLS handshake (the client crate's limits); neither runs on a handshake's
+   * path. Default 50; allowed 1..=10000.
    */
   uint32_t remote_timeout_ms;
   /**

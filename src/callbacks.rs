@@ -419,7 +419,7 @@ unsafe extern "C" fn remove_session_cb(ctx: *mut ffi::SSL_CTX, sess: *mut ffi::S
             match backend() {
                 Some(Backend::Channel(ch)) => ch.del(&state.namespace, id),
                 Some(Backend::InProcess(m)) => {
-                    m.cache().remove(&state.namespace, id);
+                    m.remove(&state.namespace, id);
                     bump(&WORKER.dels);
                 }
                 None => {}

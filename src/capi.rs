@@ -70,6 +70,16 @@ pub const CTS_TICKETS_SHARING_OFF: u32 = 3;
 /// TLS 1.3 then resumes with stateful tickets, which go through the shared cache.
 pub const CTS_TICKETS_NONE_ISSUED: u32 = 4;
 
+// `cts_ticket_mode` returns `TicketMode as u32`: the two lists must agree.
+const _: () = {
+    use crate::callbacks::TicketMode;
+    assert!(TicketMode::NotShared as u32 == CTS_TICKETS_NOT_SHARED);
+    assert!(TicketMode::ClusterKeys as u32 == CTS_TICKETS_CLUSTER_KEYS);
+    assert!(TicketMode::HostKeys as u32 == CTS_TICKETS_HOST_KEYS);
+    assert!(TicketMode::SharingOff as u32 == CTS_TICKETS_SHARING_OFF);
+    assert!(TicketMode::NoTickets as u32 == CTS_TICKETS_NONE_ISSUED);
+};
+
 /// Configuration of `cts_master_setup`. Fill with `cts_config_init`, then change fields.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -123,8 +133,10 @@ pub struct cts_config {
     /// of every Redis key (at most 64 bytes): keys are `<prefix><namespace>:<hex session id>`
     /// and `<prefix>tk:<epoch>` for ticket keys, so several clusters can share one Redis.
     pub remote_prefix: *const c_char,
-    /// Connect, read and write timeout of Redis requests, in milliseconds; a lookup also
-    /// gives up at half of `get_timeout_us`. Default 50; allowed 1..=10000.
+    /// TCP connect, read and write timeout of Redis requests, in milliseconds; a lookup also
+    /// gives up at half of `get_timeout_us`. It does not bound the host name lookup or a
+    /// `rediss://` TLS handshake (the client crate's limits); neither runs on a handshake's
+    /// path. Default 50; allowed 1..=10000.
     pub remote_timeout_ms: u32,
     /// Length of each queue to the remote threads (lookups; stores and removals). Work that
     /// finds its queue full is dropped and counted (`remote_queue_drops`). Default 1024.
@@ -164,17 +176,14 @@ impl From<&cts_config> for Config {
             share_tickets: c.share_tickets != 0,
             ticket_key_rotation: Duration::from_secs(u64::from(c.ticket_rotation_secs)),
             ticket_keys: c.ticket_keys,
-            ticket_key_file: if c.ticket_key_file.is_null() {
-                None
-            } else {
-                // SAFETY: the caller gives NULL or a NUL-terminated path (documented).
-                let path = unsafe { CStr::from_ptr(c.ticket_key_file) };
-                Some(std::path::PathBuf::from(std::ffi::OsStr::from_bytes(path.to_bytes())))
-            },
+            // SAFETY: the caller gives NULL or a NUL-terminated path (documented).
+            ticket_key_file: unsafe { opt_path(c.ticket_key_file) },
             replica_bytes: usize::try_from(c.replica_bytes).unwrap_or(usize::MAX),
-            // SAFETY (the three below): the caller gives NULL or NUL-terminated strings.
+            // SAFETY: the caller gives NULL or a NUL-terminated string (documented).
             remote_url: unsafe { opt_str(c.remote_url) }.map(crate::remote::RemoteUrl),
-            remote_key_file: unsafe { opt_str(c.remote_key_file) }.map(Into::into),
+            // SAFETY: as for ticket_key_file.
+            remote_key_file: unsafe { opt_path(c.remote_key_file) },
+            // SAFETY: as for remote_url.
             remote_prefix: unsafe { opt_str(c.remote_prefix) }
                 .unwrap_or_else(|| crate::remote::DEFAULT_PREFIX.to_string()),
             remote_timeout: Duration::from_millis(u64::from(c.remote_timeout_ms)),
@@ -193,6 +202,19 @@ unsafe fn opt_str(p: *const c_char) -> Option<String> {
     }
     // SAFETY: non-NULL and NUL-terminated per the contract.
     Some(unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+}
+
+/// A path from C, byte for byte (paths need not be UTF-8).
+///
+/// # Safety
+/// `p` must be NULL or a NUL-terminated string.
+unsafe fn opt_path(p: *const c_char) -> Option<std::path::PathBuf> {
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: non-NULL and NUL-terminated per the contract.
+    let bytes = unsafe { CStr::from_ptr(p) }.to_bytes();
+    Some(std::path::PathBuf::from(std::ffi::OsStr::from_bytes(bytes)))
 }
 
 thread_local! {

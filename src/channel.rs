@@ -123,11 +123,13 @@ fn adopt_from_env() -> Result<RawFd, Error> {
     Ok(fd)
 }
 
-/// An exec'd worker did not inherit the master's settings in memory: it reads the lookup
-/// deadline, breaker back-off and session cap from the environment when the host passes them
-/// (`CTS_GET_TIMEOUT_US`, `CTS_BREAKER_MAX_BACKOFF_MS`, `CTS_MAX_SESSION_BYTES`), else keeps
-/// the defaults.
+/// An exec'd worker did not inherit the master's settings in memory: it reads them from the
+/// environment when the host passes them (`CTS_GET_TIMEOUT_US`, `CTS_BREAKER_MAX_BACKOFF_MS`,
+/// `CTS_SHARE_TICKETS`, `CTS_REPLICA_BYTES`, `CTS_MAX_SESSION_BYTES`), else keeps the
+/// defaults, except the replica: without `CTS_REPLICA_BYTES` it stays off, because a master
+/// with replicas off pushes no removals, and a replica that never hears of one must not exist.
 fn adopt_env_config() {
+    REPLICA_BYTES.store(0, SeqCst);
     let read = |name: &str| std::env::var(name).ok().and_then(|v| v.trim().parse::<u64>().ok());
     if let Some(v) = read("CTS_GET_TIMEOUT_US").filter(|v| (100..=10_000_000).contains(v)) {
         GET_TIMEOUT_US.store(v, SeqCst);
@@ -148,8 +150,8 @@ fn adopt_env_config() {
 
 /// What a request got back.
 pub enum Reply {
-    /// The session DER (wiped when dropped) and its expiry (unix seconds).
-    Hit(SecretBuf, u64),
+    /// The session DER (wiped when dropped); `file_reply` already put it into the replica.
+    Hit(SecretBuf),
     /// Nothing stored under that key.
     Miss,
     /// The master's counters.
@@ -355,10 +357,8 @@ impl Channel {
     /// Look up a session in the master, bypassing the replica (which then keeps a hit).
     pub fn get_from_master(&self, namespace: &[u8], id: &[u8]) -> Option<SecretBuf> {
         match self.request(Op::Get, namespace, id)? {
-            Reply::Hit(der, expiry) => {
-                self.replica_put(namespace, id, &der, expiry);
-                Some(der)
-            }
+            // `file_reply` already put the hit into the replica, in socket order.
+            Reply::Hit(der) => Some(der),
             _ => {
                 bump(&WORKER.misses);
                 None
@@ -595,9 +595,12 @@ impl Channel {
                 return false;
             }
             Op::Hit => {
+                // Into the replica here, in the order the socket delivers frames: a removal
+                // the master pushed after this reply is applied after it, never before.
+                self.replica_put(msg.namespace, msg.id, msg.payload, msg.expiry);
                 let mut b = SecretBuf::with_capacity(msg.payload.len());
                 b.vec().extend_from_slice(msg.payload);
-                Reply::Hit(b, msg.expiry)
+                Reply::Hit(b)
             }
             Op::Miss => Reply::Miss,
             Op::TicketKeysReply => {

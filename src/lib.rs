@@ -172,8 +172,9 @@ pub mod bench {
     /// Keeps the master's cache thread from handling anything while it lives: the thread
     /// finishes what it is doing, and after its next wake-up waits for the guard to drop. For
     /// tests that need several frames queued before the thread reads any. Do not fork while
-    /// holding it (the fork handlers take the same gate).
-    pub struct CacheThreadHold(());
+    /// holding it (the fork handlers take the same gate). Not `Send`: the thread that locked
+    /// the gate must be the one that unlocks it.
+    pub struct CacheThreadHold(std::marker::PhantomData<*const ()>);
 
     impl Drop for CacheThreadHold {
         fn drop(&mut self) {
@@ -184,7 +185,7 @@ pub mod bench {
     /// Hold the cache thread (see `CacheThreadHold`). In the master only.
     pub fn hold_cache_thread() -> CacheThreadHold {
         fork::gate_lock();
-        CacheThreadHold(())
+        CacheThreadHold(std::marker::PhantomData)
     }
 
     /// Store `der` under (`namespace`, `id`) from a worker, expiring at unix time `expiry`.
@@ -223,7 +224,7 @@ pub mod bench {
     /// Remove (`namespace`, `id`) cluster-wide.
     pub fn del(namespace: &[u8], id: &[u8]) {
         if let Some(m) = master::get() {
-            m.cache().remove(namespace, id);
+            m.remove(namespace, id);
         } else if let Ok(ch) = channel::current() {
             ch.del(namespace, id);
         }

@@ -279,6 +279,14 @@ impl Master {
         self.cache().put(namespace, id, der, expiry.min(cap), now)
     }
 
+    /// Remove a session here and, with the remote tier on, from Redis too.
+    pub(crate) fn remove(&self, namespace: &[u8], id: &[u8]) {
+        if let Some(r) = &self.remote {
+            r.del(namespace, id);
+        }
+        self.cache().remove(namespace, id);
+    }
+
     /// The master's counters now.
     pub fn stats(&self) -> MasterStats {
         self.stats_with(&self.cache())
@@ -591,8 +599,12 @@ impl Master {
             }
             _ => None,
         };
+        let is_put = capped.is_some();
         for (j, c) in conns.iter_mut().enumerate() {
-            if j == from {
+            // The sender has its own PUT already; its own DEL goes back to it too, in order
+            // behind any push of the same session still queued for it (which would otherwise
+            // bring the session back into its replica after its local removal).
+            if j == from && is_put {
                 continue;
             }
             if !protocol::push_sync_record(&mut c.sync, frame) {

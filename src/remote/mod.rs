@@ -199,6 +199,9 @@ impl Breaker {
     }
 
     fn trip(&self) {
+        if !self.allows() {
+            return; // Already paused (the other thread saw the same failure).
+        }
         let b = self.backoff_ms.load(Relaxed);
         let next = if b == 0 { BREAKER_MIN.as_millis() as u64 } else { (b * 2).min(BREAKER_MAX.as_millis() as u64) };
         self.backoff_ms.store(next, Relaxed);
@@ -208,6 +211,7 @@ impl Breaker {
 
     fn ok(&self) {
         self.backoff_ms.store(0, Relaxed);
+        self.down_until.store(0, Relaxed);
         self.state.store(REMOTE_UP as u8, Relaxed);
     }
 }
@@ -320,8 +324,18 @@ impl Tier {
                 .map(drop)
                 .map_err(|e| Error::System(format!("spawning the {name} thread: {e}")))
         };
-        spawn("cts-remote-get", Box::new(move || self.get_loop(get_rx)))?;
-        spawn("cts-remote-put", Box::new(move || self.write_loop(put_rx, install)))
+        spawn("cts-remote-get", Box::new(move || self.supervise(|| self.get_loop(&get_rx))))?;
+        spawn("cts-remote-put", Box::new(move || self.supervise(|| self.write_loop(&put_rx, install))))
+    }
+
+    /// Run a thread's loop until it returns (its queue is gone). A panic (a bug here or in
+    /// the client crate) is counted as an error, pauses the tier like one, so the stats say
+    /// it is down, and the loop starts again with a fresh connection.
+    fn supervise(&self, run: impl Fn()) {
+        while std::panic::catch_unwind(std::panic::AssertUnwindSafe(&run)).is_err() {
+            self.counters.errors.fetch_add(1, Relaxed);
+            self.breaker.trip();
+        }
     }
 
     /// The Redis key of a session: prefix, namespace, ':', hex session id.
@@ -335,7 +349,11 @@ impl Tier {
     }
 
     fn connect(&self, timeout: Duration) -> redis::RedisResult<redis::Connection> {
-        let con = self.client.get_connection_with_timeout(timeout)?;
+        // redis 1.2 unwraps a failed TLS handshake on its timeout path (a bad certificate
+        // behind `rediss://` would panic): that is an error like any other here.
+        let con =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.client.get_connection_with_timeout(timeout)))
+                .unwrap_or_else(|_| Err((redis::ErrorKind::Io, "connecting failed (TLS handshake)").into()))?;
         con.set_write_timeout(Some(self.timeout))?;
         con.set_read_timeout(Some(self.timeout))?;
         Ok(con)
@@ -480,7 +498,7 @@ impl Tier {
     /// The GET thread. It connects (and reconnects after the pause) on its own time, with
     /// `get_ready` false meanwhile so that nothing is forwarded: a lookup never waits for a
     /// connection to be made, only for one GET on a live connection, bounded by its budget.
-    fn get_loop(&self, rx: Receiver<GetJob>) {
+    fn get_loop(&self, rx: &Receiver<GetJob>) {
         let mut con: Option<redis::Connection> = None;
         loop {
             if con.is_none() && self.breaker.allows() {
@@ -546,7 +564,7 @@ impl Tier {
         }
     }
 
-    fn write_loop(&self, rx: Receiver<WriteJob>, install: fn(crate::tickets::TicketKey)) {
+    fn write_loop(&self, rx: &Receiver<WriteJob>, install: fn(crate::tickets::TicketKey)) {
         let mut con: Option<redis::Connection> = None;
         let mut next_tick = Instant::now() + TICK;
         let mut batch: Vec<WriteJob> = Vec::with_capacity(WRITE_BATCH);
@@ -698,6 +716,13 @@ mod tests {
         b.trip();
         assert!(!b.allows());
         assert_eq!(b.backoff_ms.load(Relaxed), 50);
+        b.trip();
+        assert_eq!(
+            b.backoff_ms.load(Relaxed),
+            50,
+            "a second failure within the pause (the other thread) does not double"
+        );
+        b.down_until.store(0, Relaxed); // the pause is over: the next failure doubles it
         b.trip();
         assert_eq!(b.backoff_ms.load(Relaxed), 100);
         b.ok();
