@@ -536,18 +536,8 @@ impl Master {
                     // whose PUT sits on a channel the catch-up reached after it: answer those
                     // now that every channel has been read once.
                     for (o, frame) in sp.deferred.drain(..) {
-                        if let Some(c) = conns.get_mut(o) {
-                            let fd = c.raw();
-                            let h = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                self.handle(fd, &frame, &mut sp.out)
-                            }));
-                            match h {
-                                Ok(Handled::Reply) => c.last_was_flush = false,
-                                Ok(_) => {}
-                                Err(_) => {
-                                    self.bad_frames.fetch_add(1, Relaxed);
-                                }
-                            }
+                        if o < conns.len() {
+                            self.handle_guarded(o, conns, &frame, &mut sp.out);
                         }
                     }
                 }
@@ -558,20 +548,25 @@ impl Master {
                 }
                 _ => {}
             }
-            // A bug in handling one frame must not end the cache thread for every worker:
-            // the frame is dropped and counted, the loop goes on.
-            let frame = &buf[..n];
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(fd, frame, out))) {
-                Ok(Handled::NoReply) if self.config.replica_bytes > 0 => self.queue_sync(idx, conns, frame, out),
-                Ok(Handled::Reply) => conns[idx].last_was_flush = false,
-                Ok(_) => {}
-                Err(_) => {
-                    self.bad_frames.fetch_add(1, Relaxed);
-                }
-            }
+            self.handle_guarded(idx, conns, &buf[..n], out);
             wipe(&mut buf[..n]);
         }
         true
+    }
+
+    /// Handle one frame from worker `idx`, then push an applied PUT or DEL to the replicas,
+    /// or note that a reply went out. A bug in handling one frame must not end the cache
+    /// thread for every worker: the frame is dropped and counted, the loop goes on.
+    fn handle_guarded(&self, idx: usize, conns: &mut [Conn], frame: &[u8], out: &mut Vec<u8>) {
+        let fd = conns[idx].raw();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(fd, frame, out))) {
+            Ok(Handled::NoReply) if self.config.replica_bytes > 0 => self.queue_sync(idx, conns, frame, out),
+            Ok(Handled::Reply) => conns[idx].last_was_flush = false,
+            Ok(_) => {}
+            Err(_) => {
+                self.bad_frames.fetch_add(1, Relaxed);
+            }
+        }
     }
 
     /// True for a well-formed GET whose key is not in the cache now.
@@ -716,10 +711,7 @@ impl Master {
     }
 
     fn send_reply(&self, fd: RawFd, out: &[u8]) {
-        // SAFETY: `out` is valid for `out.len()` bytes. Non-blocking and no SIGPIPE: a
-        // full or closed worker socket costs that worker its reply, nothing else.
-        let sent = unsafe { libc::send(fd, out.as_ptr().cast(), out.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-        if sent < 0 {
+        if !send_nonblocking(fd, out) {
             self.reply_drops.fetch_add(1, Relaxed);
         }
     }
