@@ -19,8 +19,8 @@
  *   GET /stats  -> "stats role=.. master_valid=.. hits=.. misses=.. stores=.. entries=..
  *                   w_gets=.. w_hits=.. w_timeouts=.. remote_state=.. remote_hits=..
  *                   remote_misses=.. remote_errors=.. remote_open_failures=.. remote_stores=..
- *                   w_replica_hits=.. sync_records=.. sync_drops=.. w_tickets_opened=..
- *                   ticket_mode=.."
+ *                   w_replica_hits=.. w_replica_decoded_hits=.. sync_records=.. sync_drops=..
+ *                   w_tickets_opened=.. ticket_mode=.."
  *                   (one line; remote_* are the Redis tier's, turned on by CTS_REMOTE and
  *                   CTS_REMOTE_KEY_FILE in the environment; ticket_mode is what
  *                   cts_ticket_mode says of this worker's SSL_CTX: CTS_TICKETS_*)
@@ -303,13 +303,15 @@ static void stats_body(const SSL_CTX *ctx, char *body, size_t cap)
              " stores=%" PRIu64 " entries=%" PRIu64 " w_gets=%" PRIu64 " w_hits=%" PRIu64
              " w_timeouts=%" PRIu64 " remote_state=%" PRIu64 " remote_hits=%" PRIu64
              " remote_misses=%" PRIu64 " remote_errors=%" PRIu64 " remote_open_failures=%" PRIu64
-             " remote_stores=%" PRIu64 " w_replica_hits=%" PRIu64 " sync_records=%" PRIu64
+             " remote_stores=%" PRIu64 " w_replica_hits=%" PRIu64 " w_replica_decoded_hits=%" PRIu64
+             " sync_records=%" PRIu64
              " sync_drops=%" PRIu64 " w_tickets_opened=%" PRIu64 " ticket_mode=%" PRIu32 "\n",
              st.role, st.master_valid, st.master.hits, st.master.misses, st.master.stores,
              st.master.entries, st.worker.gets, st.worker.hits, st.worker.timeouts,
              st.master.remote_state, st.master.remote_hits, st.master.remote_misses,
              st.master.remote_errors, st.master.remote_open_failures, st.master.remote_stores,
-             st.worker.replica_hits, st.master.sync_records, st.master.sync_drops,
+             st.worker.replica_hits, st.worker.replica_decoded_hits, st.master.sync_records,
+             st.master.sync_drops,
              st.worker.tickets_opened, cts_ticket_mode(ctx));
 }
 

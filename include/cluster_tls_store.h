@@ -441,6 +441,11 @@ typedef struct cts_worker_stats {
    * Times the master told this worker to drop its replica (pushes were lost).
    */
   uint64_t replica_flushes;
+  /**
+   * Replica hits served from a session already decoded by an earlier hit (no
+   * `d2i_SSL_SESSION`); a subset of `replica_hits`.
+   */
+  uint64_t replica_decoded_hits;
 } cts_worker_stats;
 
 /**

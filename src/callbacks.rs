@@ -13,8 +13,9 @@ use std::sync::atomic::{AtomicI32, Ordering::SeqCst};
 
 use openssl_sys as ffi;
 
-use crate::channel::{self, Channel};
+use crate::channel::{self, Channel, Found};
 use crate::fork;
+use crate::hot::OwnedSession;
 use crate::master::{self, Master};
 use crate::protocol::{MAX_ID_LEN, MAX_NAMESPACE_LEN};
 use crate::stats::{bump, WORKER};
@@ -80,10 +81,12 @@ enum Backend {
 }
 
 fn backend() -> Option<Backend> {
-    if let Some(m) = master::get() {
+    // getpid is a system call (glibc caches nothing): ask once per callback.
+    let me = fork::pid();
+    if let Some(m) = master::get_as(me) {
         return Some(Backend::InProcess(m));
     }
-    channel::current().ok().map(Backend::Channel)
+    channel::current_as(me).ok().map(Backend::Channel)
 }
 
 static EX_INDEX: AtomicI32 = AtomicI32::new(-1);
@@ -343,7 +346,34 @@ unsafe fn lookup_session(
             return std::ptr::null_mut();
         };
         let der = match backend() {
-            Some(Backend::Channel(ch)) => ch.get(&state.namespace, id),
+            Some(Backend::Channel(ch)) => {
+                let found = ch.get_session(&state.namespace, id, |der| {
+                    let s = decode_session(der, id);
+                    // SAFETY (of the enclosing block): a non-null session from d2i, whose one
+                    // reference we own.
+                    (!s.is_null()).then(|| OwnedSession::from_ptr(s))
+                });
+                return match found {
+                    Some(Found::Session(s)) => {
+                        crate::log::debug!("get session: id={} hit", crate::log::hex(id));
+                        bump(&WORKER.hits);
+                        // Hand OpenSSL the reference we got.
+                        if !copy.is_null() {
+                            *copy = 0;
+                        }
+                        s.into_ptr()
+                    }
+                    Some(Found::Undecodable) => {
+                        bump(&WORKER.decode_failures);
+                        crate::log::debug!("get session: id={} did not decode: miss", crate::log::hex(id));
+                        std::ptr::null_mut()
+                    }
+                    None => {
+                        crate::log::debug!("get session: id={} miss", crate::log::hex(id));
+                        std::ptr::null_mut()
+                    }
+                };
+            }
             Some(Backend::InProcess(m)) => {
                 bump(&WORKER.gets);
                 let mut cache = m.cache();

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::fork::{self, ChannelFd};
+use crate::hot::{Hot, OwnedSession};
 use crate::protocol::{self, Op, MAX_FRAME_LEN};
 use crate::stats::{bump, MasterStats, WORKER};
 use crate::wipe::{wipe, SecretBuf};
@@ -66,7 +67,11 @@ pub(crate) fn forget_parent_channel() {
 
 /// This process's channel to the master, opened on first use.
 pub fn current() -> Result<&'static Channel, Error> {
-    let me = fork::pid();
+    current_as(fork::pid())
+}
+
+/// `current` for a caller that already knows its pid (`me` must be `fork::pid()`).
+pub fn current_as(me: i32) -> Result<&'static Channel, Error> {
     let p = CHANNEL.load(SeqCst);
     // SAFETY: a non-null CHANNEL points to a leaked Box<Channel> that is never freed.
     if let Some(ch) = unsafe { p.as_ref() } {
@@ -183,7 +188,46 @@ pub struct Channel {
     dead: AtomicBool,
     /// Recent sessions of the whole cluster, pushed by the master (`Op::Sync`), plus this
     /// process's own stores and the master's hits; `None` when replicas are off.
-    replica: Option<Mutex<Cache>>,
+    replica: Option<Mutex<Replica>>,
+}
+
+/// Decoded sessions kept per MiB of replica budget (one per 4 KiB, at most 4096): at about
+/// 1.3 KiB each (OpenSSL's `SSL_SESSION` and its allocations), a third of the budget again.
+fn hot_capacity(replica_bytes: usize) -> usize {
+    (replica_bytes / 4096).clamp(64, 4096)
+}
+
+/// A worker's replica: the DER of recent sessions, and decoded copies of those that were hit
+/// (see `hot`). Every change goes through here, so a decoded copy never outlives the DER it
+/// came from.
+struct Replica {
+    cache: Cache,
+    hot: Hot,
+}
+
+impl Replica {
+    fn put(&mut self, namespace: &[u8], id: &[u8], der: &[u8], expiry: u64, now: u64) {
+        self.hot.remove(namespace, id);
+        self.cache.put(namespace, id, der, expiry, now);
+    }
+
+    fn remove(&mut self, namespace: &[u8], id: &[u8]) {
+        self.hot.remove(namespace, id);
+        self.cache.remove(namespace, id);
+    }
+
+    fn clear(&mut self) {
+        self.hot.clear();
+        self.cache.clear();
+    }
+}
+
+/// What `Channel::get_session` found.
+pub enum Found {
+    /// A decoded session (from the replica's decoded copies, or decoded just now).
+    Session(OwnedSession),
+    /// The DER did not decode: a miss.
+    Undecodable,
 }
 
 thread_local! {
@@ -211,7 +255,10 @@ impl Channel {
             dead: AtomicBool::new(false),
             replica: match REPLICA_BYTES.load(SeqCst) as usize {
                 0 => None,
-                bytes => Some(Mutex::new(Cache::new(bytes, MAX_SESSION.load(SeqCst) as usize))),
+                bytes => Some(Mutex::new(Replica {
+                    cache: Cache::new(bytes, MAX_SESSION.load(SeqCst) as usize),
+                    hot: Hot::new(hot_capacity(bytes)),
+                })),
             },
         }
     }
@@ -225,7 +272,7 @@ impl Channel {
         self.waiters.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn replica(&self) -> Option<MutexGuard<'_, Cache>> {
+    fn replica(&self) -> Option<MutexGuard<'_, Replica>> {
         self.replica.as_ref().map(|r| r.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
@@ -343,7 +390,7 @@ impl Channel {
             // nothing is there), then try the replica: a hit costs no round trip.
             self.drain_now();
             if let Some(mut r) = self.replica() {
-                if let Some(der) = r.get(namespace, id, crate::master::now_secs()) {
+                if let Some(der) = r.cache.get(namespace, id, crate::master::now_secs()) {
                     let mut b = SecretBuf::with_capacity(der.len());
                     b.vec().extend_from_slice(der);
                     bump(&WORKER.replica_hits);
@@ -352,6 +399,39 @@ impl Channel {
             }
         }
         self.get_from_master(namespace, id)
+    }
+
+    /// Look up a session and decode it with `decode`. A replica hit is served from its decoded
+    /// copy when there is one (no decoding at all), else decoded under the replica's lock and
+    /// the copy kept, so no change to that key can slip in between. A hit from the master is
+    /// decoded here and not kept: its next hit comes from the replica.
+    pub fn get_session(
+        &self,
+        namespace: &[u8],
+        id: &[u8],
+        decode: impl FnOnce(&[u8]) -> Option<OwnedSession>,
+    ) -> Option<Found> {
+        bump(&WORKER.gets);
+        if self.replica.is_some() {
+            self.drain_now();
+            if let Some(mut r) = self.replica() {
+                let now = crate::master::now_secs();
+                let r = &mut *r;
+                if let Some(der) = r.cache.get(namespace, id, now) {
+                    bump(&WORKER.replica_hits);
+                    if let Some(s) = r.hot.get(namespace, id) {
+                        bump(&WORKER.replica_decoded_hits);
+                        return Some(Found::Session(s));
+                    }
+                    let Some(s) = decode(der) else { return Some(Found::Undecodable) };
+                    let cache = &r.cache;
+                    r.hot.insert(namespace, id, &s, |ns, id| cache.contains(ns, id, now));
+                    return Some(Found::Session(s));
+                }
+            }
+        }
+        let der = self.get_from_master(namespace, id)?;
+        Some(decode(&der).map_or(Found::Undecodable, Found::Session))
     }
 
     /// Look up a session in the master, bypassing the replica (which then keeps a hit).
@@ -556,6 +636,7 @@ impl Channel {
     /// Apply the stores and removals other workers made to the replica.
     fn apply_sync(&self, payload: &[u8]) {
         let Some(mut r) = self.replica() else { return };
+        let r = &mut *r;
         let now = crate::master::now_secs();
         let cap = now.saturating_add(MAX_LIFETIME_SECS.load(Relaxed));
         for rec in protocol::sync_records(payload) {
@@ -631,5 +712,48 @@ impl Channel {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hot::tests::session;
+
+    fn replica() -> Replica {
+        Replica { cache: Cache::new(1 << 20, 16 << 10), hot: Hot::new(16) }
+    }
+
+    fn keep_decoded(r: &mut Replica, id: &[u8]) {
+        let now = crate::master::now_secs();
+        assert!(r.cache.get(b"ns", id, now).is_some());
+        let cache = &r.cache;
+        r.hot.insert(b"ns", id, &session(), |ns, id| cache.contains(ns, id, now));
+        assert!(r.hot.get(b"ns", id).is_some());
+    }
+
+    #[test]
+    fn every_replica_change_drops_the_decoded_copy() {
+        let now = crate::master::now_secs();
+        let mut r = replica();
+        r.put(b"ns", &[1; 32], b"der one", now + 60, now);
+        keep_decoded(&mut r, &[1; 32]);
+        // A store of the same key (another DER) must not be answered by the old copy.
+        r.put(b"ns", &[1; 32], b"der two", now + 60, now);
+        assert!(r.hot.get(b"ns", &[1; 32]).is_none(), "store");
+        keep_decoded(&mut r, &[1; 32]);
+        r.remove(b"ns", &[1; 32]);
+        assert!(r.hot.get(b"ns", &[1; 32]).is_none(), "remove");
+        r.put(b"ns", &[2; 32], b"der", now + 60, now);
+        keep_decoded(&mut r, &[2; 32]);
+        r.clear();
+        assert!(r.hot.get(b"ns", &[2; 32]).is_none(), "clear");
+    }
+
+    #[test]
+    fn hot_capacity_follows_the_replica_budget() {
+        assert_eq!(hot_capacity(64 << 10), 64);
+        assert_eq!(hot_capacity(4 << 20), 1024);
+        assert_eq!(hot_capacity(1 << 40), 4096);
     }
 }

@@ -74,8 +74,13 @@ pub fn pid() -> i32 {
 
 /// True in the process that ran `master_setup`.
 pub fn is_master() -> bool {
+    is_master_pid(pid())
+}
+
+/// `is_master` for a caller that already knows its pid (one `getpid` per callback, not two).
+pub fn is_master_pid(me: i32) -> bool {
     let m = MASTER_PID.load(SeqCst);
-    m != 0 && m == pid()
+    m != 0 && m == me
 }
 
 /// True in a descendant of the master (a worker, or a worker's helper).

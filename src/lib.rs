@@ -48,6 +48,7 @@ mod config;
 mod error;
 mod fork;
 pub mod handler;
+mod hot;
 mod log;
 mod master;
 pub mod protocol;

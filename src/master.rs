@@ -142,7 +142,12 @@ static ACCEPTING: AtomicBool = AtomicBool::new(false);
 
 /// The master state, in the master process only.
 pub fn get() -> Option<&'static Master> {
-    if fork::is_master() {
+    get_as(fork::pid())
+}
+
+/// `get` for a caller that already knows its pid (`me` must be `fork::pid()`).
+pub fn get_as(me: i32) -> Option<&'static Master> {
+    if fork::is_master_pid(me) {
         MASTER.get()
     } else {
         None

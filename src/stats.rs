@@ -110,6 +110,9 @@ pub struct WorkerStats {
     pub replica_updates: u64,
     /// Times the master told this worker to drop its replica (pushes were lost).
     pub replica_flushes: u64,
+    /// Replica hits served from a session already decoded by an earlier hit (no
+    /// `d2i_SSL_SESSION`); a subset of `replica_hits`.
+    pub replica_decoded_hits: u64,
 }
 
 /// `Stats::role`: neither master nor connected worker.
@@ -239,6 +242,7 @@ pub struct WorkerCounters {
     pub(crate) replica_hits: AtomicU64,
     pub(crate) replica_updates: AtomicU64,
     pub(crate) replica_flushes: AtomicU64,
+    pub(crate) replica_decoded_hits: AtomicU64,
 }
 
 /// This process's counters.
@@ -268,10 +272,11 @@ impl WorkerCounters {
             replica_hits: AtomicU64::new(0),
             replica_updates: AtomicU64::new(0),
             replica_flushes: AtomicU64::new(0),
+            replica_decoded_hits: AtomicU64::new(0),
         }
     }
 
-    fn all(&self) -> [&AtomicU64; 21] {
+    fn all(&self) -> [&AtomicU64; 22] {
         [
             &self.gets,
             &self.hits,
@@ -294,6 +299,7 @@ impl WorkerCounters {
             &self.replica_hits,
             &self.replica_updates,
             &self.replica_flushes,
+            &self.replica_decoded_hits,
         ]
     }
 
@@ -329,6 +335,7 @@ impl WorkerCounters {
             replica_hits: v[18],
             replica_updates: v[19],
             replica_flushes: v[20],
+            replica_decoded_hits: v[21],
         }
     }
 }

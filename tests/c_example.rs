@@ -632,6 +632,7 @@ fn stats_endpoint_reports_master_counters() {
             // depends on timing, so only the stores are certain.
             assert!(stat(&stats, "stores") >= 1, "{body:?}");
             assert!(stat(&stats, "entries") >= 1, "{body:?}");
+            assert!(stat(&stats, "w_replica_decoded_hits") <= stat(&stats, "w_replica_hits"), "{body:?}");
             return;
         }
         last = body;

@@ -329,3 +329,44 @@ fn sessions_over_the_size_cap_are_not_stored_and_handshakes_still_complete() {
     assert_eq!(stat("stores"), 0, "nothing over the cap reached the cache: {body}");
     assert!(stat("w_oversize") >= 1, "the worker counted the refusal: {body}");
 }
+
+#[test]
+fn decoded_replica_copies_serve_repeat_resumptions_and_die_with_the_session() {
+    let s = Server::start(&["--workers", "4", "--tls12", "--no-tickets"]);
+    let mut c = Client::new(true);
+    c.request(s.addr(), "/").expect("full");
+    let saved = c.session.clone();
+    let mut on = std::collections::HashSet::new();
+    for _ in 0..60 {
+        c.session = saved.clone();
+        let o = c.request(s.addr(), "/").expect("resume");
+        assert!(o.reused, "{o:?}");
+        on.insert(o.pid);
+    }
+    assert!(on.len() >= 2, "resumptions landed on {} worker(s) only", on.len());
+    // Each worker decodes the session on its first replica hit and serves the rest from the
+    // decoded copy: across the workers, at most one decode each.
+    let mut per_worker = std::collections::HashMap::new();
+    for _ in 0..40 {
+        let st = s.stats();
+        per_worker.insert(st["pid"], st);
+    }
+    let replica: u64 = per_worker.values().map(|st| st["w_replica_hits"]).sum();
+    let decoded: u64 = per_worker.values().map(|st| st["w_replica_decoded_hits"]).sum();
+    assert!(decoded >= 30, "decoded hits {decoded} of {replica} replica hits: {per_worker:?}");
+    assert!(replica - decoded <= per_worker.len() as u64, "one decode per worker: {per_worker:?}");
+
+    // A connection freed without a shutdown makes OpenSSL remove its session, cluster-wide:
+    // no worker may resume it from its decoded copy afterwards.
+    c.session = saved.clone();
+    assert!(c.request(s.addr(), "/forget").expect("forget").reused);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut on = std::collections::HashSet::new();
+    for _ in 0..30 {
+        c.session = saved.clone();
+        let o = c.request(s.addr(), "/").expect("after removal");
+        assert!(!o.reused, "a removed session resumed on worker {}", o.pid);
+        on.insert(o.pid);
+    }
+    assert!(on.len() >= 2, "the check reached {} worker(s) only", on.len());
+}
