@@ -66,6 +66,8 @@ class Data:
                 except json.JSONDecodeError as e:
                     print(f"report.py: skipping bad line: {e}: {line[:120]}", file=sys.stderr)
         self.reps = int(meta.get("reps", "1"))
+        self.reps_minor = int(meta.get("reps_minor", meta.get("reps", "1")))
+        self.stime_reps = int(meta.get("stime_reps", meta.get("reps", "1")))
         self.with_nginx = meta.get("with_nginx") == "1"
         self.channel = {}
         self.channel_error = None
@@ -95,7 +97,16 @@ class Data:
                 self.memory[d.get("sessions")] = d
             elif sec in ("handshakes", "s_time"):
                 key = (sec, r["variant"], r["n"], r["proto"], r["mode"])
-                self.runs.setdefault(key, {})[r["rep"]] = r.get("data", {})
+                d = r.get("data", {})
+                cpu, conns = d.get("server_cpu_ms"), d.get("connections_total")
+                if isinstance(cpu, (int, float)) and isinstance(conns, int) and conns > 0:
+                    d["server_cpu_us_per_conn"] = cpu * 1000.0 / conns
+                self.runs.setdefault(key, {})[r["rep"]] = d
+
+    def expected_reps(self, sec, n, mode):
+        if sec == "s_time":
+            return self.stime_reps
+        return self.reps if (mode == "resume" and n != 1) else self.reps_minor
 
     def ran(self, variant):
         return variant != "nginx" or self.with_nginx
@@ -220,12 +231,15 @@ def build_md(D, targets):
     )
     L.append("")
     L.append(
-        f"{D.reps} interleaved repetition(s){' (--quick)' if m.get('quick') == '1' else ''}; "
+        f"All variants' servers up at once (one set per N); the load generator turns between them in slices: "
+        f"{D.reps} slices per variant for resumed handshakes at N=2 and 4, {D.reps_minor} at N=1 and for full "
+        f"handshakes, in a turning order{' (--quick)' if m.get('quick') == '1' else ''}; "
         f"loadgen K={m.get('clients')} clients, {m.get('resume_ms')} ms resumed / {m.get('full_ms')} ms full "
-        f"(+{m.get('warmup_ms')} ms warm-up); s_time -reuse {m.get('s_time_s')} s, -new {m.get('s_time_new_s')} s; "
+        f"(+{m.get('warmup_ms')} ms warm-up); s_time -reuse {m.get('s_time_s')} s, -new {m.get('s_time_new_s')} s, "
+        f"{D.stime_reps} repetitions; "
         f"channel bench `{m.get('channel_args')}`; servers with `--no-tickets` / `ssl_session_tickets off`; "
         f"C example with {m.get('threads', '1')} accept loops per process (the ideal: all in one process). "
-        f"Cells: median [min–max] over repetitions; ratios are paired per repetition. "
+        f"Cells: median [min–max] over slices; ratios are paired per slice (adjacent in time). "
         f"Wall time {float(m.get('wall_s', 'nan')):.0f} s."
     )
     L.append("")
@@ -248,7 +262,8 @@ def build_md(D, targets):
             for n in (1, 2, 4):
                 row = [n]
                 for v in VARIANTS:
-                    row.append(fmt_stats(D.value("handshakes", v, n, p, mode, field), 0, reps=D.reps))
+                    row.append(fmt_stats(D.value("handshakes", v, n, p, mode, field), 0,
+                                         reps=D.expected_reps("handshakes", n, mode)))
                 for b in ("ideal", "off", "nginx"):
                     row.append(fmt_stats(D.ratio("handshakes", "on", b, n, p, mode, field), 3))
                 rows.append(row)
@@ -262,6 +277,17 @@ def build_md(D, targets):
                     rows.append([n] + [fmt_stats(D.value("handshakes", v, n, p, mode, "resumption_rate"), 2, True)
                                        for v in VARIANTS])
                 L.append(md_table(["N"] + [VARIANT_NAMES[v] for v in VARIANTS], rows))
+                L.append("")
+                L.append("Server CPU per connection, µs (every process of the server, from /proc schedstat; "
+                         "less sensitive to other tenants than a rate):")
+                L.append("")
+                rows = []
+                cf = "server_cpu_us_per_conn"
+                for n in (1, 2, 4):
+                    rows.append([n] + [fmt_stats(D.value("handshakes", v, n, p, mode, cf), 1) for v in VARIANTS]
+                                + [fmt_stats(D.ratio("handshakes", "on", b, n, p, mode, cf), 3)
+                                   for b in ("ideal", "nginx")])
+                L.append(md_table(["N"] + [VARIANT_NAMES[v] for v in VARIANTS] + ["on / ideal", "on / nginx"], rows))
     errs = []
     for (sec, v, n, p, mode), reps in sorted(D.runs.items(), key=str):
         for rep, d in sorted(reps.items()):
@@ -277,8 +303,9 @@ def build_md(D, targets):
         for p in PROTOS:
             for n in (2, 4):
                 rows.append([f"-{mode}", PROTO_NAMES[p], n,
-                             fmt_stats(D.value("s_time", "on", n, p, mode, "connections_per_s"), 0, reps=D.reps),
-                             fmt_stats(D.value("s_time", "nginx", n, p, mode, "connections_per_s"), 0, reps=D.reps),
+                             fmt_stats(D.value("s_time", "on", n, p, mode, "connections_per_s"), 0, reps=D.stime_reps),
+                             fmt_stats(D.value("s_time", "nginx", n, p, mode, "connections_per_s"), 0,
+                                       reps=D.stime_reps),
                              fmt_stats(D.ratio("s_time", "on", "nginx", n, p, mode, "connections_per_s"), 3)])
     L.append(md_table(["mode", "protocol", "N", "C example, store on", "nginx", "C / nginx"], rows))
     L.append("")

@@ -6,7 +6,8 @@
 # Runs the channel bench, the handshake benchmarks (C example prefork server: store on, store
 # off, in-process ideal, and nginx with --with-nginx), openssl s_time and the memory bench,
 # then writes bench/results/latest.{md,json,svg} (bench/report.py) and prints the markdown.
-# Repetitions are interleaved: rep 1 runs every variant, then rep 2, ...
+# Every variant's server runs at once (one set per N); the load generator turns between them
+# in short slices, so the variants it compares are measured seconds apart, not minutes.
 # Every process it starts is stopped on exit, on error and on Ctrl-C.
 set -euo pipefail
 
@@ -33,11 +34,13 @@ CLIENTS=8
 THREADS=4
 WORKERS_LIST="1 2 4"
 STIME_WORKERS="2 4"
+# REPS slices per variant for resumed handshakes at N = 2 and 4 (the targets), REPS_MINOR for
+# N = 1 and for full handshakes (reference rows), STIME_REPS for s_time.
 if [ "$QUICK" = 1 ]; then
-    REPS=1; RESUME_MS=800; FULL_MS=500; WARMUP_MS=200; STIME_S=1; STIME_NEW_S=1
+    REPS=2; REPS_MINOR=1; STIME_REPS=1; RESUME_MS=500; FULL_MS=300; WARMUP_MS=150; STIME_S=1; STIME_NEW_S=1
     CHANNEL_ARGS=(--reps 1 --phase-ms 200)
 else
-    REPS=4; RESUME_MS=1200; FULL_MS=600; WARMUP_MS=300; STIME_S=2; STIME_NEW_S=1
+    REPS=9; REPS_MINOR=4; STIME_REPS=4; RESUME_MS=700; FULL_MS=400; WARMUP_MS=150; STIME_S=2; STIME_NEW_S=1
     CHANNEL_ARGS=(--reps 3 --phase-ms 400)
 fi
 
@@ -145,7 +148,7 @@ wait_tcp() { # port, pid: wait until 127.0.0.1:port accepts (max 10 s)
 
 SRV_PID=""; SRV_PORT=""
 start_server() { # variant n ; sets SRV_PID, SRV_PORT; returns 1 on failure
-    local variant=$1 n=$2 i out="$TMP/server.out" err="$TMP/server-$1-$2.err"
+    local variant=$1 n=$2 i out="$TMP/server-$1-$2.out" err="$TMP/server-$1-$2.err"
     SRV_PID=""; SRV_PORT=""
     : >"$out"
     case "$variant" in
@@ -206,15 +209,30 @@ EOF
 
 json_str() { python3 -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$1"; }
 
-run_loadgen() { # rep variant n proto mode
-    local rep=$1 variant=$2 n=$3 proto=$4 mode=$5 ms line
-    local args=(--port "$SRV_PORT" --clients "$CLIENTS" --warmup-ms "$WARMUP_MS" "--$proto" --label "$rep/$variant/$n")
+cpu_ns() { # pid: CPU time (ns) of the process, its children and all their threads
+    local t=0 p f a rest
+    for p in "$1" $(pgrep -P "$1" 2>/dev/null); do
+        for f in /proc/"$p"/task/*/schedstat; do
+            read -r a rest <"$f" 2>/dev/null && t=$((t + a))
+        done
+    done
+    echo "$t"
+}
+
+run_loadgen() { # rep variant n proto mode  (against ${VPORT[variant]})
+    local rep=$1 variant=$2 n=$3 proto=$4 mode=$5 ms line c0 c1
+    local args=(--port "${VPORT[$variant]}" --clients "$CLIENTS" --warmup-ms "$WARMUP_MS" "--$proto" --label "$rep/$variant/$n")
     if [ "$mode" = full ]; then args+=(--full); ms=$FULL_MS; else ms=$RESUME_MS; fi
     args+=(--duration-ms "$ms")
+    c0=$(cpu_ns "${VPID[$variant]}")
     run_bounded 30 "$TMP/loadgen.out" "$TMP/loadgen.err" "$LOADGEN" "${args[@]}" || true
+    c1=$(cpu_ns "${VPID[$variant]}")
     line=$(grep '^{"bench":"loadgen"' "$TMP/loadgen.out" || true)
     if [ -z "$line" ]; then
         line="{\"bench\":\"loadgen\",\"error\":\"no output\"}"
+    else
+        # The server's CPU over the whole run (warm-up included), all its processes.
+        line="${line%\}},\"server_cpu_ms\":$(( (c1 - c0) / 1000000 ))}"
     fi
     emit "{\"section\":\"handshakes\",\"rep\":$rep,\"variant\":\"$variant\",\"n\":$n,\"proto\":\"$proto\",\"mode\":\"$mode\",\"data\":$line}"
 }
@@ -225,7 +243,7 @@ run_stime() { # rep variant n proto mode(reuse|new) seconds
     local flag=-tls1_3; [ "$proto" = tls12 ] && flag=-tls1_2
     t1=$(date +%s.%N)
     : >"$TMP/s_time.err"
-    run_bounded $((secs + 20)) "$out" "$TMP/s_time.err" openssl s_time -connect "127.0.0.1:$SRV_PORT" -www / "-$mode" -time "$secs" "$flag" || true
+    run_bounded $((secs + 20)) "$out" "$TMP/s_time.err" openssl s_time -connect "127.0.0.1:${VPORT[$variant]}" -www / "-$mode" -time "$secs" "$flag" || true
     t2=$(date +%s.%N)
     # "N connections in X.XXs; R connections/user sec, bytes read B"
     conns=$(sed -n 's/^\([0-9]*\) connections in [0-9.]*s; .*/\1/p' "$out" | tail -1)
@@ -249,45 +267,58 @@ else
     emit "{\"section\":\"channel\",\"error\":$(json_str "$(tail -c 300 "$TMP/channel.err")")}"
 fi
 
-# ---- 2-4. handshakes, s_time, nginx (interleaved repetitions) ----------------------------------
+# ---- 2-4. handshakes, s_time, nginx (all variants up at once, measured in turn) ---------------
 VARIANTS="on off ideal"
 [ "$WITH_NGINX" = 1 ] && VARIANTS="$VARIANTS nginx"
-# The order of the variants turns by one each repetition, so no variant always runs first
-# (right after the previous server stopped) or last.
+STIME_VARIANTS="on"
+[ "$WITH_NGINX" = 1 ] && STIME_VARIANTS="on nginx"
+# The order of the variants turns by one each repetition, so no variant always runs first.
 rotate() { # k words... -> the words turned left by k
     local k=$1; shift
     local a=("$@") i
     for ((i = 0; i < ${#a[@]}; i++)); do printf '%s ' "${a[$(((i + k) % ${#a[@]}))]}"; done
 }
-for rep in $(seq "$REPS"); do
-    for n in $WORKERS_LIST; do
-        # shellcheck disable=SC2086
-        for variant in $(rotate "$((rep - 1))" $VARIANTS); do
-            log "rep $rep/$REPS  N=$n  $variant"
-            if ! start_server "$variant" "$n"; then
-                for proto in tls12 tls13; do for mode in resume full; do
-                    emit "{\"section\":\"handshakes\",\"rep\":$rep,\"variant\":\"$variant\",\"n\":$n,\"proto\":\"$proto\",\"mode\":\"$mode\",\"data\":{\"error\":\"server did not start\"}}"
-                done; done
-                [ -n "$SRV_PID" ] && stop_pid "$SRV_PID"
-                continue
-            fi
-            for proto in tls12 tls13; do
-                run_loadgen "$rep" "$variant" "$n" "$proto" resume
-            done
-            for proto in tls12 tls13; do
-                run_loadgen "$rep" "$variant" "$n" "$proto" full
-            done
-            if { [ "$variant" = on ] || [ "$variant" = nginx ]; } && [[ " $STIME_WORKERS " == *" $n "* ]]; then
-                for proto in tls12 tls13; do
-                    run_stime "$rep" "$variant" "$n" "$proto" reuse "$STIME_S"
+declare -A VPORT VPID
+for n in $WORKERS_LIST; do
+    up=""
+    for variant in $VARIANTS; do
+        if start_server "$variant" "$n"; then
+            VPORT[$variant]=$SRV_PORT; VPID[$variant]=$SRV_PID; up="$up $variant"
+        else
+            [ -n "$SRV_PID" ] && stop_pid "$SRV_PID"
+            for proto in tls12 tls13; do for mode in resume full; do
+                emit "{\"section\":\"handshakes\",\"rep\":1,\"variant\":\"$variant\",\"n\":$n,\"proto\":\"$proto\",\"mode\":\"$mode\",\"data\":{\"error\":\"server did not start\"}}"
+            done; done
+        fi
+    done
+    for mode in resume full; do
+        reps=$REPS
+        { [ "$mode" = full ] || [ "$n" = 1 ]; } && reps=$REPS_MINOR
+        for proto in tls12 tls13; do
+            log "N=$n  $proto $mode: $reps slices of each of$up"
+            for rep in $(seq "$reps"); do
+                # shellcheck disable=SC2086
+                for variant in $(rotate "$((rep - 1))" $up); do
+                    run_loadgen "$rep" "$variant" "$n" "$proto" "$mode"
                 done
-                for proto in tls12 tls13; do
-                    run_stime "$rep" "$variant" "$n" "$proto" new "$STIME_NEW_S"
-                done
-            fi
-            stop_pid "$SRV_PID"
+            done
         done
     done
+    if [[ " $STIME_WORKERS " == *" $n "* ]]; then
+        log "N=$n  s_time, $STIME_REPS repetitions"
+        for rep in $(seq "$STIME_REPS"); do
+            for proto in tls12 tls13; do
+                for mode in reuse new; do
+                    secs=$STIME_S; [ "$mode" = new ] && secs=$STIME_NEW_S
+                    # shellcheck disable=SC2086
+                    for variant in $(rotate "$((rep - 1))" $STIME_VARIANTS); do
+                        [[ " $up " == *" $variant "* ]] && run_stime "$rep" "$variant" "$n" "$proto" "$mode" "$secs"
+                    done
+                done
+            done
+        done
+    fi
+    for variant in $up; do stop_pid "${VPID[$variant]}"; done
 done
 
 # ---- 5. memory -----------------------------------------------------------------------------------
@@ -304,7 +335,7 @@ log "report (wall so far ${WALL}s)"
 mkdir -p bench/results
 python3 bench/report.py --raw "$RAW" --out bench/results/latest \
     --meta "commit=$GIT_COMMIT" --meta "kernel=$KERNEL" --meta "openssl=$OSSL" --meta "nproc=$NPROC" \
-    --meta "cpu=$CPU" --meta "nginx=$NGINX_VERSION" --meta "reps=$REPS" --meta "clients=$CLIENTS" --meta "threads=$THREADS" \
+    --meta "cpu=$CPU" --meta "nginx=$NGINX_VERSION" --meta "reps=$REPS" --meta "reps_minor=$REPS_MINOR" --meta "stime_reps=$STIME_REPS" --meta "clients=$CLIENTS" --meta "threads=$THREADS" \
     --meta "quick=$QUICK" --meta "with_nginx=$WITH_NGINX" --meta "resume_ms=$RESUME_MS" \
     --meta "full_ms=$FULL_MS" --meta "warmup_ms=$WARMUP_MS" --meta "s_time_s=$STIME_S" \
     --meta "s_time_new_s=$STIME_NEW_S" --meta "channel_args=${CHANNEL_ARGS[*]}" \

@@ -88,6 +88,9 @@ struct Tally {
     offered: u64,
     resumed: u64,
     errors: u64,
+    /// Every completed connection, warm-up and the run's edges included (to divide the
+    /// server's CPU time by).
+    all: u64,
     /// Connection times (connect to close) in microseconds.
     micros: Vec<u32>,
     last_error: Option<String>,
@@ -155,6 +158,7 @@ fn client(o: Arc<Opts>, start: Instant) -> Tally {
         let counted = t0 >= measure_from && t1 <= end;
         match r {
             Ok((resumed, newest)) => {
+                t.all += 1;
                 if newest.is_some() {
                     session = newest;
                 }
@@ -199,6 +203,7 @@ fn main() {
         all.offered += t.offered;
         all.resumed += t.resumed;
         all.errors += t.errors;
+        all.all += t.all;
         all.micros.extend(t.micros);
         if t.last_error.is_some() {
             all.last_error = t.last_error;
@@ -220,7 +225,7 @@ fn main() {
     println!(
         "{{\"bench\":\"loadgen\",\"label\":\"{}\",\"proto\":\"{}\",\"mode\":\"{}\",\"clients\":{},\"duration_s\":{secs:.3},\
          \"handshakes\":{},\"handshakes_per_s\":{},\"offered\":{},\"resumed\":{},\"resumed_per_s\":{},\
-         \"resumption_rate\":{},\"errors\":{},\"p50_ms\":{},\"p99_ms\":{},\"last_error\":\"{err}\"}}",
+         \"resumption_rate\":{},\"errors\":{},\"connections_total\":{},\"p50_ms\":{},\"p99_ms\":{},\"last_error\":\"{err}\"}}",
         o.label.replace(['"', '\\'], "'"),
         if o.tls12 { "tls1.2" } else { "tls1.3" },
         if o.full { "full" } else { "resume" },
@@ -232,6 +237,7 @@ fn main() {
         num(resumed_rate),
         num(resumption),
         all.errors,
+        all.all,
         num(pct(0.5)),
         num(pct(0.99)),
     );

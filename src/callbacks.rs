@@ -349,9 +349,15 @@ unsafe fn lookup_session(
             Some(Backend::Channel(ch)) => {
                 let found = ch.get_session(&state.namespace, id, |der| {
                     let s = decode_session(der, id);
+                    if s.is_null() {
+                        return None;
+                    }
+                    // TLS 1.3 sessions are worth no decoded copy: each resumption is issued a
+                    // new ticket, and clients offer the newest, so a second hit is rare.
+                    let keep = ffi::SSL_SESSION_get_protocol_version(s) < TLS1_3_VERSION;
                     // SAFETY (of the enclosing block): a non-null session from d2i, whose one
                     // reference we own.
-                    (!s.is_null()).then(|| OwnedSession::from_ptr(s))
+                    Some((OwnedSession::from_ptr(s), keep))
                 });
                 return match found {
                     Some(Found::Session(s)) => {

@@ -401,15 +401,16 @@ impl Channel {
         self.get_from_master(namespace, id)
     }
 
-    /// Look up a session and decode it with `decode`. A replica hit is served from its decoded
-    /// copy when there is one (no decoding at all), else decoded under the replica's lock and
-    /// the copy kept, so no change to that key can slip in between. A hit from the master is
-    /// decoded here and not kept: its next hit comes from the replica.
+    /// Look up a session and decode it with `decode`, which also says whether the session is
+    /// worth keeping decoded. A replica hit is served from its decoded copy when there is one
+    /// (no decoding at all), else decoded under the replica's lock and, if worth it, the copy
+    /// kept, so no change to that key can slip in between. A hit from the master is decoded
+    /// here and not kept: its next hit comes from the replica.
     pub fn get_session(
         &self,
         namespace: &[u8],
         id: &[u8],
-        decode: impl FnOnce(&[u8]) -> Option<OwnedSession>,
+        decode: impl FnOnce(&[u8]) -> Option<(OwnedSession, bool)>,
     ) -> Option<Found> {
         bump(&WORKER.gets);
         if self.replica.is_some() {
@@ -423,15 +424,17 @@ impl Channel {
                         bump(&WORKER.replica_decoded_hits);
                         return Some(Found::Session(s));
                     }
-                    let Some(s) = decode(der) else { return Some(Found::Undecodable) };
-                    let cache = &r.cache;
-                    r.hot.insert(namespace, id, &s, |ns, id| cache.contains(ns, id, now));
+                    let Some((s, keep)) = decode(der) else { return Some(Found::Undecodable) };
+                    if keep {
+                        let cache = &r.cache;
+                        r.hot.insert(namespace, id, &s, |ns, id| cache.contains(ns, id, now));
+                    }
                     return Some(Found::Session(s));
                 }
             }
         }
         let der = self.get_from_master(namespace, id)?;
-        Some(decode(&der).map_or(Found::Undecodable, Found::Session))
+        Some(decode(&der).map_or(Found::Undecodable, |(s, _)| Found::Session(s)))
     }
 
     /// Look up a session in the master, bypassing the replica (which then keeps a hit).
