@@ -5,9 +5,9 @@
 //! loop; a worker that dies gives EOF and its fd is closed and forgotten.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Mutex, MutexGuard, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::cache::{Cache, PutOutcome};
 use crate::config::Config;
@@ -118,7 +118,23 @@ pub struct Master {
     tickets: Mutex<KeySchedule>,
     key_file: Mutex<Option<FileKeys>>,
     remote: Option<crate::remote::Tier>,
+    /// Stores and removals this process made itself (a master serving TLS while it has
+    /// workers), waiting for the cache thread to push them to the workers' replicas.
+    local_sync: Mutex<LocalSync>,
 }
+
+/// See `Master::local_sync`.
+#[derive(Default)]
+struct LocalSync {
+    /// PUT and DEL frames, wiped when pushed or dropped.
+    frames: Vec<crate::wipe::SecretBuf>,
+    /// More than `LOCAL_SYNC_MAX` piled up (the cache thread is stalled) and some were lost:
+    /// every worker must drop its replica.
+    lost: bool,
+}
+
+/// Frames `local_sync` holds at most.
+const LOCAL_SYNC_MAX: usize = 4096;
 
 /// Operator-managed ticket keys, reloaded when the file changes.
 struct FileKeys {
@@ -209,40 +225,80 @@ pub fn setup(mut config: Config) -> Result<(), Error> {
         tickets: Mutex::new(schedule),
         key_file: Mutex::new(None),
         remote,
+        local_sync: Mutex::new(LocalSync::default()),
     };
     if MASTER.set(master).is_err() {
         return Err(Error::System("cache master state already initialised".into()));
     }
     let master = MASTER.get().ok_or(Error::Panic)?;
     if let Some(r) = &master.remote {
-        // Before the first fork, so workers start with the keys every host shares.
-        r.first_ticket_sync(&install_ticket_key);
+        // Before the first fork, so workers start with the keys every host shares. On a
+        // thread, waited for a bounded time: redis 1.2 bounds neither the name lookup nor
+        // the TLS handshake by a timeout, and the host's setup must not hang on either. If
+        // it is late, workers start with local keys and take the shared ones when they
+        // come (the write thread retries too).
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
+        let sync = spawn_masked("cts-remote-init", move || {
+            r.first_ticket_sync(&install_ticket_key);
+            let _ = done_tx.send(());
+        });
+        if sync.is_ok() {
+            let bound = master.config.remote_timeout.saturating_mul(4).max(Duration::from_millis(500));
+            if done_rx.recv_timeout(bound).is_err() {
+                crate::log::debug!("remote: ticket key agreement not done within {bound:?}; going on without it");
+            }
+        }
     }
     crate::channel::set_worker_config(&master.config);
     fork::install_handlers()?;
     let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
-    // The cache thread blocks every signal, so the host's signals (SIGTERM, SIGCHLD, ...) are
-    // never delivered to it instead of to the host's own threads. The mask is inherited at
-    // spawn, so block here and restore the caller's mask right after.
-    // SAFETY: sigset_t values are initialised by sigfillset/pthread_sigmask before use.
-    let spawned = unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        let r = std::thread::Builder::new().name("cts-cache".into()).spawn(move || master.run(started_tx));
-        let r = match (r, &master.remote) {
-            (Ok(h), Some(remote)) => remote.start(install_ticket_key).map(|()| h).map_err(std::io::Error::other),
-            (r, _) => r,
-        };
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        r
-    };
+    let spawned = spawn_masked("cts-cache", move || master.run(started_tx)).and_then(|()| match &master.remote {
+        Some(remote) => {
+            // SAFETY: see `spawn_masked`: the remote threads start with every signal blocked.
+            let _mask = unsafe { SignalsBlocked::new() };
+            remote.start(install_ticket_key).map_err(std::io::Error::other)
+        }
+        None => Ok(()),
+    });
     spawned.map_err(|e| Error::System(format!("spawning the cache thread: {e}")))?;
     started_rx.recv().map_err(|_| Error::System("the cache thread did not start".into()))?;
     fork::set_master_pid(fork::pid());
     ACCEPTING.store(true, Relaxed);
     Ok(())
+}
+
+/// Every signal blocked on this thread while it lives; the previous mask back on drop.
+struct SignalsBlocked(libc::sigset_t);
+
+impl SignalsBlocked {
+    /// # Safety
+    /// Drop it on the thread that made it.
+    unsafe fn new() -> SignalsBlocked {
+        // SAFETY: sigset_t values are initialised by sigfillset/pthread_sigmask before use.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+            SignalsBlocked(old)
+        }
+    }
+}
+
+impl Drop for SignalsBlocked {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved by `new` on this same thread.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
+    }
+}
+
+/// Spawn one of the library's threads with every signal blocked, so the host's signals
+/// (SIGTERM, SIGCHLD, ...) are never delivered to it instead of to the host's own threads.
+/// The mask is inherited at spawn, so it is blocked here and the caller's restored after.
+fn spawn_masked(name: &str, f: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    // SAFETY: made and dropped on this thread.
+    let _mask = unsafe { SignalsBlocked::new() };
+    std::thread::Builder::new().name(name.into()).spawn(f).map(drop)
 }
 
 /// Put a ticket key agreed with the other hosts (remote tier) into the schedule.
@@ -274,22 +330,69 @@ impl Master {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Store a session, capping its lifetime by the configured maximum.
+    /// Store a session made in this process, capping its lifetime by the configured maximum;
+    /// with workers, it goes to their replicas too.
     pub(crate) fn put(&self, namespace: &[u8], id: &[u8], der: &[u8], expiry: u64) -> PutOutcome {
         let now = now_secs();
         let cap = now.saturating_add(self.config.max_lifetime.as_secs());
         if let Some(r) = &self.remote {
             r.put(namespace, id, der, expiry.min(cap), now);
         }
-        self.cache().put(namespace, id, der, expiry.min(cap), now)
+        let outcome = self.cache().put(namespace, id, der, expiry.min(cap), now);
+        if matches!(outcome, PutOutcome::Stored | PutOutcome::Replaced) {
+            self.push_local(Op::Put, namespace, id, expiry.min(cap), der);
+        }
+        outcome
     }
 
-    /// Remove a session here and, with the remote tier on, from Redis too.
+    /// Remove a session here, from the workers' replicas and, with the remote tier on, from
+    /// Redis too.
     pub(crate) fn remove(&self, namespace: &[u8], id: &[u8]) {
         if let Some(r) = &self.remote {
             r.del(namespace, id);
         }
         self.cache().remove(namespace, id);
+        self.push_local(Op::Del, namespace, id, 0, &[]);
+    }
+
+    /// Queue a store or removal made in this process for the workers' replicas and wake the
+    /// cache thread, which pushes it like one a worker sent. Nothing to do without workers:
+    /// one that connects later starts with an empty replica, and the cache change above came
+    /// first, so it cannot be handed the old state either (`workers` is counted before the
+    /// loop serves a new channel).
+    fn push_local(&self, op: Op, namespace: &[u8], id: &[u8], expiry: u64, der: &[u8]) {
+        if self.config.replica_bytes == 0 || self.workers.load(SeqCst) == 0 {
+            return;
+        }
+        let mut frame = crate::wipe::SecretBuf::with_capacity(protocol::frame_len(namespace, id, der.len()));
+        protocol::encode(frame.vec(), op, 0, expiry, namespace, id, der);
+        let mut q = self.local_sync.lock().unwrap_or_else(|e| e.into_inner());
+        if q.frames.len() < LOCAL_SYNC_MAX {
+            q.frames.push(frame);
+        } else {
+            q.lost = true;
+        }
+        drop(q);
+        let one: u64 = 1;
+        // SAFETY: as in `adopt_worker_fd`: 8 bytes from a valid u64 to our own eventfd.
+        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Push the stores and removals queued by `push_local` to every worker's replica.
+    fn push_local_sync(&self, conns: &mut [Conn], out: &mut Vec<u8>) {
+        let q = std::mem::take(&mut *self.local_sync.lock().unwrap_or_else(|e| e.into_inner()));
+        for frame in &q.frames {
+            self.queue_sync(usize::MAX, conns, frame, out);
+        }
+        if q.lost {
+            for c in conns.iter_mut() {
+                let len = c.sync.len();
+                wipe(&mut c.sync[..len]);
+                c.sync.clear();
+                c.flush_due = true;
+                self.sync_drops.fetch_add(1, Relaxed);
+            }
+        }
     }
 
     /// The master's counters now.
@@ -418,7 +521,10 @@ impl Master {
                 }
                 conns.extend(incoming.drain(..).map(Conn::new));
                 drop(incoming);
+                // Counted before any of their frames is served (see `push_local`).
+                self.workers.store(conns.len() as u64, SeqCst);
                 self.answer_remote(&mut conns, &mut main.out);
+                self.push_local_sync(&mut conns, &mut main.out);
             }
             // Walk backwards so removing a closed channel keeps earlier indices valid.
             for i in (1..pfds.len()).rev() {

@@ -262,7 +262,11 @@ impl Server {
         let log = fx.dir.path(&format!("server-{}.log", SEQ.fetch_add(1, Ordering::Relaxed)));
         let stderr = fs::File::create(&log).expect("server log");
         let mut cmd = Command::new(&fx.bin);
-        cmd.args(["--port", "0", "--workers", &WORKERS.to_string()])
+        // cargo test puts <target>/<profile> on LD_LIBRARY_PATH, which the loader searches
+        // before the binary's rpath: a cdylib left there by an older `cargo build` would be
+        // loaded instead of the fresh one in deps/.
+        cmd.env_remove("LD_LIBRARY_PATH")
+            .args(["--port", "0", "--workers", &WORKERS.to_string()])
             .arg("--cert")
             .arg(&fx.cert)
             .arg("--key")
@@ -463,7 +467,7 @@ fn c_example_compiles_with_warnings_as_errors() {
     let bin = compile_server(&dir);
     assert!(bin.is_file());
     // It links and runs: a bad flag is a usage error (2), not a crash or a missing symbol.
-    let done = run(Command::new(&bin).arg("--bogus"), b"", CLIENT_TIMEOUT);
+    let done = run(Command::new(&bin).env_remove("LD_LIBRARY_PATH").arg("--bogus"), b"", CLIENT_TIMEOUT);
     assert_eq!(done.status.code(), Some(2), "{}{}", done.stdout, done.stderr);
     assert!(done.stderr.contains("usage:"), "{}", done.stderr);
 }

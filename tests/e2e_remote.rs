@@ -375,3 +375,28 @@ fn a_stalled_redis_never_makes_a_worker_wait_out_its_deadline() {
     assert!(sb["remote_skips"] >= 1, "and then skipped: {sb:?}");
     assert!(worst < Duration::from_millis(500), "{worst:?}");
 }
+
+#[test]
+fn a_redis_that_never_answers_the_tls_handshake_does_not_hold_up_setup() {
+    // Accepts TCP connections and never says a word: a rediss:// handshake waits forever
+    // unless something bounds it.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in silent.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let key = key_file();
+    let url = format!("rediss://127.0.0.1:{port}/0");
+    let env = [("CTS_REMOTE", url.as_str()), ("CTS_REMOTE_KEY_FILE", key.to_str().expect("utf-8"))];
+    let t = Instant::now();
+    let s = Server::start_with(&["--workers", "2", "--tls12", "--no-tickets"], &env, None);
+    let took = t.elapsed();
+    eprintln!("setup with a silent rediss:// server took {took:?}");
+    assert!(took < Duration::from_secs(5), "setup waited {took:?} on a silent Redis");
+    // The host works without its remote tier: sessions still resume across its workers.
+    let out = common::resume_n(s.addr(), true, 20);
+    assert!(out.iter().all(|o| o.reused), "{out:?}");
+}

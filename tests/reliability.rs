@@ -160,3 +160,12 @@ fn a_lookup_the_catch_up_comes_across_finds_a_session_stored_on_a_later_channel(
     assert_eq!(r["absent_found"], 0.0);
     assert_eq!(r["late_get_found"], 1.0, "the GET read during the catch-up was answered before the PUT behind it");
 }
+
+#[test]
+fn a_master_serving_tls_itself_pushes_its_stores_and_removals_to_the_replicas() {
+    let r = scenario(&["master-in-process"]);
+    assert_eq!(r["worker_exit"], 0.0);
+    assert_eq!(r["worker_found_store"], 1.0);
+    assert_eq!(r["worker_store_was_pushed"], 1.0, "the master's own store reached the replica");
+    assert_eq!(r["worker_found_removed"], 0.0, "a session the master removed resumed from a replica");
+}

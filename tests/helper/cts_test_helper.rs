@@ -443,6 +443,40 @@ fn catch_up_order() {
     println!("child_failures={}", codes.iter().filter(|&&c| c != 0).count());
 }
 
+/// A master that stores and removes sessions itself (it serves TLS too) while it has a
+/// worker: the worker's replica hears of both, like it hears of other workers' changes.
+fn master_in_process() {
+    setup();
+    let ns = b"inproc";
+    let der = [0x21u8; 135];
+    let far = 4_000_000_000u64;
+    let gates = [gate_pipe(), gate_pipe()];
+    let w = fork_child(move || {
+        // Open the channel; then the master stores "s".
+        let _ = cluster_tls_store::bench::get_from_master(ns, b"warm-up");
+        wait_gate(gates[0]);
+        let before = stats().worker.replica_hits;
+        let found = cluster_tls_store::bench::get(ns, b"s").is_some();
+        let pushed = stats().worker.replica_hits == before + 1;
+        println!("worker_found_store={}", u8::from(found));
+        println!("worker_store_was_pushed={}", u8::from(pushed));
+        // The master removes "s": the replica must not answer it any more.
+        wait_gate(gates[1]);
+        let found = cluster_tls_store::bench::get(ns, b"s").is_some();
+        println!("worker_found_removed={}", u8::from(found));
+        0
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(cluster_tls_store::bench::put(ns, b"s", &der, far));
+    std::thread::sleep(Duration::from_millis(200));
+    open_gate(gates[0]);
+    std::thread::sleep(Duration::from_millis(300));
+    cluster_tls_store::bench::del(ns, b"s");
+    std::thread::sleep(Duration::from_millis(200));
+    open_gate(gates[1]);
+    println!("worker_exit={}", wait(w));
+}
+
 fn soak(secs: u64, budget_mib: usize) {
     let budget = budget_mib << 20;
     let cfg = Config { cache_bytes: budget, get_timeout: Duration::from_millis(500), ..Config::default() };
@@ -517,6 +551,7 @@ fn main() {
         Some("soak") => soak(num(1, 5), num(2, 16) as usize),
         Some("sync-overflow") => sync_overflow(),
         Some("catch-up-order") => catch_up_order(),
+        Some("master-in-process") => master_in_process(),
         _ => {
             eprintln!("usage: cts-test-helper churn N | grandchild | exec | hostile SECS | soak SECS MIB");
             std::process::exit(2);
