@@ -73,6 +73,9 @@ class Data:
         self.channel_error = None
         self.memory = {}
         self.memory_error = None
+        # (variant, proto) -> {"ir": per connection, "syscalls": per connection, ...} or {"error": ...}
+        self.cost = {}
+        self.cost_error = None
         # (section, variant, n, proto, mode) -> {rep: data}
         self.runs = {}
         for r in self.raw:
@@ -95,6 +98,11 @@ class Data:
                     continue
                 d = r.get("data", {})
                 self.memory[d.get("sessions")] = d
+            elif sec == "cost":
+                if "error" in r:
+                    self.cost_error = r["error"]
+                    continue
+                self.cost[(r["variant"], r["proto"])] = cost_per_conn(r.get("data", {}))
             elif sec in ("handshakes", "s_time"):
                 key = (sec, r["variant"], r["n"], r["proto"], r["mode"])
                 d = r.get("data", {})
@@ -140,6 +148,27 @@ class Data:
         if self.channel_error is not None:
             return None
         return self.channel.get((metric, w))
+
+
+def cost_per_conn(d):
+    """Two callgrind runs (a, b) of one server: the cost of one connection is the difference
+    of their counts over the difference of their connections (the clients' first, full
+    handshakes are in both and cancel out)."""
+    if "error" in d:
+        return {"error": d["error"]}
+    try:
+        (ca, cb), (ia, ib), (sa, sb) = d["connections"], d["ir"], d["syscalls"]
+        rates = d.get("resumption_rate", [])
+    except (KeyError, TypeError, ValueError):
+        return {"error": "malformed"}
+    if cb - ca <= 0 or ia <= 0 or ib <= 0:
+        return {"error": f"no difference to divide by (connections {ca}, {cb})"}
+    return {
+        "ir": (ib - ia) / (cb - ca),
+        "syscalls": (sb - sa) / (cb - ca),
+        "connections": cb - ca,
+        "resumption_rate": min(rates) if rates else None,
+    }
 
 
 def verdict(values, ok):
@@ -327,6 +356,50 @@ def build_md(D, targets):
         ):
             rows.append([label] + [fmt_stats(D.ch(metric, w), dg) for w in (1, 2, 4)])
         L.append(md_table(["metric", "W=1", "W=2", "W=4"], rows))
+    L.append("")
+    L.append("## Cost per resumed connection, counted (callgrind)")
+    L.append("")
+    L.append(
+        "Each server (N=2; the ideal: one process) under `valgrind --tool=callgrind --trace-children=yes "
+        "--collect-systime=yes`, every process counted (workers and master). Two loadgen runs after a warm-up, "
+        "counters zeroed before each and dumped after; (run b − run a) / (connections b − connections a) is "
+        "one resumed connection, with the clients' first handshakes cancelled out. Instructions (user space: "
+        "libssl, libcrypto, libc, this library, the server) and system calls do not depend on what else runs "
+        "on the machine; the kernel's work inside the calls is not counted."
+    )
+    L.append("")
+    if D.cost_error is not None:
+        L.append(f"not run: {D.cost_error}")
+    else:
+        def cell(v, p, k, dg):
+            c = D.cost.get((v, p))
+            if not D.ran(v):
+                return NOT_RUN
+            if c is None or "error" in c:
+                return ERROR if c is None else f"error: {c['error']}"
+            return fmt(c[k], dg)
+
+        def rat(a, b, p, k):
+            ca, cb = D.cost.get((a, p)), D.cost.get((b, p))
+            if not (D.ran(a) and D.ran(b)):
+                return NOT_RUN
+            if not ca or not cb or "error" in ca or "error" in cb or not cb[k]:
+                return ERROR
+            return f"{ca[k] / cb[k]:.3f}"
+
+        rows = []
+        for p in PROTOS:
+            for k, label, dg in (("ir", "instructions / connection", 0), ("syscalls", "system calls / connection", 1)):
+                rows.append([PROTO_NAMES[p], label] + [cell(v, p, k, dg) for v in ("on", "ideal", "nginx")]
+                            + [rat("on", "ideal", p, k), rat("on", "nginx", p, k)])
+        L.append(md_table(["protocol", "per resumed connection", "store on (N=2)", "in-process ideal", "nginx (N=2)",
+                           "on / ideal", "on / nginx"], rows))
+        low = [f"{v} {PROTO_NAMES[p]}: {c['resumption_rate'] * 100:.1f} %" for (v, p), c in sorted(D.cost.items())
+               if "error" not in c and c.get("resumption_rate") is not None and c["resumption_rate"] < 0.999]
+        if low:
+            L.append("")
+            L.append("Resumption rate below 99.9 % in a counted run (its full handshakes inflate the cost): "
+                     + "; ".join(low))
     L.append("")
     L.append("## Memory (benches/memory.rs)")
     L.append("")

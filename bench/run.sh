@@ -132,6 +132,12 @@ if [ "$WITH_NGINX" = 1 ]; then
     NGINX_VERSION="$("$NGINX" -v 2>&1 | sed 's/^nginx version: //')"
 fi
 
+# ---- valgrind (the cost section counts instructions with callgrind) ------------------------
+if ! command -v valgrind >/dev/null && [ "$(id -u)" = 0 ]; then
+    log "installing valgrind"
+    { apt-get update >&2 && apt-get install -y valgrind >&2; } || log "valgrind could not be installed: the cost rows will say so"
+fi
+
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
 }
@@ -147,14 +153,17 @@ wait_tcp() { # port, pid: wait until 127.0.0.1:port accepts (max 10 s)
 }
 
 SRV_PID=""; SRV_PORT=""
+WRAP=()      # a command the servers run under (valgrind, in the cost section)
+C_EXTRA=()   # extra flags for the C example with the store on
+READY_TICKS=100  # how long start_server waits for "ready", in 0.1 s
 start_server() { # variant n ; sets SRV_PID, SRV_PORT; returns 1 on failure
     local variant=$1 n=$2 i out="$TMP/server-$1-$2.out" err="$TMP/server-$1-$2.err"
     SRV_PID=""; SRV_PORT=""
     : >"$out"
     case "$variant" in
-        on)    "$SERVER" --port 0 --workers "$n" --threads "$THREADS" --cert "$CERT" --key "$KEY" --no-tickets >"$out" 2>"$err" & ;;
-        off)   "$SERVER" --port 0 --workers "$n" --threads "$THREADS" --cert "$CERT" --key "$KEY" --no-tickets --no-share >"$out" 2>"$err" & ;;
-        ideal) "$SERVER" --port 0 --workers 1 --threads "$((n * THREADS))" --cert "$CERT" --key "$KEY" --no-tickets --no-share >"$out" 2>"$err" & ;;
+        on)    "${WRAP[@]}" "$SERVER" "${C_EXTRA[@]}" --port 0 --workers "$n" --threads "$THREADS" --cert "$CERT" --key "$KEY" --no-tickets >"$out" 2>"$err" & ;;
+        off)   "${WRAP[@]}" "$SERVER" --port 0 --workers "$n" --threads "$THREADS" --cert "$CERT" --key "$KEY" --no-tickets --no-share >"$out" 2>"$err" & ;;
+        ideal) "${WRAP[@]}" "$SERVER" --port 0 --workers 1 --threads "$((n * THREADS))" --cert "$CERT" --key "$KEY" --no-tickets --no-share >"$out" 2>"$err" & ;;
         nginx)
             SRV_PORT=$(free_port)
             local d="$TMP/nginx-$n"
@@ -186,7 +195,7 @@ http {
     }
 }
 EOF
-            "$NGINX" -p "$d" -c "$d/nginx.conf" -e "$d/logs/error.log" >"$out" 2>"$err" & ;;
+            "${WRAP[@]}" "$NGINX" -p "$d" -c "$d/nginx.conf" -e "$d/logs/error.log" >"$out" 2>"$err" & ;;
         *) return 1 ;;
     esac
     SRV_PID=$!
@@ -197,7 +206,7 @@ EOF
         sleep 0.3
         return 0
     fi
-    for i in $(seq 100); do
+    for i in $(seq "$READY_TICKS"); do
         SRV_PORT=$(sed -n 's/^ready port=\([0-9]*\).*/\1/p' "$out")
         [ -n "$SRV_PORT" ] && return 0
         kill -0 "$SRV_PID" 2>/dev/null || break
@@ -321,7 +330,71 @@ for n in $WORKERS_LIST; do
     for variant in $up; do stop_pid "${VPID[$variant]}"; done
 done
 
-# ---- 5. memory -----------------------------------------------------------------------------------
+# ---- 5. cost per resumed connection, counted under callgrind -------------------------------
+# Instructions and system calls do not depend on what else runs on the machine. Each server
+# (N=2, or the ideal's one process) runs under callgrind; after a warm-up, the counters are
+# zeroed, a loadgen run is made, and every process dumps its counts; then a second, longer run.
+# The difference of the two, divided by the difference of their connections, is the cost of one
+# resumed connection, with the clients' first (full) handshakes cancelled out.
+COST_VARIANTS="on ideal"
+[ "$WITH_NGINX" = 1 ] && COST_VARIANTS="$COST_VARIANTS nginx"
+if [ "$QUICK" = 1 ]; then COST_A_MS=800; COST_B_MS=1600; else COST_A_MS=2000; COST_B_MS=4000; fi
+CG="$TMP/callgrind"
+cost_run() { # variant proto ms -> "connections resumption_rate Ir syscalls" (all the server's processes)
+    local variant=$1 proto=$2 ms=$3 line
+    rm -f "$CG"/cg.*.*
+    callgrind_control -z >/dev/null 2>&1 || true
+    sleep 0.3
+    run_bounded 60 "$TMP/cost-loadgen.out" "$TMP/cost-loadgen.err" "$LOADGEN" --port "${VPORT[$variant]}" \
+        --clients "$CLIENTS" --warmup-ms 0 --duration-ms "$ms" "--$proto" --label "cost/$variant" || true
+    line=$(grep '^{"bench":"loadgen"' "$TMP/cost-loadgen.out" || echo '{}')
+    callgrind_control -d >/dev/null 2>&1 || true
+    sleep 1
+    python3 - "$line" "$CG" <<'PY'
+import glob, json, sys
+d = json.loads(sys.argv[1])
+ir = sc = 0
+for f in glob.glob(sys.argv[2] + "/cg.*.*"):
+    for l in open(f, errors="replace"):
+        if l.startswith("summary:"):
+            v = [int(x) for x in l.split()[1:]]
+            ir += v[0]
+            sc += v[1] if len(v) > 1 else 0
+            break
+print(d.get("connections_total", 0), d.get("resumption_rate") or 0, ir, sc)
+PY
+}
+if command -v valgrind >/dev/null && command -v callgrind_control >/dev/null; then
+    mkdir -p "$CG"
+    for proto in tls12 tls13; do
+        for variant in $COST_VARIANTS; do
+            log "cost: $variant $proto under callgrind"
+            WRAP=(valgrind --tool=callgrind --trace-children=yes --collect-systime=yes --callgrind-out-file="$CG/cg.%p")
+            # Under callgrind the master answers slowly: a generous deadline keeps lookups from
+            # timing out (what is counted is work, not waiting).
+            C_EXTRA=(--get-timeout-us 2000000); READY_TICKS=600
+            rm -f "$CG"/cg.*
+            if start_server "$variant" 2; then
+                VPORT[$variant]=$SRV_PORT
+                # warm-up: processes started, caches and sessions made
+                run_bounded 60 /dev/null "$TMP/cost-loadgen.err" "$LOADGEN" --port "$SRV_PORT" --clients "$CLIENTS" \
+                    --warmup-ms 0 --duration-ms 1500 "--$proto" || true
+                read -r ca ra ia sa <<<"$(cost_run "$variant" "$proto" "$COST_A_MS")"
+                read -r cb rb ib sb <<<"$(cost_run "$variant" "$proto" "$COST_B_MS")"
+                emit "{\"section\":\"cost\",\"variant\":\"$variant\",\"proto\":\"$proto\",\"data\":{\"connections\":[$ca,$cb],\"resumption_rate\":[$ra,$rb],\"ir\":[$ia,$ib],\"syscalls\":[$sa,$sb]}}"
+                stop_pid "$SRV_PID"
+            else
+                [ -n "$SRV_PID" ] && stop_pid "$SRV_PID"
+                emit "{\"section\":\"cost\",\"variant\":\"$variant\",\"proto\":\"$proto\",\"data\":{\"error\":\"server did not start under valgrind\"}}"
+            fi
+            WRAP=(); C_EXTRA=(); READY_TICKS=100
+        done
+    done
+else
+    emit "{\"section\":\"cost\",\"error\":\"valgrind (callgrind) not installed\"}"
+fi
+
+# ---- 6. memory -----------------------------------------------------------------------------------
 log "memory bench"
 if run_bounded 120 "$TMP/memory.out" "$TMP/memory.err" cargo bench -q --bench memory; then
     grep '^{"bench":"memory"' "$TMP/memory.out" | while IFS= read -r l; do emit "{\"section\":\"memory\",\"data\":$l}"; done
