@@ -109,6 +109,9 @@ class Data:
                 cpu, conns = d.get("server_cpu_ms"), d.get("connections_total")
                 if isinstance(cpu, (int, float)) and isinstance(conns, int) and conns > 0:
                     d["server_cpu_us_per_conn"] = cpu * 1000.0 / conns
+                ccpu = d.get("client_cpu_ms")
+                if isinstance(cpu, (int, float)) and isinstance(ccpu, (int, float)) and ccpu > 0:
+                    d["server_per_client_cpu"] = cpu / ccpu
                 self.runs.setdefault(key, {})[r["rep"]] = d
 
     def expected_reps(self, sec, n, mode):
@@ -314,6 +317,18 @@ def build_md(D, targets):
                 cf = "server_cpu_us_per_conn"
                 for n in (1, 2, 4):
                     rows.append([n] + [fmt_stats(D.value("handshakes", v, n, p, mode, cf), 1) for v in VARIANTS]
+                                + [fmt_stats(D.ratio("handshakes", "on", b, n, p, mode, cf), 3)
+                                   for b in ("ideal", "nginx")])
+                L.append(md_table(["N"] + [VARIANT_NAMES[v] for v in VARIANTS] + ["on / ideal", "on / nginx"], rows))
+                L.append("")
+                L.append("Server CPU / client CPU over the same slice (the load generator does the same work against "
+                         "every server, so its CPU time is a yardstick for the machine's speed of the moment; this "
+                         "ratio moves least with other tenants):")
+                L.append("")
+                rows = []
+                cf = "server_per_client_cpu"
+                for n in (1, 2, 4):
+                    rows.append([n] + [fmt_stats(D.value("handshakes", v, n, p, mode, cf), 3) for v in VARIANTS]
                                 + [fmt_stats(D.ratio("handshakes", "on", b, n, p, mode, cf), 3)
                                    for b in ("ideal", "nginx")])
                 L.append(md_table(["N"] + [VARIANT_NAMES[v] for v in VARIANTS] + ["on / ideal", "on / nginx"], rows))

@@ -217,6 +217,16 @@ fn main() {
         all.micros[((all.micros.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0
     };
     let secs = o.duration.as_secs_f64();
+    // The client's own CPU time, whole run (warm-up included, like `connections_total`): the
+    // clients do the same work against every server, so server CPU / client CPU compares
+    // servers with the machine's speed of the moment divided out.
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let client_cpu_ms = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        let us = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+        us(ru.ru_utime) + us(ru.ru_stime)
+    };
     let rate = all.handshakes as f64 / secs;
     let resumed_rate = all.resumed as f64 / secs;
     let resumption = if all.offered > 0 { all.resumed as f64 / all.offered as f64 } else { f64::NAN };
@@ -225,7 +235,7 @@ fn main() {
     println!(
         "{{\"bench\":\"loadgen\",\"label\":\"{}\",\"proto\":\"{}\",\"mode\":\"{}\",\"clients\":{},\"duration_s\":{secs:.3},\
          \"handshakes\":{},\"handshakes_per_s\":{},\"offered\":{},\"resumed\":{},\"resumed_per_s\":{},\
-         \"resumption_rate\":{},\"errors\":{},\"connections_total\":{},\"p50_ms\":{},\"p99_ms\":{},\"last_error\":\"{err}\"}}",
+         \"resumption_rate\":{},\"errors\":{},\"connections_total\":{},\"client_cpu_ms\":{client_cpu_ms:.1},\"p50_ms\":{},\"p99_ms\":{},\"last_error\":\"{err}\"}}",
         o.label.replace(['"', '\\'], "'"),
         if o.tls12 { "tls1.2" } else { "tls1.3" },
         if o.full { "full" } else { "resume" },
