@@ -231,10 +231,12 @@ typedef struct cts_config {
    */
   const char *remote_prefix;
   /**
-   * TCP connect, read and write timeout of Redis requests, in milliseconds; a lookup also
-   * gives up at half of `get_timeout_us`. It does not bound the host name lookup or a
-   * `rediss://` TLS handshake (the client crate's limits); neither runs on a handshake's
-   * path. Default 50; allowed 1..=10000.
+   * Timeout of Redis requests (read, write) and of making a connection (TCP connect, the
+   * `rediss://` TLS handshake and authentication, as a whole), in milliseconds; a lookup
+   * also gives up at half of `get_timeout_us`. It does not bound the host name lookup (the
+   * system's resolver), which never runs on a handshake's path; `cts_master_setup` waits
+   * for its first Redis exchange (the ticket-key agreement) at most 4 × this (at least
+   * 0.5 s), then goes on without it. Default 50; allowed 1..=10000.
    */
   uint32_t remote_timeout_ms;
   /**

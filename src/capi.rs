@@ -133,10 +133,12 @@ pub struct cts_config {
     /// of every Redis key (at most 64 bytes): keys are `<prefix><namespace>:<hex session id>`
     /// and `<prefix>tk:<epoch>` for ticket keys, so several clusters can share one Redis.
     pub remote_prefix: *const c_char,
-    /// TCP connect, read and write timeout of Redis requests, in milliseconds; a lookup also
-    /// gives up at half of `get_timeout_us`. It does not bound the host name lookup or a
-    /// `rediss://` TLS handshake (the client crate's limits); neither runs on a handshake's
-    /// path. Default 50; allowed 1..=10000.
+    /// Timeout of Redis requests (read, write) and of making a connection (TCP connect, the
+    /// `rediss://` TLS handshake and authentication, as a whole), in milliseconds; a lookup
+    /// also gives up at half of `get_timeout_us`. It does not bound the host name lookup (the
+    /// system's resolver), which never runs on a handshake's path; `cts_master_setup` waits
+    /// for its first Redis exchange (the ticket-key agreement) at most 4 × this (at least
+    /// 0.5 s), then goes on without it. Default 50; allowed 1..=10000.
     pub remote_timeout_ms: u32,
     /// Length of each queue to the remote threads (lookups; stores and removals). Work that
     /// finds its queue full is dropped and counted (`remote_queue_drops`). Default 1024.

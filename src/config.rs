@@ -53,10 +53,12 @@ pub struct Config {
     /// Prefix of every Redis key, so several clusters can share one Redis. Default "cts:"
     /// (`CTS_REMOTE_PREFIX` replaces the default).
     pub remote_prefix: String,
-    /// TCP connect, read and write timeout of Redis requests; a lookup also gives up at half
-    /// the worker's `get_timeout`. It does not bound the host name lookup or a `rediss://`
-    /// TLS handshake (the client crate's limits); neither runs on a handshake's path.
-    /// Default 50 ms.
+    /// Timeout of Redis requests (read, write) and of making a connection (TCP connect, the
+    /// `rediss://` TLS handshake and authentication, as a whole); a lookup also gives up at
+    /// half the worker's `get_timeout`. It does not bound the host name lookup (the system's
+    /// resolver), which never runs on a handshake's path; `master_setup` waits for its first
+    /// Redis exchange (the ticket-key agreement) at most 4 × this (at least 0.5 s), then goes
+    /// on without it. Default 50 ms.
     pub remote_timeout: Duration,
     /// Length of each of the two queues to the remote threads (lookups; stores and removals);
     /// work that finds its queue full is dropped and counted. Default 1024.

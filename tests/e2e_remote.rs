@@ -19,7 +19,8 @@ use common::{Client, Server};
 fn host(redis: &Redis, args: &[&str]) -> Server {
     let key = key_file();
     let key = key.to_str().expect("utf-8 temp path");
-    // For rediss://: trust the tests' self-signed certificate (OpenSSL reads SSL_CERT_FILE).
+    // For rediss://: trust the tests' self-signed certificate (rustls-native-certs reads
+    // SSL_CERT_FILE).
     let (cert, _) = common::cert();
     let env = [
         ("CTS_REMOTE", redis.url.as_str()),

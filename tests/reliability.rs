@@ -162,6 +162,17 @@ fn a_lookup_the_catch_up_comes_across_finds_a_session_stored_on_a_later_channel(
 }
 
 #[test]
+fn workers_forked_while_the_remote_threads_connect_inherit_no_lock_held() {
+    // Seen in CI: with rediss:// through OpenSSL, a worker forked while a remote thread loaded
+    // the CA bundle waited forever on OpenSSL's algorithm-store lock in its first handshake.
+    let r = scenario(&["remote-forks", "1500"]);
+    assert!(r["forks"] >= 20.0, "{r:?}");
+    assert_eq!(r["workers_hung"], 0.0, "a worker waited on a lock held at fork: {r:?}");
+    assert_eq!(r["workers_failed"], 0.0, "{r:?}");
+    assert!(r["remote_errors"] >= 2.0, "the remote threads were connecting meanwhile: {r:?}");
+}
+
+#[test]
 fn a_master_serving_tls_itself_pushes_its_stores_and_removals_to_the_replicas() {
     let r = scenario(&["master-in-process"]);
     assert_eq!(r["worker_exit"], 0.0);

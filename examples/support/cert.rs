@@ -9,6 +9,7 @@ use openssl::ec::{EcGroup, EcKey};
 use openssl::hash::MessageDigest;
 use openssl::nid::Nid;
 use openssl::pkey::PKey;
+use openssl::x509::extension::SubjectAlternativeName;
 use openssl::x509::{X509Builder, X509NameBuilder};
 
 /// Write `cert.pem` and `key.pem` into `dir`; returns their paths.
@@ -28,6 +29,10 @@ pub fn make_cert(dir: &Path) -> Result<(PathBuf, PathBuf), openssl::error::Error
     let (from, until) = (Asn1Time::days_from_now(0)?, Asn1Time::days_from_now(2)?);
     b.set_not_before(&from)?;
     b.set_not_after(&until)?;
+    // Names for verifiers that read only the SAN (rustls/webpki: the tests' rediss:// server
+    // presents this certificate to the library's Redis client).
+    let san = SubjectAlternativeName::new().dns("localhost").ip("127.0.0.1").build(&b.x509v3_context(None, None))?;
+    b.append_extension(san)?;
     b.sign(&key, MessageDigest::sha256())?;
     let cert = b.build();
     let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));

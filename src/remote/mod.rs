@@ -116,8 +116,16 @@ pub fn apply_env(config: &mut Config) {
 pub fn validate(config: &Config) -> Result<(), Error> {
     let Some(url) = &config.remote_url else { return Ok(()) };
     let bad = |why: String| Err(Error::InvalidConfig(why));
-    if let Err(e) = redis::Client::open(url.0.as_str()) {
-        return bad(format!("remote_url {}: {e}", url.redacted()));
+    match redis::IntoConnectionInfo::into_connection_info(url.0.as_str()) {
+        Err(e) => return bad(format!("remote_url {}: {e}", url.redacted())),
+        Ok(info) if matches!(info.addr(), redis::ConnectionAddr::TcpTls { insecure: true, .. }) => {
+            return bad(format!(
+                "remote_url {}: #insecure (no certificate verification) is not supported; point \
+                 SSL_CERT_FILE at the CA that signed the Redis server's certificate",
+                url.redacted()
+            ))
+        }
+        Ok(_) => {}
     }
     let Some(path) = &config.remote_key_file else {
         return bad(format!(
@@ -245,6 +253,34 @@ impl std::fmt::Debug for Tier {
 }
 
 /// Hex of bytes, lower case.
+/// The certificates a rediss:// server is verified against, as PEM: the system's trust store,
+/// or `SSL_CERT_FILE` / `SSL_CERT_DIR` when set (as OpenSSL reads them). Read once, at setup:
+/// left to itself the client crate reads the whole store again for every connection (~40 ms
+/// for Debian's 140 roots, most of the default 50 ms budget). An empty or unreadable store is
+/// not an error here: every handshake then fails verification, counted and logged like any
+/// other remote error.
+fn trust_roots() -> Vec<u8> {
+    let found = rustls_native_certs::load_native_certs();
+    if !found.errors.is_empty() || found.certs.is_empty() {
+        crate::log::debug!(
+            "remote: trust store: {} certificate(s), {} error(s) ({})",
+            found.certs.len(),
+            found.errors.len(),
+            found.errors.first().map(|e| e.to_string()).unwrap_or_default()
+        );
+    }
+    let mut pem = Vec::new();
+    for cert in &found.certs {
+        pem.extend_from_slice(b"-----BEGIN CERTIFICATE-----\n");
+        for line in openssl::base64::encode_block(cert).as_bytes().chunks(64) {
+            pem.extend_from_slice(line);
+            pem.push(b'\n');
+        }
+        pem.extend_from_slice(b"-----END CERTIFICATE-----\n");
+    }
+    pem
+}
+
 fn hex_into(out: &mut Vec<u8>, bytes: &[u8]) {
     const H: &[u8; 16] = b"0123456789abcdef";
     for b in bytes {
@@ -259,8 +295,21 @@ impl Tier {
     pub fn new(config: &Config, wake_fd: RawFd) -> Result<Option<Tier>, Error> {
         let Some(url) = config.remote_url.clone() else { return Ok(None) };
         validate(config)?;
-        let client = redis::Client::open(url.0.as_str())
-            .map_err(|e| Error::InvalidConfig(format!("remote_url {}: {e}", url.redacted())))?;
+        // TCP_NODELAY: every exchange is one small request and its reply, and the TLS
+        // handshake's last flight is followed at once by the first command; with Nagle that
+        // second write waits for the server's delayed ACK (40 ms on Linux), most of the
+        // default 50 ms budget.
+        let bad_url = |e: redis::RedisError| Error::InvalidConfig(format!("remote_url {}: {e}", url.redacted()));
+        let info = redis::IntoConnectionInfo::into_connection_info(url.0.as_str())
+            .map(|info| info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true)))
+            .map_err(bad_url)?;
+        let client = if matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+            let roots = redis::TlsCertificates { client_tls: None, root_cert: Some(trust_roots()) };
+            redis::Client::build_with_tls(info, roots)
+        } else {
+            redis::Client::open(info)
+        }
+        .map_err(bad_url)?;
         let path = config.remote_key_file.as_ref().ok_or_else(|| Error::InvalidConfig("remote_key_file".into()))?;
         let sealer = Sealer::load(path).map_err(|why| Error::InvalidConfig(format!("remote_key_file {why}")))?;
         crate::log::debug!("remote tier {}: {} at-rest key(s)", url.redacted(), sealer.len());
@@ -693,6 +742,24 @@ mod tests {
         let d = format!("{u:?}");
         assert!(!d.contains("hunter2") && d.contains("10.0.0.1:6379/2"), "{d}");
         assert_eq!(RemoteUrl::from("redis://h:1").redacted(), "redis://h:1");
+    }
+
+    #[test]
+    fn an_insecure_url_is_refused() {
+        let dir = std::env::temp_dir().join(format!("cts-insecure-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let key = dir.join("k");
+        std::fs::write(&key, format!("{}\n", "cd".repeat(32))).expect("key");
+        let config = |url: &str| Config {
+            remote_url: Some(url.into()),
+            remote_key_file: Some(key.clone()),
+            ..Config::default()
+        };
+        let err = validate(&config("rediss://:pw@127.0.0.1:6380/0#insecure")).unwrap_err().to_string();
+        assert!(err.contains("#insecure") && !err.contains("pw"), "{err}");
+        assert!(validate(&config("rediss://127.0.0.1:6380/0")).is_ok());
+        assert!(validate(&config("redis://127.0.0.1:6379/0")).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -1,4 +1,11 @@
-//! Encryption at rest for everything the remote tier writes: AES-256-GCM through OpenSSL.
+//! Encryption at rest for everything the remote tier writes: AES-256-GCM through `ring`.
+//!
+//! Not OpenSSL: sealing and opening run on the remote tier's threads, which are not held by
+//! the fork gate (they block on the network). OpenSSL takes process-wide locks (its
+//! algorithm store, for one) that a `fork()` would snapshot held if one of these threads were
+//! inside it, and a worker would then wait on them forever in its first handshake. `ring`
+//! (already here for the rediss:// transport, see `remote`) has no such locks that a worker
+//! ever touches.
 //!
 //! A sealed value is `version (1) | key id (4) | nonce (12, random) | ciphertext | tag (16)`.
 //! The associated data is a label plus the Redis key the value is stored under, so a value
@@ -10,7 +17,8 @@
 //! every key opens, so a new key is rolled out by adding it second on every host, then moving
 //! it first, then removing the old one.
 
-use openssl::symm::{Cipher, Crypter, Mode};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::wipe::{wipe, SecretBuf};
 
@@ -45,6 +53,41 @@ impl std::fmt::Debug for Sealer {
         let ids: Vec<String> = self.keys.iter().map(|k| crate::log::hex(&k.id)).collect();
         f.debug_struct("Sealer").field("key_ids", &ids).finish()
     }
+}
+
+/// Sealing failed (the system's random source or the cipher refused); nothing was written
+/// anywhere but the caller's buffer.
+#[derive(Debug)]
+pub struct SealError;
+
+impl std::fmt::Display for SealError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("sealing failed")
+    }
+}
+
+/// Fill `buf` from the system's random source (getrandom).
+pub fn random(buf: &mut [u8]) -> Result<(), SealError> {
+    SystemRandom::new().fill(buf).map_err(|_| SealError)
+}
+
+/// Run `f` with the AES-256-GCM key made from `key`. ring expands the key into a schedule
+/// held inline in the value and does not wipe it on drop: it lives on this stack frame for
+/// one call and its bytes are overwritten before the frame is left.
+fn with_aead_key<T>(key: &[u8; 32], f: impl FnOnce(&LessSafeKey) -> T) -> Result<T, SealError> {
+    let k = UnboundKey::new(&AES_256_GCM, key).map(LessSafeKey::new).map_err(|_| SealError)?;
+    let mut k = std::mem::ManuallyDrop::new(k);
+    let r = f(&k);
+    // SAFETY: `k` is a live local never used again (ManuallyDrop: it is not dropped either);
+    // its bytes are only written, never read as a LessSafeKey after this. The type owns no
+    // heap memory (an inline key schedule and a pointer to a static algorithm), so not
+    // running its drop leaks nothing.
+    unsafe {
+        let bytes =
+            std::slice::from_raw_parts_mut((&mut *k as *mut LessSafeKey).cast::<u8>(), size_of::<LessSafeKey>());
+        wipe(bytes);
+    }
+    Ok(r)
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
@@ -101,26 +144,21 @@ impl Sealer {
     }
 
     /// Seal `plain` under the first key with `aad`; the sealed value is appended to `out`.
-    pub fn seal(&self, aad: &[u8], plain: &[u8], out: &mut Vec<u8>) -> Result<(), openssl::error::ErrorStack> {
+    pub fn seal(&self, aad: &[u8], plain: &[u8], out: &mut Vec<u8>) -> Result<(), SealError> {
         let k = &self.keys[0];
         let mut nonce = [0u8; NONCE_LEN];
-        openssl::rand::rand_bytes(&mut nonce)?;
+        random(&mut nonce)?;
         let start = out.len();
         out.push(SEAL_VERSION);
         out.extend_from_slice(&k.id);
         out.extend_from_slice(&nonce);
-        let mut c = Crypter::new(Cipher::aes_256_gcm(), Mode::Encrypt, &k.key, Some(&nonce))?;
-        c.aad_update(aad)?;
         let body = out.len();
-        // GCM is a stream mode: the ciphertext is exactly as long as the plaintext (the extra
-        // block is room OpenSSL's API asks for).
-        out.resize(body + plain.len() + 16, 0);
-        let n = c.update(plain, &mut out[body..])?;
-        let m = c.finalize(&mut out[body + n..])?;
-        out.truncate(body + n + m);
-        let mut tag = [0u8; TAG_LEN];
-        c.get_tag(&mut tag)?;
-        out.extend_from_slice(&tag);
+        out.extend_from_slice(plain);
+        let tag = with_aead_key(&k.key, |key| {
+            key.seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut out[body..])
+        })?
+        .map_err(|_| SealError)?;
+        out.extend_from_slice(tag.as_ref());
         debug_assert_eq!(out.len() - start, SEAL_OVERHEAD + plain.len());
         Ok(())
     }
@@ -135,15 +173,18 @@ impl Sealer {
         let nonce = &sealed[1 + KEY_ID_LEN..1 + KEY_ID_LEN + NONCE_LEN];
         let (body, tag) = sealed[1 + KEY_ID_LEN + NONCE_LEN..].split_at(sealed.len() - SEAL_OVERHEAD);
         let k = self.keys.iter().find(|k| k.id == id)?;
-        let mut c = Crypter::new(Cipher::aes_256_gcm(), Mode::Decrypt, &k.key, Some(nonce)).ok()?;
-        c.aad_update(aad).ok()?;
-        let mut plain = SecretBuf::with_capacity(body.len() + 16);
-        plain.vec().resize(body.len() + 16, 0);
-        let n = c.update(body, &mut plain.vec()[..]).ok()?;
-        c.set_tag(tag).ok()?;
-        let m = c.finalize(&mut plain.vec()[n..]).ok()?;
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        // Decrypted in place, inside a buffer that is wiped on drop; the tag follows the body.
+        let mut plain = SecretBuf::with_capacity(body.len() + TAG_LEN);
+        plain.vec().extend_from_slice(body);
+        plain.vec().extend_from_slice(tag);
+        let n = with_aead_key(&k.key, |key| {
+            key.open_in_place(nonce, Aad::from(aad), &mut plain.vec()[..]).map(|p| p.len())
+        })
+        .ok()?
+        .ok()?;
         // Shrinking keeps the bytes inside the capacity, which SecretBuf wipes on drop.
-        plain.vec().truncate(n + m);
+        plain.vec().truncate(n);
         Some(plain)
     }
 }

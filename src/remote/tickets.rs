@@ -67,7 +67,7 @@ impl Agreement {
                 let mut fresh = SecretBuf::with_capacity(SLOT_PLAIN_LEN);
                 fresh.vec().resize(SLOT_PLAIN_LEN, 0);
                 let mut value = Vec::new();
-                if openssl::rand::rand_bytes(&mut fresh.vec()[..]).is_ok()
+                if super::seal::random(&mut fresh.vec()[..]).is_ok()
                     && tier.sealer.seal(&aad, &fresh, &mut value).is_ok()
                 {
                     let ttl = (epoch + self.keep + 1) * self.rotation - now;

@@ -8,6 +8,8 @@
 //! cts-test-helper exec           a worker re-execs itself and adopts its channel by env var
 //! cts-test-helper hostile SECS   one worker writes garbage while another does PUT/GET
 //! cts-test-helper soak SECS MB   workers store distinct sessions through a small budget
+//! cts-test-helper remote-forks MS fork workers for MS ms while the remote threads keep
+//!                                reconnecting to a rediss:// server that never answers
 //! ```
 
 use std::os::fd::RawFd;
@@ -538,6 +540,67 @@ fn soak(secs: u64, budget_mib: usize) {
     println!("rss_kib_after={}", rss_kib());
 }
 
+/// Workers forked while the remote tier's threads work must not inherit a lock held by one
+/// of them. The remote server accepts TCP and never answers, so the threads keep making
+/// connections (a TLS client set up, a handshake that times out, a pause, again) from the
+/// moment setup returns; meanwhile the master forks workers back to back. Each worker runs
+/// the OpenSSL work a first handshake does (algorithm fetches, a context, a key pair, a
+/// signature, a cipher) under an alarm: a lock snapshotted held by a remote thread would
+/// leave it waiting until SIGALRM.
+fn remote_forks(ms: u64) {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in silent.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let dir = std::env::temp_dir().join(format!("cts-remote-forks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let key = dir.join("remote.key");
+    std::fs::write(&key, format!("{}\n", "ab".repeat(32))).expect("key file");
+    let cfg = Config {
+        get_timeout: Duration::from_millis(200),
+        remote_url: Some(format!("rediss://127.0.0.1:{port}/0").as_str().into()),
+        remote_key_file: Some(key),
+        remote_timeout: Duration::from_millis(20),
+        ..Config::default()
+    };
+    master_setup(cfg).expect("master_setup");
+    let _ = std::fs::remove_dir_all(&dir);
+    let (mut forks, mut hung, mut failed) = (0, 0, 0);
+    let end = Instant::now() + Duration::from_millis(ms);
+    while Instant::now() < end {
+        let pid = fork_child(|| {
+            // SAFETY: alarm has no preconditions; its default action ends this child.
+            unsafe { libc::alarm(5) };
+            let work = || -> Result<(), openssl::error::ErrorStack> {
+                drop(SslContext::builder(SslMethod::tls())?.build());
+                let group = openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::X9_62_PRIME256V1)?;
+                let key = openssl::pkey::PKey::from_ec_key(openssl::ec::EcKey::generate(&group)?)?;
+                let mut signer = openssl::sign::Signer::new(openssl::hash::MessageDigest::sha384(), &key)?;
+                signer.update(b"worker")?;
+                signer.sign_to_vec()?;
+                openssl::symm::encrypt(openssl::symm::Cipher::chacha20_poly1305(), &[1; 32], Some(&[2; 12]), b"x")?;
+                Ok(())
+            };
+            i32::from(work().is_err())
+        });
+        forks += 1;
+        match wait(pid) {
+            0 => {}
+            c if c == 128 + libc::SIGALRM => hung += 1,
+            _ => failed += 1,
+        }
+    }
+    let st = stats();
+    println!("forks={forks}");
+    println!("workers_hung={hung}");
+    println!("workers_failed={failed}");
+    println!("remote_errors={}", st.master.remote_errors);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let num = |i: usize, d: u64| args.get(i).and_then(|v| v.parse().ok()).unwrap_or(d);
@@ -552,6 +615,7 @@ fn main() {
         Some("sync-overflow") => sync_overflow(),
         Some("catch-up-order") => catch_up_order(),
         Some("master-in-process") => master_in_process(),
+        Some("remote-forks") => remote_forks(num(1, 1500)),
         _ => {
             eprintln!("usage: cts-test-helper churn N | grandchild | exec | hostile SECS | soak SECS MIB");
             std::process::exit(2);
