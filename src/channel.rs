@@ -296,17 +296,37 @@ impl Channel {
     /// Send one frame without blocking. The frame is built by `build` in a thread-local
     /// buffer that is wiped afterwards. Returns false if it was not sent.
     fn send_frame(&self, build: impl FnOnce(&mut Vec<u8>) -> bool) -> bool {
+        self.send_frame_within(None, build)
+    }
+
+    /// `send_frame`, but a full socket is waited on (for room, up to `deadline`) instead of
+    /// costing the message: for a removal, whose loss would let a dead session resume.
+    fn send_frame_within(&self, deadline: Option<Instant>, build: impl FnOnce(&mut Vec<u8>) -> bool) -> bool {
         let send = |buf: &mut SecretBuf| -> bool {
             buf.clear();
             if !build(buf.vec()) {
                 buf.clear();
                 return false;
             }
-            // SAFETY: `buf` is valid for its length; non-blocking, and MSG_NOSIGNAL keeps a
-            // dead master from raising SIGPIPE in the host.
-            let rc =
-                unsafe { libc::send(self.fd, buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-            let err = std::io::Error::last_os_error().raw_os_error();
+            let (rc, err) = loop {
+                // SAFETY: `buf` is valid for its length; non-blocking, and MSG_NOSIGNAL keeps
+                // a dead master from raising SIGPIPE in the host.
+                let rc = unsafe {
+                    libc::send(self.fd, buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+                };
+                let err = std::io::Error::last_os_error().raw_os_error();
+                let left = deadline.map(|d| d.saturating_duration_since(Instant::now())).unwrap_or_default();
+                if rc >= 0 || err != Some(libc::EAGAIN) || left.is_zero() {
+                    break (rc, err);
+                }
+                let mut pfd = libc::pollfd { fd: self.fd, events: libc::POLLOUT, revents: 0 };
+                let ts = libc::timespec {
+                    tv_sec: left.as_secs() as libc::time_t,
+                    tv_nsec: left.subsec_nanos() as libc::c_long,
+                };
+                // SAFETY: one valid pollfd, a valid timespec, no signal mask change.
+                unsafe { libc::ppoll(&mut pfd, 1, &ts, ptr::null()) };
+            };
             buf.clear();
             if rc >= 0 {
                 return true;
@@ -366,7 +386,10 @@ impl Channel {
         }
     }
 
-    /// Fire-and-forget DEL.
+    /// DEL without a reply. Unlike a PUT (a lost store is a later miss), a lost removal
+    /// would leave a session the host invalidated resumable, so a full socket is waited on
+    /// for room, at most the lookup deadline (`get_timeout`), before it is given up and
+    /// counted in `send_drops`.
     pub fn del(&self, namespace: &[u8], id: &[u8]) {
         if let Some(mut r) = self.replica() {
             r.remove(namespace, id);
@@ -374,7 +397,8 @@ impl Channel {
         if self.is_dead() {
             return;
         }
-        if self.send_frame(|out| {
+        let deadline = Instant::now() + Duration::from_micros(GET_TIMEOUT_US.load(Relaxed));
+        if self.send_frame_within(Some(deadline), |out| {
             protocol::encode(out, Op::Del, 0, 0, namespace, id, &[]);
             true
         }) {

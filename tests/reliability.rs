@@ -149,6 +149,7 @@ fn a_worker_that_stops_reading_loses_pushes_but_never_resumes_a_removed_session(
     assert_eq!(r["sleeper_exit"], 0.0);
     assert!(r["sync_drops"] > 0.0, "the sleeper's socket filled up: pushes were dropped");
     assert!(r["sleeper_replica_flushes"] >= 1.0, "and the sleeper was told to drop its replica");
+    assert_eq!(r["writer_del_sent"], 1.0, "the removal was sent, not dropped on a full channel");
     assert_eq!(r["sleeper_victim_found"], 0.0, "the removed session is gone everywhere");
     assert_eq!(r["sleeper_kept_found"], 1.0, "a live session is still found (from the master)");
 }

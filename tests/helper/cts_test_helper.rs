@@ -366,9 +366,18 @@ fn sync_overflow() {
                 std::thread::sleep(Duration::from_micros(200));
             }
         }
+        // The flood may have filled this worker's channel: the removal waits for room
+        // rather than being lost (a lost DEL left the victim in the master).
+        let dels = stats().worker.dels;
         cluster_tls_store::bench::del(ns, b"victim");
-        // Make sure the master has read everything before the sleeper wakes.
-        let _ = stats();
+        // (`stats` snapshots this worker's counters before it asks the master.)
+        println!("writer_del_sent={}", stats().worker.dels - dels);
+        // Make sure the master has read everything before the sleeper wakes: a stats
+        // request answered (one sent on a still-full channel is dropped; try again).
+        let until = Instant::now() + Duration::from_secs(5);
+        while stats().master_valid != 1 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         0
     });
     let w = wait(writer);
@@ -485,6 +494,10 @@ fn soak(secs: u64, budget_mib: usize) {
     master_setup(cfg).expect("master_setup");
     let rss0 = rss_kib();
     let until = Instant::now() + Duration::from_secs(secs);
+    // At least SECS seconds and at least 40,000 PUTs per worker (enough to cycle the budget
+    // several times however slow a loaded machine is), at most 60 s more.
+    let cap = until + Duration::from_secs(60);
+    let enough = 40_000u64;
     let workers: Vec<i32> = (0..3u64)
         .map(|w| {
             fork_child(move || {
@@ -492,7 +505,7 @@ fn soak(secs: u64, budget_mib: usize) {
                 let mut n = 0u64;
                 let mut frame = Vec::with_capacity(256);
                 let der = [0x5au8; 135];
-                while Instant::now() < until {
+                while (Instant::now() < until || n < enough) && Instant::now() < cap {
                     n += 1;
                     let mut id = [0u8; 32];
                     id[..8].copy_from_slice(&n.to_le_bytes());
@@ -509,7 +522,7 @@ fn soak(secs: u64, budget_mib: usize) {
                         let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
                         // SAFETY: one valid pollfd.
                         unsafe { libc::poll(&mut pfd, 1, 100) };
-                        if Instant::now() >= until {
+                        if Instant::now() >= cap {
                             break;
                         }
                     }
@@ -520,12 +533,17 @@ fn soak(secs: u64, budget_mib: usize) {
         })
         .collect();
     let mut peak = 0;
-    while Instant::now() < until {
+    let mut running = workers.len();
+    while running > 0 {
         peak = peak.max(rss_kib());
         std::thread::sleep(Duration::from_millis(50));
-    }
-    for w in workers {
-        wait(w);
+        for &w in &workers {
+            let mut status = 0;
+            // SAFETY: non-blocking reap of our own child with a valid status pointer.
+            if unsafe { libc::waitpid(w, &mut status, libc::WNOHANG) } == w {
+                running -= 1;
+            }
+        }
     }
     std::thread::sleep(Duration::from_millis(300));
     peak = peak.max(rss_kib());
