@@ -173,6 +173,10 @@ struct Slot {
 struct Waiters {
     reader: bool,
     slots: Vec<Slot>,
+    /// Threads asleep on `cond` now. Wake-ups are sent only when there is one: with the
+    /// std futex condvar every `notify_all` is a system call, which a single-threaded
+    /// worker would otherwise pay on every round trip.
+    sleepers: u32,
 }
 
 /// One process's channel to the master. Lives for the rest of the process (leaked).
@@ -248,7 +252,7 @@ impl Channel {
             fd,
             pid,
             next_id: AtomicU64::new(0),
-            waiters: Mutex::new(Waiters { reader: false, slots: Vec::new() }),
+            waiters: Mutex::new(Waiters { reader: false, slots: Vec::new(), sleepers: 0 }),
             cond: Condvar::new(),
             open_until_ms: AtomicU64::new(0),
             backoff_ms: AtomicU64::new(0),
@@ -576,9 +580,13 @@ impl Channel {
                 self.read_replies(deadline - now);
                 w = self.lock();
                 w.reader = false;
-                self.cond.notify_all();
+                if w.sleepers > 0 {
+                    self.cond.notify_all();
+                }
             } else {
+                w.sleepers += 1;
                 w = self.cond.wait_timeout(w, deadline - now).map(|r| r.0).unwrap_or_else(|e| e.into_inner().0);
+                w.sleepers -= 1;
             }
         }
     }
@@ -596,9 +604,9 @@ impl Channel {
         self.recv_available(false);
         let mut w = self.lock();
         w.reader = false;
-        // Only a thread with a request in flight waits on `cond` (for its reply, or to become
-        // the reader); without one, skip the wake-up (a futex system call per lookup).
-        let waiting = !w.slots.is_empty();
+        // Only a thread asleep on `cond` (for its reply, or to become the reader) needs the
+        // wake-up; without one, skip it (a futex system call per lookup).
+        let waiting = w.sleepers > 0;
         drop(w);
         if waiting {
             self.cond.notify_all();
