@@ -381,14 +381,7 @@ fn a_stalled_redis_never_makes_a_worker_wait_out_its_deadline() {
 fn a_redis_that_never_answers_the_tls_handshake_does_not_hold_up_setup() {
     // Accepts TCP connections and never says a word: a rediss:// handshake waits forever
     // unless something bounds it.
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = silent.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for s in silent.incoming().flatten() {
-            held.push(s);
-        }
-    });
+    let port = common::silent::silent_server();
     let key = key_file();
     let url = format!("rediss://127.0.0.1:{port}/0");
     let env = [("CTS_REMOTE", url.as_str()), ("CTS_REMOTE_KEY_FILE", key.to_str().expect("utf-8"))];

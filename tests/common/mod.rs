@@ -7,6 +7,7 @@ mod cert;
 #[path = "../../examples/support/client.rs"]
 pub mod client;
 pub mod redis_server;
+pub mod silent;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};

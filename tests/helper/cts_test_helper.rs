@@ -12,6 +12,9 @@
 //!                                reconnecting to a rediss:// server that never answers
 //! ```
 
+#[path = "../common/silent.rs"]
+mod silent;
+
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
@@ -566,14 +569,7 @@ fn soak(secs: u64, budget_mib: usize) {
 /// signature, a cipher) under an alarm: a lock snapshotted held by a remote thread would
 /// leave it waiting until SIGALRM.
 fn remote_forks(ms: u64) {
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = silent.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for s in silent.incoming().flatten() {
-            held.push(s);
-        }
-    });
+    let port = silent::silent_server();
     let dir = std::env::temp_dir().join(format!("cts-remote-forks-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let key = dir.join("remote.key");
