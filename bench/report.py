@@ -309,29 +309,26 @@ def build_md(D, targets):
                     rows.append([n] + [fmt_stats(D.value("handshakes", v, n, p, mode, "resumption_rate"), 2, True)
                                        for v in VARIANTS])
                 L.append(md_table(["N"] + [VARIANT_NAMES[v] for v in VARIANTS], rows))
-                L.append("")
-                L.append("Server CPU per connection, µs (every process of the server, from /proc schedstat; "
-                         "less sensitive to other tenants than a rate):")
-                L.append("")
-                rows = []
-                cf = "server_cpu_us_per_conn"
-                for n in (1, 2, 4):
-                    rows.append([n] + [fmt_stats(D.value("handshakes", v, n, p, mode, cf), 1) for v in VARIANTS]
-                                + [fmt_stats(D.ratio("handshakes", "on", b, n, p, mode, cf), 3)
-                                   for b in ("ideal", "nginx")])
-                L.append(md_table(["N"] + [VARIANT_NAMES[v] for v in VARIANTS] + ["on / ideal", "on / nginx"], rows))
-                L.append("")
-                L.append("Server CPU / client CPU over the same slice (the load generator does the same work against "
-                         "every server, so its CPU time is a yardstick for the machine's speed of the moment; this "
-                         "ratio moves least with other tenants):")
-                L.append("")
-                rows = []
-                cf = "server_per_client_cpu"
-                for n in (1, 2, 4):
-                    rows.append([n] + [fmt_stats(D.value("handshakes", v, n, p, mode, cf), 3) for v in VARIANTS]
-                                + [fmt_stats(D.ratio("handshakes", "on", b, n, p, mode, cf), 3)
-                                   for b in ("ideal", "nginx")])
-                L.append(md_table(["N"] + [VARIANT_NAMES[v] for v in VARIANTS] + ["on / ideal", "on / nginx"], rows))
+                cpu_tables = (
+                    ("server_cpu_us_per_conn", 1,
+                     "Server CPU per connection, µs (every process of the server, from /proc schedstat; "
+                     "less sensitive to other tenants than a rate):"),
+                    ("server_per_client_cpu", 3,
+                     "Server CPU / client CPU over the same slice (the load generator does the same work against "
+                     "every server, so its CPU time is a yardstick for the machine's speed of the moment; this "
+                     "ratio moves least with other tenants):"),
+                )
+                for cf, digits, caption in cpu_tables:
+                    L.append("")
+                    L.append(caption)
+                    L.append("")
+                    rows = []
+                    for n in (1, 2, 4):
+                        rows.append([n] + [fmt_stats(D.value("handshakes", v, n, p, mode, cf), digits) for v in VARIANTS]
+                                    + [fmt_stats(D.ratio("handshakes", "on", b, n, p, mode, cf), 3)
+                                       for b in ("ideal", "nginx")])
+                    L.append(md_table(["N"] + [VARIANT_NAMES[v] for v in VARIANTS] + ["on / ideal", "on / nginx"],
+                                      rows))
     errs = []
     for (sec, v, n, p, mode), reps in sorted(D.runs.items(), key=str):
         for rep, d in sorted(reps.items()):

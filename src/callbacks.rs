@@ -11,11 +11,12 @@
 use std::ffi::{c_int, c_long, c_uchar, c_uint, c_void};
 use std::sync::atomic::{AtomicI32, Ordering::SeqCst};
 
+use foreign_types::ForeignType;
+use openssl::ssl::SslSession;
 use openssl_sys as ffi;
 
 use crate::channel::{self, Channel, Found};
 use crate::fork;
-use crate::hot::OwnedSession;
 use crate::master::{self, Master};
 use crate::protocol::{MAX_ID_LEN, MAX_NAMESPACE_LEN};
 use crate::stats::{bump, WORKER};
@@ -356,18 +357,20 @@ unsafe fn lookup_session(
                     // new ticket, and clients offer the newest, so a second hit is rare.
                     let keep = ffi::SSL_SESSION_get_protocol_version(s) < TLS1_3_VERSION;
                     // SAFETY (of the enclosing block): a non-null session from d2i, whose one
-                    // reference we own.
-                    Some((OwnedSession::from_ptr(s), keep))
+                    // reference the SslSession takes over.
+                    Some((SslSession::from_ptr(s), keep))
                 });
                 return match found {
                     Some(Found::Session(s)) => {
                         crate::log::debug!("get session: id={} hit", crate::log::hex(id));
                         bump(&WORKER.hits);
-                        // Hand OpenSSL the reference we got.
+                        // Hand OpenSSL the reference we got (not freed here).
                         if !copy.is_null() {
                             *copy = 0;
                         }
-                        s.into_ptr()
+                        let ptr = s.as_ptr();
+                        std::mem::forget(s);
+                        ptr
                     }
                     Some(Found::Undecodable) => {
                         bump(&WORKER.decode_failures);

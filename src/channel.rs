@@ -20,11 +20,12 @@ use std::time::{Duration, Instant};
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::fork::{self, ChannelFd};
-use crate::hot::{Hot, OwnedSession};
+use crate::hot::Hot;
 use crate::protocol::{self, Op, MAX_FRAME_LEN};
 use crate::stats::{bump, MasterStats, WORKER};
 use crate::wipe::{wipe, SecretBuf};
 use crate::Error;
+use openssl::ssl::SslSession;
 
 /// Environment variable naming an inherited channel descriptor, for workers that `exec`.
 pub const CHANNEL_FD_ENV: &str = "CTS_CHANNEL_FD";
@@ -229,7 +230,7 @@ impl Replica {
 /// What `Channel::get_session` found.
 pub enum Found {
     /// A decoded session (from the replica's decoded copies, or decoded just now).
-    Session(OwnedSession),
+    Session(SslSession),
     /// The DER did not decode: a miss.
     Undecodable,
 }
@@ -410,20 +411,15 @@ impl Channel {
         }
     }
 
-    /// Look up a session; `None` on a miss, a timeout, a skipped lookup or a dead master.
+    /// Look up a session's DER; `None` on a miss, a timeout, a skipped lookup or a dead
+    /// master. (The callback uses `get_session`, which also keeps decoded copies.)
     pub fn get(&self, namespace: &[u8], id: &[u8]) -> Option<SecretBuf> {
-        bump(&WORKER.gets);
-        if self.replica.is_some() {
-            // Apply what the master pushed since the last look (one non-blocking recv when
-            // nothing is there), then try the replica: a hit costs no round trip.
-            self.drain_now();
-            if let Some(mut r) = self.replica() {
-                if let Some(der) = r.cache.get(namespace, id, crate::master::now_secs()) {
-                    let mut b = SecretBuf::with_capacity(der.len());
-                    b.vec().extend_from_slice(der);
-                    bump(&WORKER.replica_hits);
-                    return Some(b);
-                }
+        if let Some((mut r, now)) = self.replica_for_lookup() {
+            if let Some(der) = r.cache.get(namespace, id, now) {
+                bump(&WORKER.replica_hits);
+                let mut b = SecretBuf::with_capacity(der.len());
+                b.vec().extend_from_slice(der);
+                return Some(b);
             }
         }
         self.get_from_master(namespace, id)
@@ -438,31 +434,36 @@ impl Channel {
         &self,
         namespace: &[u8],
         id: &[u8],
-        decode: impl FnOnce(&[u8]) -> Option<(OwnedSession, bool)>,
+        decode: impl FnOnce(&[u8]) -> Option<(SslSession, bool)>,
     ) -> Option<Found> {
-        bump(&WORKER.gets);
-        if self.replica.is_some() {
-            self.drain_now();
-            if let Some(mut r) = self.replica() {
-                let now = crate::master::now_secs();
-                let r = &mut *r;
-                if let Some(der) = r.cache.get(namespace, id, now) {
-                    bump(&WORKER.replica_hits);
-                    if let Some(s) = r.hot.get(namespace, id) {
-                        bump(&WORKER.replica_decoded_hits);
-                        return Some(Found::Session(s));
-                    }
-                    let Some((s, keep)) = decode(der) else { return Some(Found::Undecodable) };
-                    if keep {
-                        let cache = &r.cache;
-                        r.hot.insert(namespace, id, &s, |ns, id| cache.contains(ns, id, now));
-                    }
+        if let Some((mut r, now)) = self.replica_for_lookup() {
+            let r = &mut *r;
+            if let Some(der) = r.cache.get(namespace, id, now) {
+                bump(&WORKER.replica_hits);
+                if let Some(s) = r.hot.get(namespace, id) {
+                    bump(&WORKER.replica_decoded_hits);
                     return Some(Found::Session(s));
                 }
+                let Some((s, keep)) = decode(der) else { return Some(Found::Undecodable) };
+                if keep {
+                    let cache = &r.cache;
+                    r.hot.insert(namespace, id, &s, |ns, id| cache.contains(ns, id, now));
+                }
+                return Some(Found::Session(s));
             }
         }
         let der = self.get_from_master(namespace, id)?;
         Some(decode(&der).map_or(Found::Undecodable, |(s, _)| Found::Session(s)))
+    }
+
+    /// The start of every lookup (counted in `gets`): with replicas on, apply what the master
+    /// pushed since the last look (one non-blocking recv when nothing is there) and hand back
+    /// the locked replica with the time to look it up at; `None` when replicas are off.
+    fn replica_for_lookup(&self) -> Option<(MutexGuard<'_, Replica>, u64)> {
+        bump(&WORKER.gets);
+        self.replica.as_ref()?;
+        self.drain_now();
+        Some((self.replica()?, crate::master::now_secs()))
     }
 
     /// Look up a session in the master, bypassing the replica (which then keeps a hit).

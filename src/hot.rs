@@ -17,54 +17,30 @@
 
 use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hasher};
 
 use hashbrown::HashTable;
-use openssl_sys as ffi;
-
-/// Our reference to a decoded `SSL_SESSION`.
-pub struct OwnedSession(*mut ffi::SSL_SESSION);
-
-// SAFETY: an SSL_SESSION's reference count is atomic, and OpenSSL itself hands one session to
-// handshakes on several threads (its internal cache does); we never mutate it.
-unsafe impl Send for OwnedSession {}
-
-impl OwnedSession {
-    /// Take ownership of one reference (`ptr` non-null).
-    ///
-    /// # Safety
-    /// `ptr` must be a valid session whose reference the caller gives up.
-    pub unsafe fn from_ptr(ptr: *mut ffi::SSL_SESSION) -> OwnedSession {
-        OwnedSession(ptr)
-    }
-
-    /// Hand our reference over (to OpenSSL).
-    pub fn into_ptr(self) -> *mut ffi::SSL_SESSION {
-        let p = self.0;
-        std::mem::forget(self);
-        p
-    }
-
-    /// Another reference to the same session.
-    fn share(&self) -> OwnedSession {
-        // SAFETY: self.0 is valid while we hold our reference.
-        unsafe { ffi::SSL_SESSION_up_ref(self.0) };
-        OwnedSession(self.0)
-    }
-}
-
-impl Drop for OwnedSession {
-    fn drop(&mut self) {
-        // SAFETY: we own one reference.
-        unsafe { ffi::SSL_SESSION_free(self.0) };
-    }
-}
+use openssl::ssl::SslSession;
 
 struct Entry {
+    /// Namespace length (one byte: at most 64), namespace, session id.
     key: Box<[u8]>,
-    session: OwnedSession,
+    /// Our reference to the decoded session (openssl's owned type: `clone` is an up_ref,
+    /// drop a free).
+    session: SslSession,
     /// Bumped on every insertion, so a stale queue item does not evict a newer entry.
     stamp: u64,
+}
+
+impl Entry {
+    fn parts(&self) -> (&[u8], &[u8]) {
+        let ns_len = self.key[0] as usize;
+        (&self.key[1..1 + ns_len], &self.key[1 + ns_len..])
+    }
+
+    fn is(&self, namespace: &[u8], id: &[u8]) -> bool {
+        self.parts() == (namespace, id)
+    }
 }
 
 /// Decoded sessions by (namespace, id); see the module notes.
@@ -77,11 +53,13 @@ pub struct Hot {
     next_stamp: u64,
 }
 
-fn key_of(namespace: &[u8], id: &[u8], out: &mut Vec<u8>) {
-    out.clear();
-    out.push(namespace.len() as u8);
-    out.extend_from_slice(namespace);
-    out.extend_from_slice(id);
+/// The hash of (namespace, id), computed from the parts: a lookup builds no key.
+fn hash_of(hasher: &RandomState, namespace: &[u8], id: &[u8]) -> u64 {
+    let mut h = hasher.build_hasher();
+    h.write_u8(namespace.len() as u8);
+    h.write(namespace);
+    h.write(id);
+    h.finish()
 }
 
 impl Hot {
@@ -96,19 +74,13 @@ impl Hot {
         self.table.len()
     }
 
-    fn hash(&self, key: &[u8]) -> u64 {
-        self.hasher.hash_one(key)
-    }
-
     /// A new reference to the decoded session, if there is one.
-    pub fn get(&self, namespace: &[u8], id: &[u8]) -> Option<OwnedSession> {
+    pub fn get(&self, namespace: &[u8], id: &[u8]) -> Option<SslSession> {
         if self.table.is_empty() {
             return None;
         }
-        let mut key = Vec::with_capacity(1 + namespace.len() + id.len());
-        key_of(namespace, id, &mut key);
-        let h = self.hash(&key);
-        self.table.find(h, |e| *e.key == *key).map(|e| e.session.share())
+        let h = hash_of(&self.hasher, namespace, id);
+        self.table.find(h, |e| e.is(namespace, id)).map(|e| e.session.clone())
     }
 
     /// Keep a reference to `session` under (namespace, id), replacing any older copy.
@@ -118,20 +90,18 @@ impl Hot {
         &mut self,
         namespace: &[u8],
         id: &[u8],
-        session: &OwnedSession,
+        session: &SslSession,
         mut still_cached: impl FnMut(&[u8], &[u8]) -> bool,
     ) {
         if self.cap == 0 {
             return;
         }
-        let mut key = Vec::with_capacity(1 + namespace.len() + id.len());
-        key_of(namespace, id, &mut key);
-        let h = self.hash(&key);
+        let h = hash_of(&self.hasher, namespace, id);
         // The oldest entries go first; one whose replica entry is gone goes even under the cap.
         while let Some(&(oh, stamp)) = self.order.front() {
             let live = self.table.find(oh, |e| e.stamp == stamp).map(|e| {
-                let ns_len = e.key[0] as usize;
-                still_cached(&e.key[1..1 + ns_len], &e.key[1 + ns_len..])
+                let (ns, id) = e.parts();
+                still_cached(ns, id)
             });
             match live {
                 None => {
@@ -146,14 +116,18 @@ impl Hot {
                 }
             }
         }
-        if let Ok(e) = self.table.find_entry(h, |e| *e.key == *key) {
-            e.remove();
-        }
+        self.remove_hashed(h, namespace, id);
+        let mut key = Vec::with_capacity(1 + namespace.len() + id.len());
+        key.push(namespace.len() as u8);
+        key.extend_from_slice(namespace);
+        key.extend_from_slice(id);
         let stamp = self.next_stamp;
         self.next_stamp += 1;
         let hasher = &self.hasher;
-        self.table.insert_unique(h, Entry { key: key.into_boxed_slice(), session: session.share(), stamp }, |e| {
-            hasher.hash_one(&*e.key)
+        let entry = Entry { key: key.into_boxed_slice(), session: session.clone(), stamp };
+        self.table.insert_unique(h, entry, |e| {
+            let (ns, id) = e.parts();
+            hash_of(hasher, ns, id)
         });
         self.order.push_back((h, stamp));
         // Items of removed entries pile up only until the queue is twice the table.
@@ -163,16 +137,16 @@ impl Hot {
         }
     }
 
+    fn remove_hashed(&mut self, h: u64, namespace: &[u8], id: &[u8]) {
+        if let Ok(e) = self.table.find_entry(h, |e| e.is(namespace, id)) {
+            e.remove();
+        }
+    }
+
     /// Drop the decoded copy of (namespace, id), if any.
     pub fn remove(&mut self, namespace: &[u8], id: &[u8]) {
-        if self.table.is_empty() {
-            return;
-        }
-        let mut key = Vec::with_capacity(1 + namespace.len() + id.len());
-        key_of(namespace, id, &mut key);
-        let h = self.hash(&key);
-        if let Ok(e) = self.table.find_entry(h, |e| *e.key == *key) {
-            e.remove();
+        if !self.table.is_empty() {
+            self.remove_hashed(hash_of(&self.hasher, namespace, id), namespace, id);
         }
     }
 
@@ -187,14 +161,18 @@ impl Hot {
 pub(crate) mod tests {
     use super::*;
 
+    use foreign_types::ForeignType;
+    use openssl_sys as ffi;
+
     extern "C" {
         fn SSL_SESSION_new() -> *mut ffi::SSL_SESSION;
     }
 
     /// A real (empty) session: what matters here is reference counting, not content.
-    pub(crate) fn session() -> OwnedSession {
-        // SAFETY: SSL_SESSION_new returns a fresh session with one reference, which we own.
-        unsafe { OwnedSession::from_ptr(SSL_SESSION_new()) }
+    pub(crate) fn session() -> SslSession {
+        // SAFETY: SSL_SESSION_new returns a fresh, non-null session with one reference, which
+        // the SslSession takes over.
+        unsafe { SslSession::from_ptr(SSL_SESSION_new()) }
     }
 
     #[test]

@@ -89,6 +89,13 @@ impl Conn {
     fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
+
+    /// Wipe and empty the queued replica updates (sent or lost).
+    fn drop_sync(&mut self) {
+        let len = self.sync.len();
+        wipe(&mut self.sync[..len]);
+        self.sync.clear();
+    }
 }
 
 impl Drop for Conn {
@@ -233,10 +240,10 @@ pub fn setup(mut config: Config) -> Result<(), Error> {
     let master = MASTER.get().ok_or(Error::Panic)?;
     if let Some(r) = &master.remote {
         // Before the first fork, so workers start with the keys every host shares. On a
-        // thread, waited for a bounded time: redis 1.2 bounds neither the name lookup nor
-        // the TLS handshake by a timeout, and the host's setup must not hang on either. If
-        // it is late, workers start with local keys and take the shared ones when they
-        // come (the write thread retries too).
+        // thread, waited for a bounded time: the connection, TLS handshake and commands are
+        // bounded by remote_timeout, but the host name lookup (the system's resolver) is not,
+        // and the host's setup must not hang on it. If it is late, workers start with local
+        // keys and take the shared ones when they come (the write thread retries too).
         let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
         let sync = spawn_masked("cts-remote-init", move || {
             r.first_ticket_sync(&install_ticket_key);
@@ -317,10 +324,7 @@ pub(crate) fn adopt_worker_fd(fd: RawFd) {
         return; // dropping closes it
     };
     master.incoming.lock().unwrap_or_else(|e| e.into_inner()).push(owned);
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a valid u64 to our own eventfd; failure (counter full) is
-    // harmless because the loop drains `incoming` on any wake-up.
-    unsafe { libc::write(master.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    master.wake_cache_thread();
 }
 
 impl Master {
@@ -373,8 +377,15 @@ impl Master {
             q.lost = true;
         }
         drop(q);
+        self.wake_cache_thread();
+    }
+
+    /// Wake the cache thread from `poll`: it then adopts new channels and pushes local
+    /// stores (both are read on any wake-up).
+    fn wake_cache_thread(&self) {
         let one: u64 = 1;
-        // SAFETY: as in `adopt_worker_fd`: 8 bytes from a valid u64 to our own eventfd.
+        // SAFETY: writes 8 bytes from a valid u64 to our own eventfd; failure (counter full) is
+        // harmless because the thread is due to wake anyway.
         unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 
@@ -386,9 +397,7 @@ impl Master {
         }
         if q.lost {
             for c in conns.iter_mut() {
-                let len = c.sync.len();
-                wipe(&mut c.sync[..len]);
-                c.sync.clear();
+                c.drop_sync();
                 c.flush_due = true;
                 self.sync_drops.fetch_add(1, Relaxed);
             }
@@ -764,9 +773,7 @@ impl Master {
                 }
             }
         }
-        let len = c.sync.len();
-        wipe(&mut c.sync[..len]);
-        c.sync.clear();
+        c.drop_sync();
     }
 
     fn send_flush(&self, c: &mut Conn, out: &mut Vec<u8>) {

@@ -398,11 +398,13 @@ impl Tier {
     }
 
     fn connect(&self, timeout: Duration) -> redis::RedisResult<redis::Connection> {
-        // redis 1.2 unwraps a failed TLS handshake on its timeout path (a bad certificate
-        // behind `rediss://` would panic): that is an error like any other here.
+        // A panic in the client crate while connecting (redis 1.2 unwrapped a failed
+        // native-tls handshake; rustls, used now, returns errors) is an error like any other.
         let con =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.client.get_connection_with_timeout(timeout)))
-                .unwrap_or_else(|_| Err((redis::ErrorKind::Io, "connecting failed (TLS handshake)").into()))?;
+                .unwrap_or_else(|_| {
+                    Err((redis::ErrorKind::Io, "connecting failed (the client crate panicked)").into())
+                })?;
         con.set_write_timeout(Some(self.timeout))?;
         con.set_read_timeout(Some(self.timeout))?;
         Ok(con)

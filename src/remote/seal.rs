@@ -78,15 +78,16 @@ fn with_aead_key<T>(key: &[u8; 32], f: impl FnOnce(&LessSafeKey) -> T) -> Result
     let k = UnboundKey::new(&AES_256_GCM, key).map(LessSafeKey::new).map_err(|_| SealError)?;
     let mut k = std::mem::ManuallyDrop::new(k);
     let r = f(&k);
-    // SAFETY: `k` is a live local never used again (ManuallyDrop: it is not dropped either);
-    // its bytes are only written, never read as a LessSafeKey after this. The type owns no
-    // heap memory (an inline key schedule and a pointer to a static algorithm), so not
-    // running its drop leaks nothing.
-    unsafe {
-        let bytes =
-            std::slice::from_raw_parts_mut((&mut *k as *mut LessSafeKey).cast::<u8>(), size_of::<LessSafeKey>());
-        wipe(bytes);
+    let p = (&mut *k as *mut LessSafeKey).cast::<u8>();
+    for i in 0..size_of::<LessSafeKey>() {
+        // SAFETY: `p..p + size_of` is the storage of `k`, a live local never used again
+        // (ManuallyDrop: not dropped either); bytes are written through a raw pointer, never
+        // read (no reference to possibly uninitialised padding is made). The type owns no
+        // heap memory (an inline key schedule and a pointer to a static algorithm), so not
+        // running its drop leaks nothing.
+        unsafe { std::ptr::write_volatile(p.add(i), 0) };
     }
+    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
     Ok(r)
 }
 
