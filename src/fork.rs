@@ -41,7 +41,7 @@ thread_local! {
     static GATE_HELD: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Held by the cache thread while it works (never while it sleeps in `poll`) and by a forking
+/// Held by the cache thread while it works (never while it sleeps in `epoll_wait`) and by a forking
 /// thread from `prepare` to `parent`. So a fork never snapshots the cache thread in the middle
 /// of an allocation: with an allocator that does not make itself fork-safe (AddressSanitizer's,
 /// for one) a child could otherwise inherit the allocator's lock held forever. A plain pthread

@@ -1,6 +1,7 @@
-//! The master's side: the cache thread and its poll loop.
+//! The master's side: the cache thread and its event loop.
 //!
-//! One thread serves every worker channel from a single `poll(2)` loop. All sockets are
+//! One thread serves every worker channel from a single `epoll(7)` loop (level-triggered;
+//! each channel is registered once, so a wake-up costs the same with 2 workers or 64). All sockets are
 //! non-blocking: a worker that stops reading loses its replies (counted), it never stalls the
 //! loop; a worker that dies gives EOF and its fd is closed and forgotten.
 
@@ -54,6 +55,9 @@ struct Conn {
     /// Replica pushes may fill at most this many bytes of the worker's socket (half of the
     /// send buffer): the other half stays free for replies and for a Flush.
     sync_room: usize,
+    /// The epoll registration watches for room to send (EPOLLOUT) as well: kept equal to
+    /// `flush_due` at the end of every round.
+    watch_out: bool,
 }
 
 /// Bytes sent on `fd` that the peer has not read yet (SIOCOUTQ).
@@ -83,7 +87,7 @@ impl Conn {
             )
         };
         let sync_room = if rc == 0 && sndbuf > 0 { sndbuf as usize / 2 } else { 64 << 10 };
-        Conn { fd, sync: Vec::new(), flush_due: false, last_was_flush: false, sync_room }
+        Conn { fd, sync: Vec::new(), flush_due: false, last_was_flush: false, sync_room, watch_out: false }
     }
 
     fn raw(&self) -> RawFd {
@@ -111,12 +115,26 @@ fn send_nonblocking(fd: RawFd, frame: &[u8]) -> bool {
     unsafe { libc::send(fd, frame.as_ptr().cast(), frame.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) >= 0 }
 }
 
+/// Register, change or forget `fd` in the epoll set `ep` (the event carries the fd number).
+/// False when the kernel refused (no memory): the caller gives up that channel.
+fn epoll_ctl(ep: RawFd, op: libc::c_int, fd: RawFd, out: bool) -> bool {
+    let events = if out { libc::EPOLLIN | libc::EPOLLOUT } else { libc::EPOLLIN };
+    let mut ev = libc::epoll_event { events: events as u32, u64: fd as u64 };
+    // SAFETY: `ev` is a valid epoll_event for the duration of the call (ignored for DEL).
+    unsafe { libc::epoll_ctl(ep, op, fd, &mut ev) == 0 }
+}
+
+/// Events one `epoll_wait` returns at most (more stay ready for the next round).
+const EVENTS_MAX: usize = 64;
+
 /// State shared between the cache thread, the fork handlers and in-process callers.
 pub struct Master {
     pub(crate) config: Config,
     cache: Mutex<Cache>,
     incoming: Mutex<Vec<OwnedFd>>,
     wake: OwnedFd,
+    /// The cache thread's epoll set: `wake` and every channel's master end.
+    epoll: OwnedFd,
     workers: AtomicU64,
     bad_frames: AtomicU64,
     reply_drops: AtomicU64,
@@ -216,6 +234,19 @@ pub fn setup(mut config: Config) -> Result<(), Error> {
     if !fork::track_master_fd(wake.as_raw_fd()) {
         return Err(Error::System("eventfd descriptor number too large to track".into()));
     }
+    // SAFETY: epoll_create1 has no memory preconditions; the result is checked before use.
+    let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if raw < 0 {
+        fork::untrack_master_fd(wake.as_raw_fd());
+        return Err(Error::system("epoll_create1"));
+    }
+    // SAFETY: `raw` is a fresh descriptor owned by nobody else.
+    let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
+    if !fork::track_master_fd(epoll.as_raw_fd()) || !epoll_ctl(raw, libc::EPOLL_CTL_ADD, wake.as_raw_fd(), false) {
+        fork::untrack_master_fd(wake.as_raw_fd());
+        fork::untrack_master_fd(epoll.as_raw_fd());
+        return Err(Error::system("registering the wake-up descriptor with epoll"));
+    }
     let remote = crate::remote::Tier::new(&config, wake.as_raw_fd())?;
     let cache = Cache::new(config.cache_bytes, config.max_session_bytes);
     let schedule = KeySchedule::new(config.ticket_key_rotation.as_secs(), u64::from(config.ticket_keys));
@@ -224,6 +255,7 @@ pub fn setup(mut config: Config) -> Result<(), Error> {
         cache: Mutex::new(cache),
         incoming: Mutex::new(Vec::new()),
         wake,
+        epoll,
         workers: AtomicU64::new(0),
         bad_frames: AtomicU64::new(0),
         reply_drops: AtomicU64::new(0),
@@ -380,7 +412,7 @@ impl Master {
         self.wake_cache_thread();
     }
 
-    /// Wake the cache thread from `poll`: it then adopts new channels and pushes local
+    /// Wake the cache thread from `epoll_wait`: it then adopts new channels and pushes local
     /// stores (both are read on any wake-up).
     fn wake_cache_thread(&self) {
         let one: u64 = 1;
@@ -491,29 +523,23 @@ impl Master {
     }
 
     /// The cache thread. It holds the fork gate (see `fork::gate_lock`) whenever it is not
-    /// asleep in `poll`, and reports on `started` once its start-up allocations are done, so
-    /// `master_setup` returns only when a fork can no longer catch it mid-allocation.
+    /// asleep in `epoll_wait`, and reports on `started` once its start-up allocations are done,
+    /// so `master_setup` returns only when a fork can no longer catch it mid-allocation.
     fn run(&'static self, started: std::sync::mpsc::SyncSender<()>) {
         fork::gate_lock();
+        let ep = self.epoll.as_raw_fd();
+        let wake = self.wake.as_raw_fd();
         let mut conns: Vec<Conn> = Vec::new();
-        let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(64);
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_MAX];
         let mut main = Scratch::new();
         let mut spare = Scratch::new();
         let mut last_sweep = now_secs();
         let _ = started.send(());
         drop(started);
         loop {
-            pfds.clear();
-            pfds.push(libc::pollfd { fd: self.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 });
-            // A worker that owes a Flush is watched for room to send it.
-            pfds.extend(conns.iter().map(|c| libc::pollfd {
-                fd: c.raw(),
-                events: if c.flush_due { libc::POLLIN | libc::POLLOUT } else { libc::POLLIN },
-                revents: 0,
-            }));
             fork::gate_unlock();
-            // SAFETY: `pfds` is a valid, initialised array of `pfds.len()` pollfd structs.
-            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, SWEEP_INTERVAL_MS) };
+            // SAFETY: `events` is a valid array of EVENTS_MAX epoll_event structs.
+            let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), EVENTS_MAX as libc::c_int, SWEEP_INTERVAL_MS) };
             fork::gate_lock();
             if n < 0 {
                 let e = std::io::Error::last_os_error();
@@ -522,30 +548,37 @@ impl Master {
                 }
                 continue;
             }
-            if pfds[0].revents != 0 {
+            let ready = &events[..n as usize];
+            // New channels first, so a worker's first frames are served after it is counted.
+            if ready.iter().any(|ev| ev.u64 == wake as u64) {
                 self.drain_wake();
                 let mut incoming = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(r) = &self.remote {
-                    incoming.iter().for_each(|c| r.conn_opened(c.as_raw_fd()));
+                for fd in incoming.drain(..) {
+                    if !epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd.as_raw_fd(), false) {
+                        // Cannot watch it: closing it gives the worker EOF (its lookups miss).
+                        fork::untrack_master_fd(fd.as_raw_fd());
+                        continue;
+                    }
+                    if let Some(r) = &self.remote {
+                        r.conn_opened(fd.as_raw_fd());
+                    }
+                    conns.push(Conn::new(fd));
                 }
-                conns.extend(incoming.drain(..).map(Conn::new));
                 drop(incoming);
                 // Counted before any of their frames is served (see `push_local`).
                 self.workers.store(conns.len() as u64, SeqCst);
                 self.answer_remote(&mut conns, &mut main.out);
                 self.push_local_sync(&mut conns, &mut main.out);
             }
-            // Walk backwards so removing a closed channel keeps earlier indices valid.
-            for i in (1..pfds.len()).rev() {
-                let revents = pfds[i].revents;
-                if revents == 0 {
-                    continue;
-                }
-                // Readable, hung up or broken: `serve` reads what is there and tells whether
-                // the channel lives on (EOF and hard errors end it).
-                let keep = self.serve(i - 1, &mut conns, &mut main, Some(&mut spare));
-                if !keep {
-                    let conn = conns.swap_remove(i - 1);
+            for ev in ready.iter().filter(|ev| ev.u64 != wake as u64) {
+                // Readable, hung up, broken or (owing a Flush) writable: `serve` reads what is
+                // there and tells whether the channel lives on (EOF and hard errors end it).
+                let Some(i) = conns.iter().position(|c| c.raw() as u64 == ev.u64) else { continue };
+                if !self.serve(i, &mut conns, &mut main, Some(&mut spare)) {
+                    let conn = conns.swap_remove(i);
+                    // Out of the set before the close: a copy of the descriptor still open
+                    // elsewhere (a child mid-fork) would otherwise keep reporting it.
+                    epoll_ctl(ep, libc::EPOLL_CTL_DEL, conn.raw(), false);
                     if let Some(r) = &self.remote {
                         r.conn_closed(conn.raw());
                     }
@@ -555,6 +588,10 @@ impl Master {
             }
             for c in conns.iter_mut() {
                 self.flush_sync(c, &mut main.out);
+                // A worker that owes a Flush is watched for room to send it.
+                if c.watch_out != c.flush_due && epoll_ctl(ep, libc::EPOLL_CTL_MOD, c.raw(), c.flush_due) {
+                    c.watch_out = c.flush_due;
+                }
             }
             self.workers.store(conns.len() as u64, Relaxed);
             let now = now_secs();
