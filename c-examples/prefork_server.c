@@ -218,13 +218,18 @@ static int bound_port(int fd)
     return ntohs(addr.sin_port);
 }
 
-static void set_timeouts(int fd, long ms)
+/* Receive and send timeout of every connection (set on the listening socket, inherited). */
+#define IO_TIMEOUT_MS 2000
+
+static int set_timeouts(int fd, long ms)
 {
     struct timeval tv;
     tv.tv_sec = ms / 1000;
     tv.tv_usec = (ms % 1000) * 1000;
-    (void)setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    (void)setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) != 0 ||
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) != 0)
+        return -1;
+    return 0;
 }
 
 static SSL_CTX *make_ctx(const struct options *o)
@@ -238,6 +243,9 @@ static SSL_CTX *make_ctx(const struct options *o)
         goto fail;
     if (o->tls12 && SSL_CTX_set_max_proto_version(ctx, TLS1_2_VERSION) != 1)
         goto fail;
+    /* Read whole TLS records (and what follows them) in one read(2), instead of a header
+     * and then a body: half the reads per handshake. nginx does the same. */
+    SSL_CTX_set_read_ahead(ctx, 1);
     if (!o->tickets) {
         /* TLS 1.2: session ids only. TLS 1.3: stateful tickets, whose state lives in the
          * (shared) session cache, so they resume on any worker. */
@@ -333,13 +341,7 @@ static void serve_connection(SSL_CTX *ctx, int fd)
     char body[1024];
     char resp[1536];
 
-    /* Bounds every step: the handshake, the request, the reply. One client at a time, so a
-     * silent client must not hold the worker for long. */
-    set_timeouts(fd, 2000);
-    /* The reply and the close_notify are separate small writes: without NODELAY, Nagle holds
-     * the second until the client's delayed ACK, 40 ms per connection. */
-    int one = 1;
-    (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    /* The socket's timeouts and TCP_NODELAY come from the listening socket (worker_main). */
     SSL *ssl = SSL_new(ctx);
     if (ssl == NULL || SSL_set_fd(ssl, fd) != 1)
         goto out;
@@ -379,7 +381,6 @@ out:
     if (shutdown(fd, SHUT_WR) == 0) {
         char sink[4096];
         size_t total = 0;
-        set_timeouts(fd, 1000);
         for (;;) {
             ssize_t n = recv(fd, sink, sizeof sink, 0);
             if (n <= 0)
@@ -427,6 +428,18 @@ static void worker_main(const struct options *o, int port, int ready_fd)
     if (lfd < 0 || listen(lfd, LISTEN_BACKLOG) != 0) {
         if (lfd >= 0)
             perror("listen");
+        exit(1);
+    }
+    /* Set once here: on Linux an accepted socket inherits these from its listening socket,
+     * which saves three system calls per connection.
+     * - Timeouts bound every step: the handshake, the request, the reply and the linger. One
+     *   client at a time per accept loop, so a silent client must not hold it for long.
+     * - The reply and the close_notify are separate small writes: without NODELAY, Nagle
+     *   holds the second until the client's delayed ACK, 40 ms per connection. */
+    int one = 1;
+    if (set_timeouts(lfd, IO_TIMEOUT_MS) != 0 ||
+        setsockopt(lfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0) {
+        perror("setsockopt");
         exit(1);
     }
 
