@@ -58,7 +58,15 @@ struct Conn {
     /// The epoll registration watches for room to send (EPOLLOUT) as well: kept equal to
     /// `flush_due` at the end of every round.
     watch_out: bool,
+    /// An upper bound on the bytes the worker has not read yet (what SIOCOUTQ would say):
+    /// measured, then raised by every frame sent since (the worker's reads only lower the
+    /// real figure). While it leaves room, a push needs no measurement (see `room_for`).
+    unread_bound: usize,
 }
+
+/// What the kernel charges a socket per datagram beyond its bytes, rounded up (an skb and its
+/// slab rounding; about a page at most).
+const DATAGRAM_OVERHEAD: usize = 4096;
 
 /// Bytes sent on `fd` that the peer has not read yet (SIOCOUTQ).
 fn unread_bytes(fd: RawFd) -> usize {
@@ -87,11 +95,36 @@ impl Conn {
             )
         };
         let sync_room = if rc == 0 && sndbuf > 0 { sndbuf as usize / 2 } else { 64 << 10 };
-        Conn { fd, sync: Vec::new(), flush_due: false, last_was_flush: false, sync_room, watch_out: false }
+        Conn {
+            fd,
+            sync: Vec::new(),
+            flush_due: false,
+            last_was_flush: false,
+            sync_room,
+            watch_out: false,
+            unread_bound: 0,
+        }
     }
 
     fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+
+    /// Count a frame of `len` bytes sent (or tried) on this channel into `unread_bound`.
+    fn note_sent(&mut self, len: usize) {
+        self.unread_bound = self.unread_bound.saturating_add(len + DATAGRAM_OVERHEAD);
+    }
+
+    /// Whether a push of `len` bytes keeps the worker's unread bytes within `sync_room`. The
+    /// bound answers without a system call while it leaves room; only when it does not is
+    /// the socket asked (SIOCOUTQ), which also resets the bound to the real figure.
+    fn room_for(&mut self, len: usize) -> bool {
+        let need = len + DATAGRAM_OVERHEAD;
+        if self.unread_bound.saturating_add(need) <= self.sync_room {
+            return true;
+        }
+        self.unread_bound = unread_bytes(self.raw());
+        self.unread_bound.saturating_add(need) <= self.sync_room
     }
 
     /// Wipe and empty the queued replica updates (sent or lost).
@@ -633,6 +666,7 @@ impl Master {
                 if let Some(c) = conns.get_mut(asker) {
                     // A reply now follows any Flush still unread (see `flush_sync`).
                     c.last_was_flush = false;
+                    c.note_sent(frame.len());
                 }
             }
         }
@@ -716,7 +750,12 @@ impl Master {
     /// thread for every worker: the frame is dropped and counted, the loop goes on.
     fn handle_guarded(&self, idx: usize, conns: &mut [Conn], frame: &[u8], out: &mut Vec<u8>) {
         let fd = conns[idx].raw();
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(fd, frame, out))) {
+        let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(fd, frame, out)));
+        if !out.is_empty() {
+            // `handle` sent what `out` holds (wiped, length kept).
+            conns[idx].note_sent(out.len());
+        }
+        match handled {
             Ok(Handled::NoReply) if self.config.replica_bytes > 0 => self.queue_sync(idx, conns, frame, out),
             Ok(Handled::Reply) => conns[idx].last_was_flush = false,
             Ok(_) => {}
@@ -792,10 +831,12 @@ impl Master {
         if !c.flush_due {
             out.clear();
             protocol::encode(out, Op::Sync, 0, 0, b"", b"", &c.sync);
-            // Kernel accounting adds roughly a page of overhead per datagram.
-            let fits = unread_bytes(c.raw()).saturating_add(out.len() + 4096) <= c.sync_room;
+            let fits = c.room_for(out.len());
             let sent = fits && send_nonblocking(c.raw(), out);
             let len = out.len();
+            if sent {
+                c.note_sent(len);
+            }
             wipe(&mut out[..len]);
             out.clear();
             if sent {
@@ -817,6 +858,7 @@ impl Master {
         out.clear();
         protocol::encode(out, Op::Flush, 0, 0, b"", b"", &[]);
         if send_nonblocking(c.raw(), out) {
+            c.note_sent(out.len());
             c.flush_due = false;
             c.last_was_flush = true;
         }
@@ -869,5 +911,47 @@ impl Master {
         if !send_nonblocking(fd, out) {
             self.reply_drops.fetch_add(1, Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (Conn, OwnedFd) {
+        let mut fds = [-1 as RawFd; 2];
+        // SAFETY: `fds` is a valid array of two ints for socketpair to fill.
+        let rc =
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK, 0, fds.as_mut_ptr()) };
+        assert_eq!(rc, 0);
+        // SAFETY: both are fresh descriptors owned by nobody else.
+        unsafe { (Conn::new(OwnedFd::from_raw_fd(fds[0])), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    /// Pushes counted through `room_for`/`note_sent` never take the worker's unread bytes past
+    /// `sync_room`, measured by the kernel, though most of them skip the measurement; and
+    /// once the worker reads, the room comes back.
+    #[test]
+    fn the_unread_bound_keeps_pushes_within_their_room() {
+        let (mut c, peer) = pair();
+        let frame = vec![7u8; 300];
+        let mut sent = 0;
+        while c.room_for(frame.len()) {
+            assert!(send_nonblocking(c.raw(), &frame), "the socket filled before sync_room");
+            c.note_sent(frame.len());
+            sent += 1;
+            assert!(unread_bytes(c.raw()) <= c.sync_room);
+            assert!(sent < 100_000);
+        }
+        assert!(sent > 1, "room for {sent} frames in {} bytes", c.sync_room);
+        assert!(unread_bytes(c.raw()) <= c.sync_room);
+        // The bound said no, and was measured: it is exact now, and still says no.
+        assert_eq!(c.unread_bound, unread_bytes(c.raw()));
+        assert!(!c.room_for(frame.len()));
+        let mut buf = [0u8; 512];
+        // SAFETY: reads into a valid buffer of its length.
+        while unsafe { libc::recv(peer.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) } > 0 {}
+        assert!(c.room_for(frame.len()));
+        assert_eq!(c.unread_bound, 0);
     }
 }
