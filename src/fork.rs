@@ -6,7 +6,7 @@
 //! - parent: close the worker's end and hand the master's end to the cache thread;
 //! - child: adopt the worker's end as this process's channel and close every master-side
 //!   descriptor inherited from the master (other workers' channels, the cache thread's
-//!   wake-up fd), so no worker can read another worker's traffic.
+//!   wake-up fd and epoll fd), so no worker can read another worker's traffic.
 //!
 //! The child handler runs before `fork()` returns to the host, in a process whose only thread
 //! is the forking one: it touches only atomics, a const-initialised thread-local and
@@ -233,7 +233,7 @@ extern "C" fn child() {
     }
 
     // Every master-side descriptor (all channels' master ends, including the one just made,
-    // and the cache thread's wake-up fd) is closed in the child.
+    // and the cache thread's wake-up and epoll fds) is closed in the child.
     for (w, word) in MASTER_FDS.iter().enumerate() {
         let mut bits = word.swap(0, SeqCst);
         while bits != 0 {

@@ -59,14 +59,27 @@ struct Conn {
     /// `flush_due` at the end of every round.
     watch_out: bool,
     /// An upper bound on the bytes the worker has not read yet (what SIOCOUTQ would say):
-    /// measured, then raised by every frame sent since (the worker's reads only lower the
-    /// real figure). While it leaves room, a push needs no measurement (see `room_for`).
+    /// measured, then raised by every frame sent since, at more than the kernel charges for it
+    /// (`datagram_charge`; the worker's reads only lower the real figure). While it leaves room, a push needs no measurement (see `room_for`).
     unread_bound: usize,
 }
 
-/// What the kernel charges a socket per datagram beyond its bytes, rounded up (an skb and its
-/// slab rounding; about a page at most).
-const DATAGRAM_OVERHEAD: usize = 4096;
+/// At least what the kernel charges a socket (SIOCOUTQ counts skb truesize) for a datagram
+/// of `len` bytes. Up to 16 KiB, the data and the skb's shared info (~320 bytes) are one slab
+/// object rounded up to a power of two (so up to about twice the length); beyond that, a
+/// 16 KiB head plus whole pages. Plus the sk_buff itself. The unit test checks each step
+/// against the kernel's own count.
+fn datagram_charge(len: usize) -> usize {
+    const SHARED_INFO: usize = 320;
+    const SK_BUFF: usize = 512;
+    const PAGE: usize = 4096;
+    let head = len.saturating_add(SHARED_INFO);
+    if head <= 4 * PAGE {
+        head.next_power_of_two() + SK_BUFF
+    } else {
+        head.saturating_add(2 * PAGE + SK_BUFF)
+    }
+}
 
 /// Bytes sent on `fd` that the peer has not read yet (SIOCOUTQ).
 fn unread_bytes(fd: RawFd) -> usize {
@@ -112,14 +125,14 @@ impl Conn {
 
     /// Count a frame of `len` bytes sent (or tried) on this channel into `unread_bound`.
     fn note_sent(&mut self, len: usize) {
-        self.unread_bound = self.unread_bound.saturating_add(len + DATAGRAM_OVERHEAD);
+        self.unread_bound = self.unread_bound.saturating_add(datagram_charge(len));
     }
 
     /// Whether a push of `len` bytes keeps the worker's unread bytes within `sync_room`. The
     /// bound answers without a system call while it leaves room; only when it does not is
     /// the socket asked (SIOCOUTQ), which also resets the bound to the real figure.
     fn room_for(&mut self, len: usize) -> bool {
-        let need = len + DATAGRAM_OVERHEAD;
+        let need = datagram_charge(len);
         if self.unread_bound.saturating_add(need) <= self.sync_room {
             return true;
         }
@@ -264,21 +277,20 @@ pub fn setup(mut config: Config) -> Result<(), Error> {
     }
     // SAFETY: `raw` is a fresh descriptor owned by nobody else.
     let wake = unsafe { OwnedFd::from_raw_fd(raw) };
-    if !fork::track_master_fd(wake.as_raw_fd()) {
-        return Err(Error::System("eventfd descriptor number too large to track".into()));
-    }
     // SAFETY: epoll_create1 has no memory preconditions; the result is checked before use.
     let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     if raw < 0 {
-        fork::untrack_master_fd(wake.as_raw_fd());
         return Err(Error::system("epoll_create1"));
     }
     // SAFETY: `raw` is a fresh descriptor owned by nobody else.
     let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
-    if !fork::track_master_fd(epoll.as_raw_fd()) || !epoll_ctl(raw, libc::EPOLL_CTL_ADD, wake.as_raw_fd(), false) {
-        fork::untrack_master_fd(wake.as_raw_fd());
-        fork::untrack_master_fd(epoll.as_raw_fd());
+    if !epoll_ctl(raw, libc::EPOLL_CTL_ADD, wake.as_raw_fd(), false) {
         return Err(Error::system("registering the wake-up descriptor with epoll"));
+    }
+    // Declared after both descriptors, so on an early return it untracks them before they close.
+    let mut tracked = Tracked::default();
+    if !tracked.track(wake.as_raw_fd()) || !tracked.track(epoll.as_raw_fd()) {
+        return Err(Error::System("master descriptor number too large to track".into()));
     }
     let remote = crate::remote::Tier::new(&config, wake.as_raw_fd())?;
     let cache = Cache::new(config.cache_bytes, config.max_session_bytes);
@@ -299,9 +311,13 @@ pub fn setup(mut config: Config) -> Result<(), Error> {
         remote,
         local_sync: Mutex::new(LocalSync::default()),
     };
-    if MASTER.set(master).is_err() {
+    if let Err(rejected) = MASTER.set(master) {
+        drop(tracked);
+        drop(rejected);
         return Err(Error::System("cache master state already initialised".into()));
     }
+    // The master owns its descriptors for the life of the process now.
+    tracked.keep();
     let master = MASTER.get().ok_or(Error::Panic)?;
     if let Some(r) = &master.remote {
         // Before the first fork, so workers start with the keys every host shares. On a
@@ -337,6 +353,34 @@ pub fn setup(mut config: Config) -> Result<(), Error> {
     fork::set_master_pid(fork::pid());
     ACCEPTING.store(true, Relaxed);
     Ok(())
+}
+
+/// Master-side descriptors `setup` tracked (so children close them), untracked again on drop
+/// unless kept: a setup that fails must not leave numbers that every later child would close
+/// after the host reused them.
+#[derive(Default)]
+struct Tracked {
+    fds: Vec<RawFd>,
+}
+
+impl Tracked {
+    fn track(&mut self, fd: RawFd) -> bool {
+        let ok = fork::track_master_fd(fd);
+        if ok {
+            self.fds.push(fd);
+        }
+        ok
+    }
+
+    fn keep(mut self) {
+        self.fds.clear();
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.fds.iter().for_each(|&fd| fork::untrack_master_fd(fd));
+    }
 }
 
 /// Every signal blocked on this thread while it lives; the previous mask back on drop.
@@ -929,29 +973,34 @@ mod tests {
     }
 
     /// Pushes counted through `room_for`/`note_sent` never take the worker's unread bytes past
-    /// `sync_room`, measured by the kernel, though most of them skip the measurement; and
-    /// once the worker reads, the room comes back.
+    /// `sync_room`, measured by the kernel after every push, though most of them skip the
+    /// measurement; and once the worker reads, the room comes back. Sizes around the slab
+    /// steps (where the kernel's charge is furthest above the length) and a near-maximal one.
     #[test]
     fn the_unread_bound_keeps_pushes_within_their_room() {
-        let (mut c, peer) = pair();
-        let frame = vec![7u8; 300];
-        let mut sent = 0;
-        while c.room_for(frame.len()) {
-            assert!(send_nonblocking(c.raw(), &frame), "the socket filled before sync_room");
-            c.note_sent(frame.len());
-            sent += 1;
-            assert!(unread_bytes(c.raw()) <= c.sync_room);
-            assert!(sent < 100_000);
+        for len in [300, 3_800, 4_000, 7_900, 8_200, 16_000, 60_000] {
+            let (mut c, peer) = pair();
+            let frame = vec![7u8; len];
+            let mut sent = 0;
+            while c.room_for(frame.len()) {
+                let before = unread_bytes(c.raw());
+                assert!(send_nonblocking(c.raw(), &frame), "{len}: the socket filled before sync_room");
+                c.note_sent(frame.len());
+                sent += 1;
+                let after = unread_bytes(c.raw());
+                assert!(after - before <= datagram_charge(len), "{len}: charged {} bytes", after - before);
+                assert!(after <= c.sync_room, "{len}: {after} unread > {}", c.sync_room);
+                assert!(c.unread_bound >= after);
+            }
+            assert!(sent >= 1, "{len}: no room at all in {} bytes", c.sync_room);
+            // The bound said no, and was measured: it is exact now, and still says no.
+            assert_eq!(c.unread_bound, unread_bytes(c.raw()));
+            assert!(!c.room_for(frame.len()));
+            let mut buf = vec![0u8; MAX_FRAME_LEN + 1];
+            // SAFETY: reads into a valid buffer of its length.
+            while unsafe { libc::recv(peer.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) } > 0 {}
+            assert!(c.room_for(frame.len()));
+            assert_eq!(c.unread_bound, 0);
         }
-        assert!(sent > 1, "room for {sent} frames in {} bytes", c.sync_room);
-        assert!(unread_bytes(c.raw()) <= c.sync_room);
-        // The bound said no, and was measured: it is exact now, and still says no.
-        assert_eq!(c.unread_bound, unread_bytes(c.raw()));
-        assert!(!c.room_for(frame.len()));
-        let mut buf = [0u8; 512];
-        // SAFETY: reads into a valid buffer of its length.
-        while unsafe { libc::recv(peer.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) } > 0 {}
-        assert!(c.room_for(frame.len()));
-        assert_eq!(c.unread_bound, 0);
     }
 }
