@@ -68,6 +68,7 @@ class Data:
         self.reps = int(meta.get("reps", "1"))
         self.reps_minor = int(meta.get("reps_minor", meta.get("reps", "1")))
         self.stime_reps = int(meta.get("stime_reps", meta.get("reps", "1")))
+        self.stime_new_reps = int(meta.get("stime_new_reps", self.stime_reps))
         self.with_nginx = meta.get("with_nginx") == "1"
         self.channel = {}
         self.channel_error = None
@@ -116,7 +117,7 @@ class Data:
 
     def expected_reps(self, sec, n, mode):
         if sec == "s_time":
-            return self.stime_reps
+            return self.stime_new_reps if mode == "new" else self.stime_reps
         return self.reps if (mode == "resume" and n != 1) else self.reps_minor
 
     def ran(self, variant):
@@ -268,7 +269,7 @@ def build_md(D, targets):
         f"handshakes, in a turning order{' (--quick)' if m.get('quick') == '1' else ''}; "
         f"loadgen K={m.get('clients')} clients, {m.get('resume_ms')} ms resumed / {m.get('full_ms')} ms full "
         f"(+{m.get('warmup_ms')} ms warm-up); s_time -reuse {m.get('s_time_s')} s, -new {m.get('s_time_new_s')} s, "
-        f"{D.stime_reps} repetitions; "
+        f"{D.stime_reps} repetitions (-new: {D.stime_new_reps}); "
         f"channel bench `{m.get('channel_args')}`; servers with `--no-tickets` / `ssl_session_tickets off`; "
         f"C example with {m.get('threads', '1')} accept loops per process (the ideal: all in one process). "
         f"Cells: median [min–max] over slices; ratios are paired per slice (adjacent in time). "
@@ -344,9 +345,10 @@ def build_md(D, targets):
         for p in PROTOS:
             for n in (2, 4):
                 rows.append([f"-{mode}", PROTO_NAMES[p], n,
-                             fmt_stats(D.value("s_time", "on", n, p, mode, "connections_per_s"), 0, reps=D.stime_reps),
+                             fmt_stats(D.value("s_time", "on", n, p, mode, "connections_per_s"), 0,
+                                       reps=D.expected_reps("s_time", n, mode)),
                              fmt_stats(D.value("s_time", "nginx", n, p, mode, "connections_per_s"), 0,
-                                       reps=D.stime_reps),
+                                       reps=D.expected_reps("s_time", n, mode)),
                              fmt_stats(D.ratio("s_time", "on", "nginx", n, p, mode, "connections_per_s"), 3)])
     L.append(md_table(["mode", "protocol", "N", "C example, store on", "nginx", "C / nginx"], rows))
     L.append("")

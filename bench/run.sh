@@ -35,12 +35,13 @@ THREADS=4
 WORKERS_LIST="1 2 4"
 STIME_WORKERS="2 4"
 # REPS slices per variant for resumed handshakes at N = 2 and 4 (the targets), REPS_MINOR for
-# N = 1 and for full handshakes (reference rows), STIME_REPS for s_time.
+# N = 1 and for full handshakes (reference rows), STIME_REPS for s_time -reuse (STIME_NEW_REPS
+# of them also run -new).
 if [ "$QUICK" = 1 ]; then
-    REPS=2; REPS_MINOR=1; STIME_REPS=1; RESUME_MS=500; FULL_MS=300; WARMUP_MS=150; STIME_S=1; STIME_NEW_S=1
+    REPS=2; REPS_MINOR=1; STIME_REPS=1; STIME_NEW_REPS=1; RESUME_MS=500; FULL_MS=300; WARMUP_MS=150; STIME_S=1; STIME_NEW_S=1
     CHANNEL_ARGS=(--reps 1 --phase-ms 200)
 else
-    REPS=9; REPS_MINOR=4; STIME_REPS=8; RESUME_MS=700; FULL_MS=400; WARMUP_MS=150; STIME_S=1; STIME_NEW_S=1
+    REPS=9; REPS_MINOR=4; STIME_REPS=8; STIME_NEW_REPS=4; RESUME_MS=700; FULL_MS=400; WARMUP_MS=150; STIME_S=1; STIME_NEW_S=1
     CHANNEL_ARGS=(--reps 3 --phase-ms 400)
 fi
 
@@ -318,6 +319,8 @@ for n in $WORKERS_LIST; do
         for rep in $(seq "$STIME_REPS"); do
             for proto in tls12 tls13; do
                 for mode in reuse new; do
+                    # -new (full handshakes, a reference row) in the first STIME_NEW_REPS only
+                    [ "$mode" = new ] && [ "$rep" -gt "$STIME_NEW_REPS" ] && continue
                     secs=$STIME_S; [ "$mode" = new ] && secs=$STIME_NEW_S
                     # shellcheck disable=SC2086
                     for variant in $(rotate "$((rep - 1))" $STIME_VARIANTS); do
@@ -408,7 +411,7 @@ log "report (wall so far ${WALL}s)"
 mkdir -p bench/results
 python3 bench/report.py --raw "$RAW" --out bench/results/latest \
     --meta "commit=$GIT_COMMIT" --meta "kernel=$KERNEL" --meta "openssl=$OSSL" --meta "nproc=$NPROC" \
-    --meta "cpu=$CPU" --meta "nginx=$NGINX_VERSION" --meta "reps=$REPS" --meta "reps_minor=$REPS_MINOR" --meta "stime_reps=$STIME_REPS" --meta "clients=$CLIENTS" --meta "threads=$THREADS" \
+    --meta "cpu=$CPU" --meta "nginx=$NGINX_VERSION" --meta "reps=$REPS" --meta "reps_minor=$REPS_MINOR" --meta "stime_reps=$STIME_REPS" --meta "stime_new_reps=$STIME_NEW_REPS" --meta "clients=$CLIENTS" --meta "threads=$THREADS" \
     --meta "quick=$QUICK" --meta "with_nginx=$WITH_NGINX" --meta "resume_ms=$RESUME_MS" \
     --meta "full_ms=$FULL_MS" --meta "warmup_ms=$WARMUP_MS" --meta "s_time_s=$STIME_S" \
     --meta "s_time_new_s=$STIME_NEW_S" --meta "channel_args=${CHANNEL_ARGS[*]}" \
