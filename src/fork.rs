@@ -41,11 +41,11 @@ thread_local! {
     static GATE_HELD: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Held by the cache thread while it works (never while it sleeps in `epoll_wait`) and by a forking
-/// thread from `prepare` to `parent`. So a fork never snapshots the cache thread in the middle
-/// of an allocation: with an allocator that does not make itself fork-safe (AddressSanitizer's,
-/// for one) a child could otherwise inherit the allocator's lock held forever. A plain pthread
-/// mutex: the child never touches it.
+/// Held by the cache thread while it works (never while it sleeps in `epoll_wait`) and by a
+/// forking thread from `prepare` to `parent`. So a fork never snapshots the cache thread in the
+/// middle of an allocation: with an allocator that does not make itself fork-safe
+/// (AddressSanitizer's, for one) a child could otherwise inherit the allocator's lock held
+/// forever. A plain pthread mutex: the child never touches it.
 struct ForkGate(UnsafeCell<libc::pthread_mutex_t>);
 
 /// SAFETY: the mutex is only used through pthread_mutex_lock/unlock, which synchronise.

@@ -1,9 +1,9 @@
 //! The master's side: the cache thread and its event loop.
 //!
 //! One thread serves every worker channel from a single `epoll(7)` loop (level-triggered;
-//! each channel is registered once, so a wake-up costs the same with 2 workers or 64). All sockets are
-//! non-blocking: a worker that stops reading loses its replies (counted), it never stalls the
-//! loop; a worker that dies gives EOF and its fd is closed and forgotten.
+//! each channel is registered once, so a wake-up costs the same with 2 workers or 64). All
+//! sockets are non-blocking: a worker that stops reading loses its replies (counted), it
+//! never stalls the loop; a worker that dies gives EOF and its fd is closed and forgotten.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
@@ -59,8 +59,9 @@ struct Conn {
     /// `flush_due` at the end of every round.
     watch_out: bool,
     /// An upper bound on the bytes the worker has not read yet (what SIOCOUTQ would say):
-    /// measured, then raised by every frame sent since, at more than the kernel charges for it
-    /// (`datagram_charge`; the worker's reads only lower the real figure). While it leaves room, a push needs no measurement (see `room_for`).
+    /// measured, then raised by every frame sent since, at no less than the kernel charges
+    /// for it (`datagram_charge`; the worker's reads only lower the real figure). While it
+    /// leaves room, a push needs no measurement (see `room_for`).
     unread_bound: usize,
 }
 
@@ -878,18 +879,17 @@ impl Master {
             let fits = c.room_for(out.len());
             let sent = fits && send_nonblocking(c.raw(), out);
             let len = out.len();
-            if sent {
-                c.note_sent(len);
-            }
             wipe(&mut out[..len]);
             out.clear();
             if sent {
+                c.note_sent(len);
                 c.last_was_flush = false;
             } else {
                 self.sync_drops.fetch_add(1, Relaxed);
                 // An unread Flush still ahead of everything the worker has not read covers
-                // this loss too.
-                if !(c.last_was_flush && unread_bytes(c.raw()) > 0) {
+                // this loss too. (When the bound refused, `room_for` has just measured it.)
+                let unread = if fits { unread_bytes(c.raw()) } else { c.unread_bound };
+                if !(c.last_was_flush && unread > 0) {
                     c.flush_due = true;
                     self.send_flush(c, out);
                 }

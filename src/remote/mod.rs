@@ -252,7 +252,6 @@ impl std::fmt::Debug for Tier {
     }
 }
 
-/// Hex of bytes, lower case.
 /// The certificates a rediss:// server is verified against, as PEM: the system's trust store,
 /// or `SSL_CERT_FILE` / `SSL_CERT_DIR` when set (as OpenSSL reads them). Read once, at setup:
 /// left to itself the client crate reads the whole store again for every connection (~40 ms
@@ -281,6 +280,7 @@ fn trust_roots() -> Vec<u8> {
     pem
 }
 
+/// Hex of bytes, lower case.
 fn hex_into(out: &mut Vec<u8>, bytes: &[u8]) {
     const H: &[u8; 16] = b"0123456789abcdef";
     for b in bytes {
