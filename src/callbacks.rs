@@ -388,7 +388,7 @@ unsafe fn lookup_session(
                 let mut cache = m.cache();
                 let found = cache.get(&state.namespace, id, master::now_secs()).map(|d| {
                     let mut b = SecretBuf::with_capacity(d.len());
-                    b.vec().extend_from_slice(d);
+                    b.extend_from_slice(d);
                     b
                 });
                 drop(cache);
@@ -506,6 +506,15 @@ fn local_keys() -> &'static LocalKeys {
     }
 }
 
+/// The fetcher's role (`KeyState::fetching`), given back when dropped.
+struct Fetching<'a>(&'a LocalKeys);
+
+impl Drop for Fetching<'_> {
+    fn drop(&mut self) {
+        self.0.lock().fetching = false;
+    }
+}
+
 impl LocalKeys {
     fn lock(&self) -> std::sync::MutexGuard<'_, KeyState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -521,11 +530,13 @@ impl LocalKeys {
             }
             st.fetching = true;
         }
+        // Clears `fetching` however this ends (a panic included), so fetches never stop.
+        let _fetching = Fetching(self);
         let payload = match backend() {
             Some(Backend::InProcess(m)) => {
                 let mut b = SecretBuf::default();
                 let mut raw = m.ticket_keys();
-                b.vec().extend_from_slice(&raw);
+                b.extend_from_slice(&raw);
                 crate::wipe::wipe(&mut raw);
                 Some(b)
             }
@@ -533,8 +544,8 @@ impl LocalKeys {
             None => None,
         };
         let fetched = payload.as_deref().and_then(crate::tickets::KeySet::decode);
+        // (`_fetching` is dropped after `st`, so it takes the lock once this one is released.)
         let mut st = self.lock();
-        st.fetching = false;
         match fetched {
             Some(keys) => {
                 bump(&WORKER.ticket_key_fetches);

@@ -247,6 +247,25 @@ fn mono_ms() -> u64 {
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
 
+/// The reader's role (`Waiters::reader`), taken by the thread that reads the socket for
+/// all. Dropping it gives the role back and wakes the sleepers, also when a panic unwinds
+/// through the read, so the channel never stays with a reader that is gone.
+struct ReaderRole<'a>(&'a Channel);
+
+impl Drop for ReaderRole<'_> {
+    fn drop(&mut self) {
+        let mut w = self.0.lock();
+        w.reader = false;
+        // Only a thread asleep on `cond` (for its reply, or to become the reader) needs the
+        // wake-up; without one, skip it (a futex system call per lookup).
+        let waiting = w.sleepers > 0;
+        drop(w);
+        if waiting {
+            self.0.cond.notify_all();
+        }
+    }
+}
+
 impl Channel {
     fn new(fd: RawFd, pid: i32) -> Channel {
         Channel {
@@ -418,7 +437,7 @@ impl Channel {
             if let Some(der) = r.cache.get(namespace, id, now) {
                 bump(&WORKER.replica_hits);
                 let mut b = SecretBuf::with_capacity(der.len());
-                b.vec().extend_from_slice(der);
+                b.extend_from_slice(der);
                 return Some(b);
             }
         }
@@ -578,12 +597,11 @@ impl Channel {
             if !w.reader {
                 w.reader = true;
                 drop(w);
-                self.read_replies(deadline - now);
-                w = self.lock();
-                w.reader = false;
-                if w.sleepers > 0 {
-                    self.cond.notify_all();
+                {
+                    let _role = ReaderRole(self);
+                    self.read_replies(deadline - now);
                 }
+                w = self.lock();
             } else {
                 w.sleepers += 1;
                 w = self.cond.wait_timeout(w, deadline - now).map(|r| r.0).unwrap_or_else(|e| e.into_inner().0);
@@ -602,16 +620,8 @@ impl Channel {
             }
             w.reader = true;
         }
+        let _role = ReaderRole(self);
         self.recv_available(false);
-        let mut w = self.lock();
-        w.reader = false;
-        // Only a thread asleep on `cond` (for its reply, or to become the reader) needs the
-        // wake-up; without one, skip it (a futex system call per lookup).
-        let waiting = w.sleepers > 0;
-        drop(w);
-        if waiting {
-            self.cond.notify_all();
-        }
     }
 
     /// Wait up to `wait` for the socket to be readable, then file every reply there is.
@@ -716,13 +726,13 @@ impl Channel {
                 // the master pushed after this reply is applied after it, never before.
                 self.replica_put(msg.namespace, msg.id, msg.payload, msg.expiry);
                 let mut b = SecretBuf::with_capacity(msg.payload.len());
-                b.vec().extend_from_slice(msg.payload);
+                b.extend_from_slice(msg.payload);
                 Reply::Hit(b)
             }
             Op::Miss => Reply::Miss,
             Op::TicketKeysReply => {
                 let mut b = SecretBuf::with_capacity(msg.payload.len());
-                b.vec().extend_from_slice(msg.payload);
+                b.extend_from_slice(msg.payload);
                 Reply::TicketKeys(b)
             }
             Op::StatsReply => match MasterStats::decode(msg.payload) {

@@ -17,7 +17,7 @@ use crate::handler::{handle_frame, Handled};
 use crate::protocol::{self, Op, MAX_FRAME_LEN};
 use crate::stats::MasterStats;
 use crate::tickets::KeySchedule;
-use crate::wipe::wipe;
+use crate::wipe::{wipe, SecretBuf};
 use crate::Error;
 
 /// Messages read from one worker before the loop moves on to the next (fairness).
@@ -38,14 +38,34 @@ impl Scratch {
     fn new() -> Scratch {
         Scratch { buf: vec![0u8; MAX_FRAME_LEN + 1], out: Vec::with_capacity(MAX_FRAME_LEN), deferred: Vec::new() }
     }
+
+    /// Wipe every byte the buffers hold or held (after a round was abandoned half way).
+    fn wipe_all(&mut self) {
+        wipe(&mut self.buf);
+        let cap = self.out.capacity();
+        self.out.clear();
+        self.out.resize(cap, 0);
+        wipe(&mut self.out);
+        self.out.clear();
+        self.deferred.clear();
+    }
+}
+
+/// What the cache thread keeps from one round of its loop to the next.
+struct LoopState {
+    conns: Vec<Conn>,
+    main: Scratch,
+    spare: Scratch,
+    /// The second of the last sweep.
+    last_sweep: u64,
 }
 
 /// One worker's channel as the loop sees it.
 struct Conn {
     fd: OwnedFd,
     /// Records (PUT and DEL frames other workers sent) waiting to go to this worker's
-    /// replica as one `Op::Sync` frame; wiped once sent or dropped.
-    sync: Vec<u8>,
+    /// replica as one `Op::Sync` frame; wiped once sent or dropped (and when it grows).
+    sync: SecretBuf,
     /// Pushes to this worker were lost: it must drop its replica (`Op::Flush`) before it may
     /// trust pushes again.
     flush_due: bool,
@@ -111,7 +131,7 @@ impl Conn {
         let sync_room = if rc == 0 && sndbuf > 0 { sndbuf as usize / 2 } else { 64 << 10 };
         Conn {
             fd,
-            sync: Vec::new(),
+            sync: SecretBuf::default(),
             flush_due: false,
             last_was_flush: false,
             sync_room,
@@ -143,15 +163,7 @@ impl Conn {
 
     /// Wipe and empty the queued replica updates (sent or lost).
     fn drop_sync(&mut self) {
-        let len = self.sync.len();
-        wipe(&mut self.sync[..len]);
         self.sync.clear();
-    }
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        wipe(&mut self.sync);
     }
 }
 
@@ -199,14 +211,18 @@ pub struct Master {
 #[derive(Default)]
 struct LocalSync {
     /// PUT and DEL frames, wiped when pushed or dropped.
-    frames: Vec<crate::wipe::SecretBuf>,
-    /// More than `LOCAL_SYNC_MAX` piled up (the cache thread is stalled) and some were lost:
-    /// every worker must drop its replica.
+    frames: Vec<SecretBuf>,
+    /// Their bytes.
+    bytes: usize,
+    /// More than `LOCAL_SYNC_MAX` frames or `LOCAL_SYNC_MAX_BYTES` piled up (the cache thread
+    /// is stalled) and some were lost: every worker must drop its replica.
     lost: bool,
 }
 
 /// Frames `local_sync` holds at most.
 const LOCAL_SYNC_MAX: usize = 4096;
+/// Bytes of frames `local_sync` holds at most (sessions may be up to 64 KiB each).
+const LOCAL_SYNC_MAX_BYTES: usize = 1 << 20;
 
 /// Operator-managed ticket keys, reloaded when the file changes.
 struct FileKeys {
@@ -478,10 +494,11 @@ impl Master {
         if self.config.replica_bytes == 0 || self.workers.load(SeqCst) == 0 {
             return;
         }
-        let mut frame = crate::wipe::SecretBuf::with_capacity(protocol::frame_len(namespace, id, der.len()));
+        let mut frame = SecretBuf::with_capacity(protocol::frame_len(namespace, id, der.len()));
         protocol::encode(frame.vec(), op, 0, expiry, namespace, id, der);
         let mut q = self.local_sync.lock().unwrap_or_else(|e| e.into_inner());
-        if q.frames.len() < LOCAL_SYNC_MAX {
+        if q.frames.len() < LOCAL_SYNC_MAX && q.bytes + frame.len() <= LOCAL_SYNC_MAX_BYTES {
+            q.bytes += frame.len();
             q.frames.push(frame);
         } else {
             q.lost = true;
@@ -607,11 +624,9 @@ impl Master {
         fork::gate_lock();
         let ep = self.epoll.as_raw_fd();
         let wake = self.wake.as_raw_fd();
-        let mut conns: Vec<Conn> = Vec::new();
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_MAX];
-        let mut main = Scratch::new();
-        let mut spare = Scratch::new();
-        let mut last_sweep = now_secs();
+        let mut st =
+            LoopState { conns: Vec::new(), main: Scratch::new(), spare: Scratch::new(), last_sweep: now_secs() };
         let _ = started.send(());
         drop(started);
         loop {
@@ -627,59 +642,79 @@ impl Master {
                 continue;
             }
             let ready = &events[..n as usize];
-            // New channels first, so a worker's first frames are served after it is counted.
-            if ready.iter().any(|ev| ev.u64 == wake as u64) {
-                self.drain_wake();
-                let mut incoming = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
-                for fd in incoming.drain(..) {
-                    if !epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd.as_raw_fd(), false) {
-                        // Cannot watch it: closing it gives the worker EOF (its lookups miss).
-                        fork::untrack_master_fd(fd.as_raw_fd());
-                        continue;
-                    }
-                    if let Some(r) = &self.remote {
-                        r.conn_opened(fd.as_raw_fd());
-                    }
-                    conns.push(Conn::new(fd));
-                }
-                drop(incoming);
-                // Counted before any of their frames is served (see `push_local`).
-                self.workers.store(conns.len() as u64, SeqCst);
-                self.answer_remote(&mut conns, &mut main.out);
-                self.push_local_sync(&mut conns, &mut main.out);
-            }
-            for ev in ready.iter().filter(|ev| ev.u64 != wake as u64) {
-                // Readable, hung up, broken or (owing a Flush) writable: `serve` reads what is
-                // there and tells whether the channel lives on (EOF and hard errors end it).
-                let Some(i) = conns.iter().position(|c| c.raw() as u64 == ev.u64) else { continue };
-                if !self.serve(i, &mut conns, &mut main, Some(&mut spare)) {
-                    let conn = conns.swap_remove(i);
-                    // Out of the set before the close: a copy of the descriptor still open
-                    // elsewhere (a child mid-fork) would otherwise keep reporting it.
-                    epoll_ctl(ep, libc::EPOLL_CTL_DEL, conn.raw(), false);
-                    if let Some(r) = &self.remote {
-                        r.conn_closed(conn.raw());
-                    }
-                    fork::untrack_master_fd(conn.raw());
-                    drop(conn);
+            let round = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.round(ep, wake, ready, &mut st)));
+            if round.is_err() {
+                // A bug in the loop must not end the cache thread (which would hold the fork
+                // gate forever) nor leave a secret behind: wipe the scratch buffers, and since
+                // pushes may have been lost half way, have every worker drop its replica.
+                self.bad_frames.fetch_add(1, Relaxed);
+                st.main.wipe_all();
+                st.spare.wipe_all();
+                for c in st.conns.iter_mut() {
+                    c.drop_sync();
+                    c.flush_due = true;
+                    self.sync_drops.fetch_add(1, Relaxed);
                 }
             }
-            for c in conns.iter_mut() {
-                self.flush_sync(c, &mut main.out);
-                // A worker that owes a Flush is watched for room to send it.
-                if c.watch_out != c.flush_due && epoll_ctl(ep, libc::EPOLL_CTL_MOD, c.raw(), c.flush_due) {
-                    c.watch_out = c.flush_due;
+        }
+    }
+
+    /// One round of the loop: what `epoll_wait` reported as `ready`, then the pushes owed,
+    /// then the once-a-second sweep.
+    fn round(&self, ep: RawFd, wake: RawFd, ready: &[libc::epoll_event], st: &mut LoopState) {
+        let LoopState { conns, main, spare, last_sweep } = st;
+        // New channels first, so a worker's first frames are served after it is counted.
+        if ready.iter().any(|ev| ev.u64 == wake as u64) {
+            self.drain_wake();
+            let mut incoming = self.incoming.lock().unwrap_or_else(|e| e.into_inner());
+            for fd in incoming.drain(..) {
+                if !epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd.as_raw_fd(), false) {
+                    // Cannot watch it: closing it gives the worker EOF (its lookups miss).
+                    fork::untrack_master_fd(fd.as_raw_fd());
+                    continue;
                 }
+                if let Some(r) = &self.remote {
+                    r.conn_opened(fd.as_raw_fd());
+                }
+                conns.push(Conn::new(fd));
             }
-            self.workers.store(conns.len() as u64, Relaxed);
-            let now = now_secs();
-            if now != last_sweep {
-                last_sweep = now;
-                self.cache().sweep(now);
-                // Rotate on time (and wipe retired keys) even when nobody asks.
-                let mut retired = self.ticket_keys();
-                wipe(&mut retired);
+            drop(incoming);
+            // Counted before any of their frames is served (see `push_local`).
+            self.workers.store(conns.len() as u64, SeqCst);
+            self.answer_remote(conns, &mut main.out);
+            self.push_local_sync(conns, &mut main.out);
+        }
+        for ev in ready.iter().filter(|ev| ev.u64 != wake as u64) {
+            // Readable, hung up, broken or (owing a Flush) writable: `serve` reads what is
+            // there and tells whether the channel lives on (EOF and hard errors end it).
+            let Some(i) = conns.iter().position(|c| c.raw() as u64 == ev.u64) else { continue };
+            if !self.serve(i, conns, main, Some(spare)) {
+                let conn = conns.swap_remove(i);
+                // Out of the set before the close: a copy of the descriptor still open
+                // elsewhere (a child mid-fork) would otherwise keep reporting it.
+                epoll_ctl(ep, libc::EPOLL_CTL_DEL, conn.raw(), false);
+                if let Some(r) = &self.remote {
+                    r.conn_closed(conn.raw());
+                }
+                fork::untrack_master_fd(conn.raw());
+                drop(conn);
             }
+        }
+        for c in conns.iter_mut() {
+            self.flush_sync(c, &mut main.out);
+            // A worker that owes a Flush is watched for room to send it.
+            if c.watch_out != c.flush_due && epoll_ctl(ep, libc::EPOLL_CTL_MOD, c.raw(), c.flush_due) {
+                c.watch_out = c.flush_due;
+            }
+        }
+        self.workers.store(conns.len() as u64, Relaxed);
+        let now = now_secs();
+        if now != *last_sweep {
+            *last_sweep = now;
+            self.cache().sweep(now);
+            // Rotate on time (and wipe retired keys) even when nobody asks.
+            let mut retired = self.ticket_keys();
+            wipe(&mut retired);
         }
     }
 
@@ -688,7 +723,7 @@ impl Master {
     /// Miss with its own request id, if its channel is still the one that asked.
     fn answer_remote(&self, conns: &mut [Conn], out: &mut Vec<u8>) {
         let Some(r) = &self.remote else { return };
-        let mut frame = crate::wipe::SecretBuf::with_capacity(0);
+        let mut frame = SecretBuf::with_capacity(0);
         for reply in r.take_replies() {
             let open = r.still_open(&reply);
             let asker = conns.iter().position(|c| open && c.raw() == reply.fd).unwrap_or(usize::MAX);
@@ -796,6 +831,12 @@ impl Master {
     fn handle_guarded(&self, idx: usize, conns: &mut [Conn], frame: &[u8], out: &mut Vec<u8>) {
         let fd = conns[idx].raw();
         let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(fd, frame, out)));
+        if handled.is_err() {
+            // `out` may hold a reply built half way (a session's DER), never sent.
+            let len = out.len();
+            wipe(&mut out[..len]);
+            out.clear();
+        }
         if !out.is_empty() {
             // `handle` sent what `out` holds (wiped, length kept).
             conns[idx].note_sent(out.len());
@@ -843,12 +884,14 @@ impl Master {
             if j == from && is_put {
                 continue;
             }
-            if !protocol::push_sync_record(&mut c.sync, frame) {
+            let need = 2 + frame.len();
+            if c.sync.len() + need > protocol::MAX_PAYLOAD_LEN {
                 // Full batch: send it now and start another.
                 self.flush_sync(c, out);
-                if !protocol::push_sync_record(&mut c.sync, frame) {
-                    continue;
-                }
+            }
+            c.sync.reserve(need);
+            if !protocol::push_sync_record(c.sync.vec(), frame) {
+                continue;
             }
             if let Some(expiry) = capped {
                 let at = c.sync.len() - frame.len() + protocol::EXPIRY_OFFSET;

@@ -11,7 +11,7 @@
 //! ticket key callback (`callbacks::ticket_key_cb`) reads the local copy, and asks the master
 //! again only once per half rotation. Keys are wiped when dropped and never logged.
 
-use crate::wipe::wipe;
+use crate::wipe::{reserve_wiped, wipe, wipe_spare, SecretBuf};
 
 /// Bytes of one key on the wire: name, AES key (32, of which `aes_len` used), HMAC key (32,
 /// of which `hmac_len` used), three times, the two lengths.
@@ -180,6 +180,8 @@ impl KeySchedule {
             return;
         }
         // `encrypting` takes the first key whose window holds `now`: agreed keys first.
+        // (Key material is wiped wherever moves leave a copy: see `wipe_spare`.)
+        reserve_wiped(&mut self.set.keys, 1);
         self.set.keys.insert(0, key);
     }
 
@@ -187,15 +189,18 @@ impl KeySchedule {
     /// past its decrypt window (dropped keys are wiped).
     pub fn refresh(&mut self, now: u64, mut random: impl FnMut(&mut [u8])) {
         self.set.keys.retain(|k| now < k.decrypt_until);
+        wipe_spare(&mut self.set.keys);
         let current =
             |set: &KeySet| set.keys.iter().find(|k| k.encrypt_from <= now && now < k.encrypt_until).map(|k| k.name);
         if current(&self.set).is_none() {
             let key = self.make(now, &mut random);
+            reserve_wiped(&mut self.set.keys, 1);
             self.set.keys.push(key);
         }
         let newest_until = self.set.keys.iter().map(|k| k.encrypt_until).max().unwrap_or(now);
         if newest_until <= now + self.rotation {
             let key = self.make(newest_until, &mut random);
+            reserve_wiped(&mut self.set.keys, 1);
             self.set.keys.push(key);
         }
         let now_current = current(&self.set);
@@ -213,21 +218,34 @@ impl KeySchedule {
 /// all of them open tickets. The keys are stamped current at `now`; `window` is how long the
 /// copies handed to workers stay current before they ask again.
 pub fn parse_key_file(bytes: &[u8], now: u64, window: u64) -> Result<KeySet, String> {
-    let raw_keys: Vec<Vec<u8>> = if bytes.len() == 48 || bytes.len() == 80 {
-        vec![bytes.to_vec()]
+    // Every decoded key is wiped when dropped, on the error paths too.
+    let secret = |b: &[u8]| {
+        let mut s = SecretBuf::with_capacity(b.len());
+        s.extend_from_slice(b);
+        s
+    };
+    let raw_keys: Vec<SecretBuf> = if bytes.len() == 48 || bytes.len() == 80 {
+        vec![secret(bytes)]
     } else {
         let text = std::str::from_utf8(bytes).map_err(|_| "neither 48/80 raw bytes nor base64 lines".to_string())?;
         text.lines()
             .map(str::trim)
             .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(|l| openssl::base64::decode_block(l).map_err(|_| "a line is not base64".to_string()))
+            .map(|l| match openssl::base64::decode_block(l) {
+                Ok(mut raw) => {
+                    let s = secret(&raw);
+                    wipe(&mut raw);
+                    Ok(s)
+                }
+                Err(_) => Err("a line is not base64".to_string()),
+            })
             .collect::<Result<_, _>>()?
     };
     if raw_keys.is_empty() {
         return Err("no key in the file".into());
     }
     let mut keys = Vec::with_capacity(raw_keys.len());
-    for (i, mut raw) in raw_keys.into_iter().enumerate() {
+    for (i, raw) in raw_keys.iter().enumerate() {
         let mut k = TicketKey {
             name: [0; 16],
             aes: [0; 32],
@@ -251,12 +269,8 @@ pub fn parse_key_file(bytes: &[u8], now: u64, window: u64) -> Result<KeySet, Str
                 k.aes.copy_from_slice(&raw[48..80]);
                 (k.aes_len, k.hmac_len) = (32, 32);
             }
-            n => {
-                wipe(&mut raw);
-                return Err(format!("key {} is {n} bytes (48 or 80 expected)", i + 1));
-            }
+            n => return Err(format!("key {} is {n} bytes (48 or 80 expected)", i + 1)),
         }
-        wipe(&mut raw);
         keys.push(k);
     }
     Ok(KeySet { keys })

@@ -12,6 +12,40 @@ pub fn wipe(buf: &mut [u8]) {
     compiler_fence(Ordering::SeqCst);
 }
 
+/// Overwrite `len` bytes at `p` with zeros, as `wipe` does, for memory that may hold no
+/// live value (a `Vec`'s spare capacity).
+///
+/// # Safety
+/// `p` must be valid for writes of `len` bytes.
+unsafe fn wipe_raw(p: *mut u8, len: usize) {
+    for i in 0..len {
+        // SAFETY: the caller vouches for `len` writable bytes at `p`.
+        unsafe { std::ptr::write_volatile(p.add(i), 0) };
+    }
+    compiler_fence(Ordering::SeqCst);
+}
+
+/// Wipe the spare capacity of `v`: the bit copies that moving values within it (`retain`,
+/// `remove`, `insert`) leaves behind past its length. For a `Vec` of values holding secrets.
+pub fn wipe_spare<T>(v: &mut Vec<T>) {
+    let spare = v.spare_capacity_mut();
+    // SAFETY: the spare capacity is allocated and owned by `v`, and holds no live value.
+    unsafe { wipe_raw(spare.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(spare)) };
+}
+
+/// Make room in `v` for `additional` more values. A `Vec` that grows frees its old
+/// allocation as it is; here the values move to a new one and the old one is wiped first.
+pub fn reserve_wiped<T>(v: &mut Vec<T>, additional: usize) {
+    if v.capacity() - v.len() >= additional {
+        return;
+    }
+    let mut grown = Vec::with_capacity(v.len().saturating_add(additional).max(v.capacity().saturating_mul(2)));
+    grown.append(v);
+    // `v` is empty now: its whole allocation is spare.
+    wipe_spare(v);
+    *v = grown;
+}
+
 /// A `Vec<u8>` that is wiped (its whole capacity) when dropped or cleared.
 #[derive(Default)]
 pub struct SecretBuf(Vec<u8>);
@@ -27,6 +61,25 @@ impl SecretBuf {
         &mut self.0
     }
 
+    /// Make room for `additional` more bytes. A `Vec` that grows frees its old allocation
+    /// as it is; here the contents move to a new one and the old one is wiped first. Append
+    /// secrets through this (or `extend_from_slice`), or into a buffer sized beforehand.
+    pub fn reserve(&mut self, additional: usize) {
+        if self.0.capacity() - self.0.len() >= additional {
+            return;
+        }
+        let want = self.0.len().saturating_add(additional).max(self.0.capacity().saturating_mul(2));
+        let mut grown = Vec::with_capacity(want);
+        grown.extend_from_slice(&self.0);
+        drop(SecretBuf(std::mem::replace(&mut self.0, grown)));
+    }
+
+    /// Append `bytes`, growing as `reserve` does.
+    pub fn extend_from_slice(&mut self, bytes: &[u8]) {
+        self.reserve(bytes.len());
+        self.0.extend_from_slice(bytes);
+    }
+
     /// Wipe the contents and set the length to zero; the capacity is kept.
     pub fn clear(&mut self) {
         let len = self.0.len();
@@ -39,6 +92,12 @@ impl std::ops::Deref for SecretBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         &self.0
+    }
+}
+
+impl std::ops::DerefMut for SecretBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.0
     }
 }
 
@@ -65,6 +124,43 @@ mod tests {
         let mut v = vec![0xA5u8; 300];
         wipe(&mut v);
         assert!(v.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn secret_buf_growth_keeps_the_contents() {
+        let mut s = SecretBuf::with_capacity(4);
+        for i in 0..100u8 {
+            s.extend_from_slice(&[i, i]);
+        }
+        assert_eq!(s.len(), 200);
+        assert!(s.chunks(2).enumerate().all(|(i, c)| c == [i as u8, i as u8]));
+        let cap = s.vec().capacity();
+        s.reserve(cap - s.len());
+        assert_eq!(s.vec().capacity(), cap, "room enough: no new allocation");
+    }
+
+    #[test]
+    fn wipe_spare_zeroes_what_moves_leave_behind() {
+        let mut v: Vec<[u8; 8]> = Vec::with_capacity(4);
+        v.extend([[1; 8], [2; 8], [3; 8]]);
+        v.remove(0);
+        let p = v.as_ptr();
+        wipe_spare(&mut v);
+        assert_eq!(v, [[2; 8], [3; 8]]);
+        // SAFETY: the capacity (4 values) is still allocated; slot 2 was initialised above
+        // (the bit copy `remove` left behind) and slot 3 is what wipe_spare just zeroed.
+        let left = unsafe { std::slice::from_raw_parts(p.add(2).cast::<u8>(), 16) };
+        assert!(left.iter().all(|&b| b == 0), "{left:?}");
+    }
+
+    #[test]
+    fn reserve_wiped_keeps_the_values() {
+        let mut v: Vec<u32> = Vec::new();
+        for i in 0..100 {
+            reserve_wiped(&mut v, 1);
+            v.push(i);
+        }
+        assert!(v.iter().copied().eq(0..100));
     }
 
     #[test]

@@ -20,7 +20,7 @@
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use ring::rand::{SecureRandom, SystemRandom};
 
-use crate::wipe::{wipe, SecretBuf};
+use crate::wipe::{reserve_wiped, wipe, SecretBuf};
 
 /// Format version of a sealed value.
 const SEAL_VERSION: u8 = 1;
@@ -95,7 +95,12 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
+    // Sized up front: the bytes are key material, and a growing Vec frees old copies unwiped.
+    let mut out = Vec::with_capacity(s.len() / 2);
+    for i in (0..s.len()).step_by(2) {
+        out.push(u8::from_str_radix(&s[i..i + 2], 16).ok()?);
+    }
+    Some(out)
 }
 
 impl Sealer {
@@ -122,6 +127,7 @@ impl Sealer {
             let mut digest = openssl::sha::sha256(&k.key);
             k.id.copy_from_slice(&digest[..KEY_ID_LEN]);
             wipe(&mut digest);
+            reserve_wiped(&mut keys, 1);
             keys.push(k);
         }
         if keys.is_empty() {
@@ -177,8 +183,8 @@ impl Sealer {
         let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
         // Decrypted in place, inside a buffer that is wiped on drop; the tag follows the body.
         let mut plain = SecretBuf::with_capacity(body.len() + TAG_LEN);
-        plain.vec().extend_from_slice(body);
-        plain.vec().extend_from_slice(tag);
+        plain.extend_from_slice(body);
+        plain.extend_from_slice(tag);
         let n = with_aead_key(&k.key, |key| {
             key.open_in_place(nonce, Aad::from(aad), &mut plain.vec()[..]).map(|p| p.len())
         })
