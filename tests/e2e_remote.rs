@@ -179,6 +179,53 @@ fn a_tampered_value_is_a_miss_and_counted() {
     assert!(sb["remote_open_failures"] >= 1, "counted: {sb:?}");
 }
 
+/// Wait (at most 5 s) until redis holds `key` (`present`) or no longer does; its value.
+fn wait_for_key(redis: &Redis, key: &str, present: bool) -> Option<Vec<u8>> {
+    let mut con = redis.con();
+    let start = Instant::now();
+    loop {
+        let value: Option<Vec<u8>> = redis::cmd("GET").arg(key).query(&mut con).expect("GET");
+        if value.is_some() == present || start.elapsed() > Duration::from_secs(5) {
+            return value;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_removed_session_does_not_come_back_from_redis() {
+    let redis = Redis::start();
+    let args = ["--workers", "2", "--tls12", "--no-tickets"];
+    let a = host(&redis, &args);
+    let mut c = Client::new(true);
+    c.request(a.addr(), "/").expect("full handshake");
+    let saved = c.session.clone();
+    let id_hex: String = saved.as_ref().expect("session").id().iter().map(|b| format!("{b:02x}")).collect();
+    let key = format!("cts::{id_hex}");
+    let value = wait_for_key(&redis, &key, true).expect("the session reached redis");
+
+    // A connection freed without a shutdown makes OpenSSL remove its session: on the host,
+    // in every replica, and in redis.
+    c.session = saved.clone();
+    assert!(c.request(a.addr(), "/forget").expect("forget").reused);
+    assert!(wait_for_key(&redis, &key, false).is_none(), "the removal reached redis");
+
+    // Redis returns the value again, as it does while the DEL is still queued behind other
+    // writes, or after it was skipped: the host must not take it back.
+    let mut con = redis.con();
+    let _: () = redis::cmd("SET").arg(&key).arg(&value).query(&mut con).expect("SET");
+    let mut on = std::collections::HashSet::new();
+    for i in 0..10 {
+        c.session = saved.clone();
+        let o = c.request(a.addr(), "/").unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        assert!(!o.reused, "connection {i}: a removed session came back from redis (worker {})", o.pid);
+        on.insert(o.pid);
+    }
+    let st = a.stats();
+    eprintln!("after the removal: 10/10 full handshakes on {} worker(s); {st:?}", on.len());
+    assert!(st["remote_misses"] >= 1, "the lookups did reach redis: {st:?}");
+}
+
 /// The master answers a forwarded lookup itself after half the worker's deadline, so a
 /// worker times out only when the machine does not run the master for the other half (5 ms
 /// here; this machine is shared and runs the other tests at the same time). Without the

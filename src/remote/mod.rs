@@ -224,6 +224,60 @@ impl Breaker {
     }
 }
 
+/// How long a removal is remembered: a value Redis still returns for a key removed this
+/// recently is not brought back (the DEL may still be queued behind other writes, or be in
+/// flight while a lookup of the same key reads the old value).
+const REMOVED_WINDOW: Duration = Duration::from_secs(30);
+/// Removals remembered at most; past that every remote hit is refused for a window.
+const REMOVED_MAX: usize = 16 * 1024;
+
+/// Keys removed within `REMOVED_WINDOW` (used by the cache thread only).
+#[derive(Default)]
+struct Removed {
+    /// Oldest first: when each key was removed.
+    order: std::collections::VecDeque<(Instant, Vec<u8>)>,
+    /// Each key's latest removal.
+    latest: HashMap<Vec<u8>, Instant>,
+    /// More than `REMOVED_MAX` removals came within a window: until then, no remote hit is
+    /// trusted (a full handshake instead).
+    refuse_all_until: Option<Instant>,
+}
+
+impl Removed {
+    fn forget_old(&mut self, now: Instant) {
+        while let Some((at, _)) = self.order.front() {
+            if now.duration_since(*at) < REMOVED_WINDOW {
+                break;
+            }
+            if let Some((at, key)) = self.order.pop_front() {
+                if self.latest.get(&key) == Some(&at) {
+                    self.latest.remove(&key);
+                }
+            }
+        }
+        if self.refuse_all_until.is_some_and(|t| now >= t) {
+            self.refuse_all_until = None;
+        }
+    }
+
+    fn note(&mut self, key: Vec<u8>, now: Instant) {
+        self.forget_old(now);
+        if self.order.len() >= REMOVED_MAX {
+            self.order.clear();
+            self.latest.clear();
+            self.refuse_all_until = Some(now + REMOVED_WINDOW);
+            return;
+        }
+        self.latest.insert(key.clone(), now);
+        self.order.push_back((now, key));
+    }
+
+    fn lately(&mut self, key: &[u8], now: Instant) -> bool {
+        self.forget_old(now);
+        self.refuse_all_until.is_some() || self.latest.contains_key(key)
+    }
+}
+
 /// The remote tier, owned by the master.
 pub struct Tier {
     client: redis::Client,
@@ -238,6 +292,7 @@ pub struct Tier {
     receivers: Mutex<Option<(Receiver<GetJob>, Receiver<WriteJob>)>>,
     replies: Mutex<Vec<Reply>>,
     tokens: Mutex<HashMap<RawFd, u64>>,
+    removed: Mutex<Removed>,
     next_token: AtomicU64,
     counters: Counters,
     breaker: Breaker,
@@ -332,6 +387,7 @@ impl Tier {
             receivers: Mutex::new(Some((get_rx, put_rx))),
             replies: Mutex::new(Vec::new()),
             tokens: Mutex::new(HashMap::new()),
+            removed: Mutex::new(Removed::default()),
             next_token: AtomicU64::new(1),
             counters: Counters::default(),
             get_ready: AtomicBool::new(false),
@@ -491,12 +547,14 @@ impl Tier {
             return;
         }
         let mut buf = SecretBuf::with_capacity(der.len());
-        buf.vec().extend_from_slice(der);
+        buf.extend_from_slice(der);
         self.queue_write(WriteJob::Put { namespace: namespace.to_vec(), id: id.to_vec(), der: buf, expiry });
     }
 
-    /// Queue a removal.
+    /// Queue a removal, and remember it for `REMOVED_WINDOW` (see `take_replies`).
     pub fn del(&self, namespace: &[u8], id: &[u8]) {
+        let key = self.key(namespace, id);
+        self.removed.lock().unwrap_or_else(|e| e.into_inner()).note(key, Instant::now());
         self.queue_write(WriteJob::Del { namespace: namespace.to_vec(), id: id.to_vec() });
     }
 
@@ -513,9 +571,25 @@ impl Tier {
         }
     }
 
-    /// Take the answers ready for the cache thread.
+    /// Take the answers ready for the cache thread. A hit for a session removed here within
+    /// `REMOVED_WINDOW` becomes a miss: Redis returned it because the removal had not
+    /// reached it yet (or was skipped), and storing it again would make a removed session
+    /// resumable on every worker.
     pub fn take_replies(&self) -> Vec<Reply> {
-        std::mem::take(&mut *self.replies.lock().unwrap_or_else(|e| e.into_inner()))
+        let mut replies = std::mem::take(&mut *self.replies.lock().unwrap_or_else(|e| e.into_inner()));
+        if replies.iter().any(|r| r.found.is_some()) {
+            let now = Instant::now();
+            let mut removed = self.removed.lock().unwrap_or_else(|e| e.into_inner());
+            for r in replies.iter_mut().filter(|r| r.found.is_some()) {
+                if removed.lately(&self.key(&r.namespace, &r.id), now) {
+                    r.found = None;
+                    self.counters.hits.fetch_sub(1, Relaxed);
+                    self.counters.misses.fetch_add(1, Relaxed);
+                    crate::log::debug!("remote: a session removed here came back from redis; a miss");
+                }
+            }
+        }
+        replies
     }
 
     fn reply(&self, job: GetJob, found: Option<(u64, SecretBuf)>) {
@@ -542,7 +616,7 @@ impl Tier {
         }
         let expiry = u64::from_le_bytes(plain[..8].try_into().ok()?);
         let mut der = SecretBuf::with_capacity(plain.len() - 8);
-        der.vec().extend_from_slice(&plain[8..]);
+        der.extend_from_slice(&plain[8..]);
         Some((expiry, der))
     }
 
@@ -688,8 +762,8 @@ impl Tier {
                     let Some(ttl) = expiry.checked_sub(now).filter(|&t| t > 0) else { continue };
                     let key = self.key(namespace, id);
                     plain.clear();
-                    plain.vec().extend_from_slice(&expiry.to_le_bytes());
-                    plain.vec().extend_from_slice(der);
+                    plain.extend_from_slice(&expiry.to_le_bytes());
+                    plain.extend_from_slice(der);
                     value.clear();
                     if self.sealer.seal(&session_aad(&key), &plain, value).is_err() {
                         self.counters.errors.fetch_add(1, Relaxed);
@@ -731,6 +805,36 @@ fn session_aad(key: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn removals_are_remembered_for_the_window_then_forgotten() {
+        let t0 = Instant::now();
+        let mut r = Removed::default();
+        r.note(b"k1".to_vec(), t0);
+        r.note(b"k2".to_vec(), t0 + Duration::from_secs(10));
+        assert!(r.lately(b"k1", t0 + Duration::from_secs(1)));
+        assert!(!r.lately(b"k3", t0 + Duration::from_secs(1)));
+        // k1 leaves at 30 s, k2 at 40 s; a second removal of k1 renews it.
+        assert!(!r.lately(b"k1", t0 + REMOVED_WINDOW));
+        assert!(r.lately(b"k2", t0 + REMOVED_WINDOW));
+        r.note(b"k1".to_vec(), t0 + REMOVED_WINDOW);
+        assert!(r.lately(b"k1", t0 + REMOVED_WINDOW + Duration::from_secs(20)));
+        assert!(!r.lately(b"k2", t0 + REMOVED_WINDOW + Duration::from_secs(20)));
+        assert!(!r.lately(b"k1", t0 + 2 * REMOVED_WINDOW));
+        assert!(r.order.is_empty() && r.latest.is_empty(), "memory goes with the window");
+    }
+
+    #[test]
+    fn too_many_removals_refuse_every_hit_for_a_window_in_bounded_memory() {
+        let t0 = Instant::now();
+        let mut r = Removed::default();
+        for i in 0..=REMOVED_MAX {
+            r.note(i.to_le_bytes().to_vec(), t0);
+        }
+        assert!(r.order.len() <= REMOVED_MAX && r.latest.len() <= REMOVED_MAX);
+        assert!(r.lately(b"never removed", t0 + Duration::from_secs(1)), "every hit refused");
+        assert!(!r.lately(b"never removed", t0 + REMOVED_WINDOW), "until the window ends");
+    }
 
     #[test]
     fn state_numbers_match_the_c_constants() {
