@@ -148,30 +148,29 @@ fn rediss_with_a_password_is_shared_too() {
     assert!(redis.dump().iter().any(|(k, _)| k.starts_with(b"cts::")), "sessions are stored over TLS");
 }
 
+/// A TLS 1.2 session-id host, a client that made a full handshake there, and the session's
+/// redis key and sealed value once the asynchronous store has landed.
+fn session_in_redis(redis: &Redis) -> (Server, Client, String, Vec<u8>) {
+    let a = host(redis, &["--workers", "2", "--tls12", "--no-tickets"]);
+    let mut c = Client::new(true);
+    c.request(a.addr(), "/").expect("full handshake");
+    let id_hex: String = c.session.as_ref().expect("session").id().iter().map(|b| format!("{b:02x}")).collect();
+    let key = format!("cts::{id_hex}");
+    let value = wait_for_key(redis, &key, true).expect("the session reached redis");
+    (a, c, key, value)
+}
+
 #[test]
 fn a_tampered_value_is_a_miss_and_counted() {
     let redis = Redis::start();
-    let args = ["--workers", "2", "--tls12", "--no-tickets"];
-    let a = host(&redis, &args);
-    let mut c = Client::new(true);
-    c.request(a.addr(), "/").expect("full handshake");
+    let (_a, mut c, key, mut value) = session_in_redis(&redis);
     let saved = c.session.clone();
-    let id_hex: String = saved.as_ref().expect("session").id().iter().map(|b| format!("{b:02x}")).collect();
-    // Wait for the asynchronous store, then flip one byte of the ciphertext.
-    let key = format!("cts::{id_hex}");
-    let mut con = redis.con();
-    let start = Instant::now();
-    let mut value: Option<Vec<u8>> = None;
-    while value.is_none() && start.elapsed() < Duration::from_secs(5) {
-        value = redis::cmd("GET").arg(&key).query(&mut con).expect("GET");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let mut value = value.expect("the session reached redis");
+    // Flip one byte of the ciphertext.
     let at = value.len() / 2;
     value[at] ^= 0x40;
-    let _: () = redis::cmd("SET").arg(&key).arg(&value).query(&mut con).expect("SET");
+    let _: () = redis::cmd("SET").arg(&key).arg(&value).query(&mut redis.con()).expect("SET");
     // Another host has only redis to ask: the tampered value must not resume.
-    let b = host(&redis, &args);
+    let b = host(&redis, &["--workers", "2", "--tls12", "--no-tickets"]);
     c.session = saved;
     let o = c.request(b.addr(), "/").expect("handshake completes");
     assert!(!o.reused, "a tampered value resumed a session");
@@ -195,14 +194,8 @@ fn wait_for_key(redis: &Redis, key: &str, present: bool) -> Option<Vec<u8>> {
 #[test]
 fn a_removed_session_does_not_come_back_from_redis() {
     let redis = Redis::start();
-    let args = ["--workers", "2", "--tls12", "--no-tickets"];
-    let a = host(&redis, &args);
-    let mut c = Client::new(true);
-    c.request(a.addr(), "/").expect("full handshake");
+    let (a, mut c, key, value) = session_in_redis(&redis);
     let saved = c.session.clone();
-    let id_hex: String = saved.as_ref().expect("session").id().iter().map(|b| format!("{b:02x}")).collect();
-    let key = format!("cts::{id_hex}");
-    let value = wait_for_key(&redis, &key, true).expect("the session reached redis");
 
     // A connection freed without a shutdown makes OpenSSL remove its session: on the host,
     // in every replica, and in redis.
@@ -212,8 +205,7 @@ fn a_removed_session_does_not_come_back_from_redis() {
 
     // Redis returns the value again, as it does while the DEL is still queued behind other
     // writes, or after it was skipped: the host must not take it back.
-    let mut con = redis.con();
-    let _: () = redis::cmd("SET").arg(&key).arg(&value).query(&mut con).expect("SET");
+    let _: () = redis::cmd("SET").arg(&key).arg(&value).query(&mut redis.con()).expect("SET");
     let mut on = std::collections::HashSet::new();
     for i in 0..10 {
         c.session = saved.clone();
