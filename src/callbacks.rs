@@ -386,11 +386,7 @@ unsafe fn lookup_session(
             Some(Backend::InProcess(m)) => {
                 bump(&WORKER.gets);
                 let mut cache = m.cache();
-                let found = cache.get(&state.namespace, id, master::now_secs()).map(|d| {
-                    let mut b = SecretBuf::with_capacity(d.len());
-                    b.extend_from_slice(d);
-                    b
-                });
+                let found = cache.get(&state.namespace, id, master::now_secs()).map(SecretBuf::from_slice);
                 drop(cache);
                 if found.is_none() {
                     bump(&WORKER.misses);
@@ -533,13 +529,7 @@ impl LocalKeys {
         // Clears `fetching` however this ends (a panic included), so fetches never stop.
         let _fetching = Fetching(self);
         let payload = match backend() {
-            Some(Backend::InProcess(m)) => {
-                let mut b = SecretBuf::default();
-                let mut raw = m.ticket_keys();
-                b.extend_from_slice(&raw);
-                crate::wipe::wipe(&mut raw);
-                Some(b)
-            }
+            Some(Backend::InProcess(m)) => Some(SecretBuf::from(m.ticket_keys())),
             Some(Backend::Channel(ch)) => ch.ticket_keys(),
             None => None,
         };

@@ -436,9 +436,7 @@ impl Channel {
         if let Some((mut r, now)) = self.replica_for_lookup() {
             if let Some(der) = r.cache.get(namespace, id, now) {
                 bump(&WORKER.replica_hits);
-                let mut b = SecretBuf::with_capacity(der.len());
-                b.extend_from_slice(der);
-                return Some(b);
+                return Some(SecretBuf::from_slice(der));
             }
         }
         self.get_from_master(namespace, id)
@@ -725,16 +723,10 @@ impl Channel {
                 // Into the replica here, in the order the socket delivers frames: a removal
                 // the master pushed after this reply is applied after it, never before.
                 self.replica_put(msg.namespace, msg.id, msg.payload, msg.expiry);
-                let mut b = SecretBuf::with_capacity(msg.payload.len());
-                b.extend_from_slice(msg.payload);
-                Reply::Hit(b)
+                Reply::Hit(SecretBuf::from_slice(msg.payload))
             }
             Op::Miss => Reply::Miss,
-            Op::TicketKeysReply => {
-                let mut b = SecretBuf::with_capacity(msg.payload.len());
-                b.extend_from_slice(msg.payload);
-                Reply::TicketKeys(b)
-            }
+            Op::TicketKeysReply => Reply::TicketKeys(SecretBuf::from_slice(msg.payload)),
             Op::StatsReply => match MasterStats::decode(msg.payload) {
                 Some(s) => Reply::Stats(s),
                 None => {

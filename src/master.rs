@@ -523,11 +523,17 @@ impl Master {
             self.queue_sync(usize::MAX, conns, frame, out);
         }
         if q.lost {
-            for c in conns.iter_mut() {
-                c.drop_sync();
-                c.flush_due = true;
-                self.sync_drops.fetch_add(1, Relaxed);
-            }
+            self.lose_pushes(conns);
+        }
+    }
+
+    /// Pushes to every worker were (or may have been) lost: drop what is queued and owe each
+    /// worker a Flush, so none keeps serving from a replica that missed a removal.
+    fn lose_pushes(&self, conns: &mut [Conn]) {
+        for c in conns.iter_mut() {
+            c.drop_sync();
+            c.flush_due = true;
+            self.sync_drops.fetch_add(1, Relaxed);
         }
     }
 
@@ -650,11 +656,7 @@ impl Master {
                 self.bad_frames.fetch_add(1, Relaxed);
                 st.main.wipe_all();
                 st.spare.wipe_all();
-                for c in st.conns.iter_mut() {
-                    c.drop_sync();
-                    c.flush_due = true;
-                    self.sync_drops.fetch_add(1, Relaxed);
-                }
+                self.lose_pushes(&mut st.conns);
             }
         }
     }

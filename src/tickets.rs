@@ -219,25 +219,15 @@ impl KeySchedule {
 /// copies handed to workers stay current before they ask again.
 pub fn parse_key_file(bytes: &[u8], now: u64, window: u64) -> Result<KeySet, String> {
     // Every decoded key is wiped when dropped, on the error paths too.
-    let secret = |b: &[u8]| {
-        let mut s = SecretBuf::with_capacity(b.len());
-        s.extend_from_slice(b);
-        s
-    };
     let raw_keys: Vec<SecretBuf> = if bytes.len() == 48 || bytes.len() == 80 {
-        vec![secret(bytes)]
+        vec![SecretBuf::from_slice(bytes)]
     } else {
         let text = std::str::from_utf8(bytes).map_err(|_| "neither 48/80 raw bytes nor base64 lines".to_string())?;
         text.lines()
             .map(str::trim)
             .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(|l| match openssl::base64::decode_block(l) {
-                Ok(mut raw) => {
-                    let s = secret(&raw);
-                    wipe(&mut raw);
-                    Ok(s)
-                }
-                Err(_) => Err("a line is not base64".to_string()),
+            .map(|l| {
+                openssl::base64::decode_block(l).map(SecretBuf::from).map_err(|_| "a line is not base64".to_string())
             })
             .collect::<Result<_, _>>()?
     };

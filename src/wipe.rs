@@ -56,6 +56,13 @@ impl SecretBuf {
         SecretBuf(Vec::with_capacity(cap))
     }
 
+    /// A buffer holding a copy of `bytes` (allocated to their size).
+    pub fn from_slice(bytes: &[u8]) -> SecretBuf {
+        let mut s = SecretBuf::with_capacity(bytes.len());
+        s.0.extend_from_slice(bytes);
+        s
+    }
+
     /// The bytes, for filling.
     pub fn vec(&mut self) -> &mut Vec<u8> {
         &mut self.0
@@ -85,6 +92,13 @@ impl SecretBuf {
         let len = self.0.len();
         wipe(&mut self.0[..len]);
         self.0.clear();
+    }
+}
+
+/// Take over a `Vec` that holds a secret (no copy): it is wiped when the buffer goes.
+impl From<Vec<u8>> for SecretBuf {
+    fn from(v: Vec<u8>) -> SecretBuf {
+        SecretBuf(v)
     }
 }
 

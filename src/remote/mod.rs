@@ -546,9 +546,8 @@ impl Tier {
         if expiry <= now {
             return;
         }
-        let mut buf = SecretBuf::with_capacity(der.len());
-        buf.extend_from_slice(der);
-        self.queue_write(WriteJob::Put { namespace: namespace.to_vec(), id: id.to_vec(), der: buf, expiry });
+        let der = SecretBuf::from_slice(der);
+        self.queue_write(WriteJob::Put { namespace: namespace.to_vec(), id: id.to_vec(), der, expiry });
     }
 
     /// Queue a removal, and remember it for `REMOVED_WINDOW` (see `take_replies`).
@@ -615,8 +614,7 @@ impl Tier {
             return None;
         }
         let expiry = u64::from_le_bytes(plain[..8].try_into().ok()?);
-        let mut der = SecretBuf::with_capacity(plain.len() - 8);
-        der.extend_from_slice(&plain[8..]);
+        let der = SecretBuf::from_slice(&plain[8..]);
         Some((expiry, der))
     }
 
