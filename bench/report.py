@@ -264,15 +264,16 @@ def build_md(D, targets):
     )
     L.append("")
     L.append(
-        f"All variants' servers up at once (one set per N); the load generator turns between them in slices: "
-        f"{D.reps} slices per variant for resumed handshakes at N=2 and 4, {D.reps_minor} at N=1 and for full "
-        f"handshakes, in a turning order{' (--quick)' if m.get('quick') == '1' else ''}; "
-        f"loadgen K={m.get('clients')} clients, {m.get('resume_ms')} ms resumed / {m.get('full_ms')} ms full "
-        f"(+{m.get('warmup_ms')} ms warm-up); s_time -reuse {m.get('s_time_s')} s, -new {m.get('s_time_new_s')} s, "
+        f"All variants' servers up at once (one set per N), measured interleaved by one load generator run: "
+        f"turns of {m.get('turn_ms', '?')} ms, all clients against one server per turn, the servers taking turns "
+        f"in an order that rotates every turn; a slice is {m.get('resume_ms')} ms of turns per variant for "
+        f"resumed handshakes ({m.get('full_ms')} ms for full ones); {D.reps} slices at N=2 and 4, "
+        f"{D.reps_minor} at N=1 and for full handshakes{' (--quick)' if m.get('quick') == '1' else ''}; "
+        f"loadgen K={m.get('clients')} clients, one {m.get('warmup_ms')} ms warm-up turn per server first; s_time -reuse {m.get('s_time_s')} s, -new {m.get('s_time_new_s')} s, "
         f"{D.stime_reps} repetitions (-new: {D.stime_new_reps}); "
         f"channel bench `{m.get('channel_args')}`; servers with `--no-tickets` / `ssl_session_tickets off`; "
         f"C example with {m.get('threads', '1')} accept loops per process (the ideal: all in one process). "
-        f"Cells: median [min–max] over slices; ratios are paired per slice (adjacent in time). "
+        f"Cells: median [min–max] over slices; ratios are paired per slice (the same stretch of time). "
         f"Wall time {float(m.get('wall_s', 'nan')):.0f} s."
     )
     L.append("")

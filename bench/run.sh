@@ -38,10 +38,10 @@ STIME_WORKERS="2 4"
 # N = 1 and for full handshakes (reference rows), STIME_REPS for s_time -reuse (STIME_NEW_REPS
 # of them also run -new).
 if [ "$QUICK" = 1 ]; then
-    REPS=2; REPS_MINOR=1; STIME_REPS=1; STIME_NEW_REPS=1; RESUME_MS=500; FULL_MS=300; WARMUP_MS=150; STIME_S=1; STIME_NEW_S=1
+    REPS=2; REPS_MINOR=1; STIME_REPS=1; STIME_NEW_REPS=1; RESUME_MS=500; FULL_MS=300; WARMUP_MS=150; TURN_MS=100; STIME_S=1; STIME_NEW_S=1
     CHANNEL_ARGS=(--reps 1 --phase-ms 200)
 else
-    REPS=9; REPS_MINOR=4; STIME_REPS=8; STIME_NEW_REPS=4; RESUME_MS=700; FULL_MS=400; WARMUP_MS=150; STIME_S=1; STIME_NEW_S=1
+    REPS=9; REPS_MINOR=4; STIME_REPS=8; STIME_NEW_REPS=4; RESUME_MS=700; FULL_MS=400; WARMUP_MS=150; TURN_MS=100; STIME_S=1; STIME_NEW_S=1
     CHANNEL_ARGS=(--reps 3 --phase-ms 400)
 fi
 
@@ -219,32 +219,21 @@ EOF
 
 json_str() { python3 -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$1"; }
 
-cpu_ns() { # pid: CPU time (ns) of the process, its children and all their threads
-    local t=0 p f a rest
-    for p in "$1" $(pgrep -P "$1" 2>/dev/null); do
-        for f in /proc/"$p"/task/*/schedstat; do
-            read -r a rest <"$f" 2>/dev/null && t=$((t + a))
-        done
-    done
-    echo "$t"
-}
-
-run_loadgen() { # rep variant n proto mode  (against ${VPORT[variant]})
-    local rep=$1 variant=$2 n=$3 proto=$4 mode=$5 ms line c0 c1
-    local args=(--port "${VPORT[$variant]}" --clients "$CLIENTS" --warmup-ms "$WARMUP_MS" "--$proto" --label "$rep/$variant/$n")
+run_loadgen() { # n proto mode slices: every variant in $up, interleaved in one loadgen run
+    local n=$1 proto=$2 mode=$3 slices=$4 ms v rep line nv
+    local args=(--clients "$CLIENTS" --warmup-ms "$WARMUP_MS" "--$proto" --label "N=$n" --slices "$slices" --turn-ms "$TURN_MS")
+    for v in $up; do args+=(--target "$v=${VPORT[$v]}:${VPID[$v]}"); done
     if [ "$mode" = full ]; then args+=(--full); ms=$FULL_MS; else ms=$RESUME_MS; fi
     args+=(--duration-ms "$ms")
-    c0=$(cpu_ns "${VPID[$variant]}")
-    run_bounded 30 "$TMP/loadgen.out" "$TMP/loadgen.err" "$LOADGEN" "${args[@]}" || true
-    c1=$(cpu_ns "${VPID[$variant]}")
-    line=$(grep '^{"bench":"loadgen"' "$TMP/loadgen.out" || true)
-    if [ -z "$line" ]; then
-        line="{\"bench\":\"loadgen\",\"error\":\"no output\"}"
-    else
-        # The server's CPU over the whole run (warm-up included), all its processes.
-        line="${line%\}},\"server_cpu_ms\":$(( (c1 - c0) / 1000000 ))}"
-    fi
-    emit "{\"section\":\"handshakes\",\"rep\":$rep,\"variant\":\"$variant\",\"n\":$n,\"proto\":\"$proto\",\"mode\":\"$mode\",\"data\":$line}"
+    nv=$(wc -w <<<"$up")
+    run_bounded $((slices * nv * ms * 3 / 1000 + 60)) "$TMP/loadgen.out" "$TMP/loadgen.err" "$LOADGEN" "${args[@]}" || true
+    for v in $up; do
+        for rep in $(seq "$slices"); do
+            line=$(grep -F "\"target\":\"$v\",\"slice\":$rep," "$TMP/loadgen.out" | head -1 || true)
+            [ -n "$line" ] || line="{\"bench\":\"loadgen\",\"error\":$(json_str "no output: $(tail -c 200 "$TMP/loadgen.err")")}"
+            emit "{\"section\":\"handshakes\",\"rep\":$rep,\"variant\":\"$v\",\"n\":$n,\"proto\":\"$proto\",\"mode\":\"$mode\",\"data\":$line}"
+        done
+    done
 }
 
 run_stime() { # rep variant n proto mode(reuse|new) seconds
@@ -305,13 +294,8 @@ for n in $WORKERS_LIST; do
         reps=$REPS
         { [ "$mode" = full ] || [ "$n" = 1 ]; } && reps=$REPS_MINOR
         for proto in tls12 tls13; do
-            log "N=$n  $proto $mode: $reps slices of each of$up"
-            for rep in $(seq "$reps"); do
-                # shellcheck disable=SC2086
-                for variant in $(rotate "$((rep - 1))" $up); do
-                    run_loadgen "$rep" "$variant" "$n" "$proto" "$mode"
-                done
-            done
+            log "N=$n  $proto $mode: $reps slices of each of$up, interleaved"
+            run_loadgen "$n" "$proto" "$mode" "$reps"
         done
     done
     if [[ " $STIME_WORKERS " == *" $n "* ]]; then
@@ -413,7 +397,7 @@ python3 bench/report.py --raw "$RAW" --out bench/results/latest \
     --meta "commit=$GIT_COMMIT" --meta "kernel=$KERNEL" --meta "openssl=$OSSL" --meta "nproc=$NPROC" \
     --meta "cpu=$CPU" --meta "nginx=$NGINX_VERSION" --meta "reps=$REPS" --meta "reps_minor=$REPS_MINOR" --meta "stime_reps=$STIME_REPS" --meta "stime_new_reps=$STIME_NEW_REPS" --meta "clients=$CLIENTS" --meta "threads=$THREADS" \
     --meta "quick=$QUICK" --meta "with_nginx=$WITH_NGINX" --meta "resume_ms=$RESUME_MS" \
-    --meta "full_ms=$FULL_MS" --meta "warmup_ms=$WARMUP_MS" --meta "s_time_s=$STIME_S" \
+    --meta "full_ms=$FULL_MS" --meta "warmup_ms=$WARMUP_MS" --meta "turn_ms=$TURN_MS" --meta "s_time_s=$STIME_S" \
     --meta "s_time_new_s=$STIME_NEW_S" --meta "channel_args=${CHANNEL_ARGS[*]}" \
     --meta "wall_s=$WALL" --meta "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 cat bench/results/latest.md
