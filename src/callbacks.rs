@@ -82,7 +82,7 @@ enum Backend {
 }
 
 fn backend() -> Option<Backend> {
-    // getpid is a system call (glibc caches nothing): ask once per callback.
+    // One pid read per callback (no system call: see fork::pid).
     let me = fork::pid();
     if let Some(m) = master::get_as(me) {
         return Some(Backend::InProcess(m));

@@ -15,7 +15,10 @@
 
 use std::cell::{Cell, UnsafeCell};
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{
+    AtomicBool, AtomicI32, AtomicPtr, AtomicU64,
+    Ordering::{Acquire, Relaxed, Release, SeqCst},
+};
 
 /// pid of the process that ran `master_setup`, 0 if none.
 static MASTER_PID: AtomicI32 = AtomicI32::new(0);
@@ -65,19 +68,78 @@ pub(crate) fn gate_unlock() {
     unsafe { libc::pthread_mutex_unlock(FORK_GATE.0.get()) };
 }
 
-/// The pid of this process. `getpid` is a real system call in current glibc (no cache), so
-/// this is always right after `fork`.
+/// The pid of this process, without a system call once known.
+///
+/// `getpid` is a real system call in current glibc, and every session callback needs the pid
+/// (is this the master? does this process own its channel?). The pid is kept in a page mapped
+/// with `MADV_WIPEONFORK`: the kernel gives every child a zero-filled copy of it, whatever
+/// made the child (`fork`, `_Fork`, a raw `clone` without `CLONE_VM`: no handler has to run),
+/// so a zero means "ask the kernel" and anything else is this process's own pid. A child that
+/// shares the parent's memory (`vfork`, `posix_spawn`) may only exec or exit, and never gets
+/// here. Without the page (a kernel before 4.14, or a failed `mmap`) every call asks the
+/// kernel, as before. Async-signal-safe once the page exists (atomics and `getpid`).
 pub fn pid() -> i32 {
+    let slot = PID_SLOT.load(Acquire);
+    if slot.is_null() {
+        if !PID_SLOT_CLAIMED.swap(true, SeqCst) {
+            map_pid_slot();
+        }
+        return getpid();
+    }
+    // SAFETY: the page is mapped once and never unmapped; it holds one AtomicI32 at its start.
+    let slot = unsafe { &*slot };
+    match slot.load(Relaxed) {
+        0 => {
+            let me = getpid();
+            slot.store(me, Relaxed);
+            me
+        }
+        me => me,
+    }
+}
+
+/// The wipe-on-fork page holding this process's pid (null until mapped, or if it cannot be).
+static PID_SLOT: AtomicPtr<AtomicI32> = AtomicPtr::new(std::ptr::null_mut());
+/// Set by the one caller that maps the page.
+static PID_SLOT_CLAIMED: AtomicBool = AtomicBool::new(false);
+
+fn getpid() -> i32 {
     // SAFETY: getpid has no preconditions and cannot fail.
     unsafe { libc::getpid() }
 }
+
+fn map_pid_slot() {
+    // SAFETY: a fresh private anonymous page; if the kernel refuses MADV_WIPEONFORK it is
+    // unmapped again and never published.
+    unsafe {
+        let page = libc::mmap(
+            std::ptr::null_mut(),
+            PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if page == libc::MAP_FAILED {
+            return;
+        }
+        if libc::madvise(page, PAGE, libc::MADV_WIPEONFORK) != 0 {
+            libc::munmap(page, PAGE);
+            return;
+        }
+        PID_SLOT.store(page.cast(), Release);
+    }
+}
+
+/// The size mapped for the pid slot (one page on every Linux target we build for).
+const PAGE: usize = 4096;
 
 /// True in the process that ran `master_setup`.
 pub fn is_master() -> bool {
     is_master_pid(pid())
 }
 
-/// `is_master` for a caller that already knows its pid (one `getpid` per callback, not two).
+/// `is_master` for a caller that already knows its pid (one `pid()` per callback, not two).
 pub fn is_master_pid(me: i32) -> bool {
     let m = MASTER_PID.load(SeqCst);
     m != 0 && m == me
@@ -143,7 +205,7 @@ pub(crate) fn untrack_master_fd(fd: RawFd) {
     }
 }
 
-static HANDLERS_INSTALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static HANDLERS_INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// Register the fork handlers, once per process image: by `master_setup`, or by an exec'd
 /// worker adopting its channel (so helpers it forks close their copy of it). Children of the
@@ -251,4 +313,35 @@ extern "C" fn child() {
     }
     crate::stats::WORKER.reset();
     crate::channel::forget_parent_channel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A child made by the raw `clone` system call (no libc wrapper, so no fork handler runs)
+    /// still sees its own pid, not the parent's cached one.
+    #[test]
+    fn a_child_made_behind_libcs_back_sees_its_own_pid() {
+        let parent = pid();
+        assert_eq!(parent, getpid());
+        assert_eq!(pid(), parent);
+        assert!(!PID_SLOT.load(Acquire).is_null(), "no MADV_WIPEONFORK page: every pid() is a system call");
+        // SAFETY: a plain fork through the system call; the child only reads atomics, makes
+        // system calls and leaves with _exit.
+        let child = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_long, 0, 0, 0, 0) };
+        if child == 0 {
+            // SAFETY: system calls only.
+            let own = unsafe { libc::syscall(libc::SYS_getpid) } as i32;
+            let ok = pid() == own && own != parent && pid() == own;
+            // SAFETY: leaves the child without running the test harness's atexit handlers.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        assert!(child > 0, "clone failed");
+        let mut status = 0;
+        // SAFETY: waits for the child made above.
+        unsafe { libc::waitpid(child as i32, &mut status, 0) };
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "the child saw the wrong pid ({status:#x})");
+        assert_eq!(pid(), parent);
+    }
 }
