@@ -81,7 +81,9 @@ pub(crate) fn gate_unlock() {
 pub fn pid() -> i32 {
     let slot = PID_SLOT.load(Acquire);
     if slot.is_null() {
-        if !PID_SLOT_CLAIMED.swap(true, SeqCst) {
+        // (A load first: after a failed mapping every call comes here, and a read-only
+        // check keeps the flag's cache line shared between threads.)
+        if !PID_SLOT_CLAIMED.load(Relaxed) && !PID_SLOT_CLAIMED.swap(true, SeqCst) {
             map_pid_slot();
         }
         return getpid();

@@ -28,7 +28,7 @@ pub fn hex(id: &[u8]) -> String {
 /// callback.
 pub fn line(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "cts[{}] {}", std::process::id(), args);
+    let _ = writeln!(std::io::stderr().lock(), "cts[{}] {}", crate::fork::pid(), args);
 }
 
 /// Log a line when debugging is on. Arguments are only formatted when it is.

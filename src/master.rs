@@ -17,7 +17,7 @@ use crate::handler::{handle_frame, Handled};
 use crate::protocol::{self, Op, MAX_FRAME_LEN};
 use crate::stats::MasterStats;
 use crate::tickets::KeySchedule;
-use crate::wipe::{wipe, SecretBuf};
+use crate::wipe::{clear_wiped, wipe, wipe_spare, SecretBuf};
 use crate::Error;
 
 /// Messages read from one worker before the loop moves on to the next (fairness).
@@ -42,11 +42,8 @@ impl Scratch {
     /// Wipe every byte the buffers hold or held (after a round was abandoned half way).
     fn wipe_all(&mut self) {
         wipe(&mut self.buf);
-        let cap = self.out.capacity();
         self.out.clear();
-        self.out.resize(cap, 0);
-        wipe(&mut self.out);
-        self.out.clear();
+        wipe_spare(&mut self.out);
         self.deferred.clear();
     }
 }
@@ -835,9 +832,7 @@ impl Master {
         let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(fd, frame, out)));
         if handled.is_err() {
             // `out` may hold a reply built half way (a session's DER), never sent.
-            let len = out.len();
-            wipe(&mut out[..len]);
-            out.clear();
+            clear_wiped(out);
         }
         if !out.is_empty() {
             // `handle` sent what `out` holds (wiped, length kept).
@@ -924,8 +919,7 @@ impl Master {
             let fits = c.room_for(out.len());
             let sent = fits && send_nonblocking(c.raw(), out);
             let len = out.len();
-            wipe(&mut out[..len]);
-            out.clear();
+            clear_wiped(out);
             if sent {
                 c.note_sent(len);
                 c.last_was_flush = false;
@@ -990,8 +984,7 @@ impl Master {
         }
         if !out.is_empty() {
             self.send_reply(fd, out);
-            let len = out.len();
-            wipe(&mut out[..len]);
+            wipe(out);
         }
         handled
     }

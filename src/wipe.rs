@@ -25,6 +25,13 @@ unsafe fn wipe_raw(p: *mut u8, len: usize) {
     compiler_fence(Ordering::SeqCst);
 }
 
+/// Wipe the contents of `v` and set its length to zero (the capacity is kept): for a plain
+/// scratch `Vec` that held a secret.
+pub fn clear_wiped(v: &mut Vec<u8>) {
+    wipe(v);
+    v.clear();
+}
+
 /// Wipe the spare capacity of `v`: the bit copies that moving values within it (`retain`,
 /// `remove`, `insert`) leaves behind past its length. For a `Vec` of values holding secrets.
 pub fn wipe_spare<T>(v: &mut Vec<T>) {
@@ -89,9 +96,7 @@ impl SecretBuf {
 
     /// Wipe the contents and set the length to zero; the capacity is kept.
     pub fn clear(&mut self) {
-        let len = self.0.len();
-        wipe(&mut self.0[..len]);
-        self.0.clear();
+        clear_wiped(&mut self.0);
     }
 }
 

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::protocol::{self, Op};
 use crate::stats::MasterStats;
-use crate::wipe::{wipe, SecretBuf};
+use crate::wipe::{clear_wiped, SecretBuf};
 use crate::Error;
 use seal::Sealer;
 
@@ -508,9 +508,7 @@ impl Tier {
             Op::Put => self.put(m.namespace, m.id, m.payload, m.expiry.min(now.saturating_add(max_lifetime)), now),
             Op::Del => self.del(m.namespace, m.id),
             Op::Get if self.forward_get(fd, m.namespace, m.id, m.request_id) => {
-                let len = out.len();
-                wipe(&mut out[..len]);
-                out.clear();
+                clear_wiped(out);
                 return true;
             }
             _ => {}
