@@ -1,20 +1,27 @@
 //! Channel benchmark (issue 4): the store's GET and PUT between forked worker processes and
 //! the master's cache thread, side by side with the two limits it is judged against, in one
-//! run and one repetition after the other:
+//! run, one repetition after the other:
 //!
-//! - `store_get` / `store_put`: `cluster_tls_store::bench::{get, put}` from W = 1, 2, 4 forked
-//!   workers (the library's atfork handlers give each its channel). GETs are hits on a 32-byte
-//!   id with a 135-byte DER; PUTs are fire-and-forget, then a GET on the last id proves the
-//!   master read them all (one channel is FIFO), and the master's `stores` counter says how
-//!   many arrived (PUTs dropped on a full socket buffer are not errors, they are counted).
-//! - `echo`: a raw `SOCK_SEQPACKET` request/reply with the same sizes, W client processes
-//!   against one echo process with a poll loop. The physical limit of this design.
+//! - `store_get` and `echo`, interleaved (`round_trip_phase`): W = 1, 2, 4 forked workers
+//!   ask the master for hits on 32-byte ids with a 135-byte DER
+//!   (`cluster_tls_store::bench::get_from_master`: the round trip; the library's atfork
+//!   handlers give each worker its channel), and W client processes send requests of the same
+//!   sizes over raw `SOCK_SEQPACKET` pairs to one echo process with a poll loop without
+//!   timeout (the physical limit of this design). Both groups run through the same stretch of
+//!   time in alternating 10 ms turns, so the ratio of the two is not at the mercy of the
+//!   machine's speed of the moment (A/A, both groups asking the master, 7 reps of 1 s:
+//!   medians 0.97–1.04).
+//! - `replica_get` / `store_put` (`store_phase`): GETs through the worker's replica (what the
+//!   get-session callback does); then PUTs, fire-and-forget, then a GET on the last id proves
+//!   the master read them all (one channel is FIFO), and the master's `stores` counter says
+//!   how many arrived (PUTs dropped on a full socket buffer are not errors, they are counted).
 //! - `hash`: `Mutex<HashMap<Vec<u8>, Vec<u8>>>` get + copy of 135 bytes in W threads of one
 //!   process. The limit of any design.
 //!
 //! Output: one JSON object per line (`{"bench":"channel",...}`) for every measurement and
-//! every summary, then a human table. Options: `--reps N` (5), `--phase-ms N` (400),
-//! `--puts N` (20000 per worker), `--workers 1,2,4`. `cargo bench --bench channel` passes
+//! every summary, then a human table. Options: `--reps N` (5), `--phase-ms N` (400, the
+//! replica and hash phases), `--round-trip-ms N` (1000, the interleaved phase, half of it
+//! for each group), `--puts N` (20000 per worker), `--workers 1,2,4`. `cargo bench --bench channel` passes
 //! `--bench`, which is ignored.
 //!
 //! Latencies come from every request of every worker, merged in shared memory; hash
@@ -47,12 +54,20 @@ const CHILD_DEADLINE: Duration = Duration::from_secs(20);
 struct Opts {
     reps: usize,
     phase: Duration,
+    /// The interleaved round-trip phase, both groups together (each works half of it).
+    round_trip: Duration,
     puts: usize,
     workers: Vec<usize>,
 }
 
 fn parse_opts() -> Opts {
-    let mut o = Opts { reps: 5, phase: Duration::from_millis(400), puts: 20_000, workers: vec![1, 2, 4] };
+    let mut o = Opts {
+        reps: 5,
+        phase: Duration::from_millis(400),
+        round_trip: Duration::from_millis(1000),
+        puts: 20_000,
+        workers: vec![1, 2, 4],
+    };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < args.len() {
@@ -60,6 +75,7 @@ fn parse_opts() -> Opts {
         match args[i].as_str() {
             "--reps" => o.reps = val.parse().unwrap_or(o.reps).max(1),
             "--phase-ms" => o.phase = Duration::from_millis(val.parse().unwrap_or(400)),
+            "--round-trip-ms" => o.round_trip = Duration::from_millis(val.parse().unwrap_or(1000)),
             "--puts" => o.puts = val.parse().unwrap_or(o.puts).max(1),
             "--workers" => o.workers = val.split(',').filter_map(|w| w.parse().ok()).filter(|&w| w > 0).collect(),
             _ => {
@@ -260,6 +276,51 @@ fn timed_loop(sh: &Shared, w: usize, start: Instant, end: Instant, mut op: impl 
     c[C_LATS].store(n.min(LAT_CAP) as u64, Ordering::Relaxed);
 }
 
+/// Length of one turn of the interleaved round-trip phase (see `round_trip_phase`).
+const TURN: Duration = Duration::from_millis(10);
+
+/// One client's loop in the interleaved round-trip phase: from `start` to `end` the time is cut
+/// into `TURN`s, and group `group` (0 or 1) works in every other turn, sleeping through the
+/// rest. The request in flight at the end of a turn is finished (one round trip, a few µs of
+/// a 10 ms turn). Throughput is counted over the time the client actually worked.
+fn turn_loop(sh: &Shared, slot: usize, group: u32, start: Instant, end: Instant, mut op: impl FnMut(usize) -> bool) {
+    let lats = sh.latencies(slot);
+    let c = sh.counters(slot);
+    for i in 0..64 {
+        op(i);
+    }
+    sleep_until(start);
+    let (mut n, mut hits, mut busy) = (0usize, 0u64, Duration::ZERO);
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        let k = ((now - start).as_nanos() / TURN.as_nanos()) as u32;
+        let turn_end = (start + TURN * (k + 1)).min(end);
+        if k % 2 != group {
+            sleep_until(turn_end);
+            continue;
+        }
+        let mut last = now;
+        while last < turn_end {
+            let t0 = last;
+            let hit = op(n);
+            last = Instant::now();
+            if n < LAT_CAP {
+                lats[n] = ns(last - t0).min(u32::MAX as u64) as u32;
+            }
+            n += 1;
+            hits += u64::from(hit);
+        }
+        busy += last - now;
+    }
+    c[C_OPS].store(n as u64, Ordering::Relaxed);
+    c[C_HITS].store(hits, Ordering::Relaxed);
+    c[C_ELAPSED_NS].store(ns(busy), Ordering::Relaxed);
+    c[C_LATS].store(n.min(LAT_CAP) as u64, Ordering::Relaxed);
+}
+
 /// Percentiles and throughput merged over the workers of one phase.
 #[derive(Clone, Copy, Default)]
 struct Phase {
@@ -269,10 +330,10 @@ struct Phase {
     hit_ratio: f64,
 }
 
-fn merge(sh: &Shared, workers: usize) -> Phase {
+fn merge(sh: &Shared, slots: std::ops::Range<usize>) -> Phase {
     let mut all: Vec<u32> = Vec::new();
     let (mut ops, mut hits, mut rate) = (0u64, 0u64, 0.0);
-    for w in 0..workers {
+    for w in slots {
         let c = sh.counters(w);
         let n = c[C_LATS].load(Ordering::Relaxed) as usize;
         all.extend_from_slice(&sh.latencies(w)[..n]);
@@ -293,8 +354,8 @@ fn merge(sh: &Shared, workers: usize) -> Phase {
     Phase { p50_us: pct(0.50), p99_us: pct(0.99), ops_per_s: rate, hit_ratio: hits as f64 / ops.max(1) as f64 }
 }
 
-fn reset(sh: &Shared, workers: usize) {
-    for w in 0..workers {
+fn reset(sh: &Shared, slots: usize) {
+    for w in 0..slots {
         for c in sh.counters(w) {
             c.store(0, Ordering::Relaxed);
         }
@@ -311,81 +372,72 @@ struct PutResult {
     done_rate: f64,
 }
 
-/// W forked workers: a GET phase on hot ids through the master (the round trip, bypassing the
-/// worker's replica), a GET phase through the replica (what the get-session callback does),
-/// then a PUT burst of new ids. Returns (round trip, replica, PUT, failed children).
-fn store_phase(sh: &Shared, o: &Opts, workers: usize, rep: usize) -> (Phase, Phase, PutResult, usize) {
+fn put_hot_ids() {
     let expiry = unix_now() + 3600;
     for i in 0..KEYS {
         bench::put(NS, &hot_id(i), &der(i), expiry);
     }
+}
+
+/// W forked workers: a GET phase through the replica (what the get-session callback does),
+/// then a PUT burst of new ids. Returns (replica, PUT, failed children).
+fn store_phase(sh: &Shared, o: &Opts, workers: usize, rep: usize) -> (Phase, PutResult, usize) {
+    let expiry = unix_now() + 3600;
+    put_hot_ids();
     let stores_before = cluster_tls_store::stats().master.stores;
     let puts = o.puts;
-    let mut phases = [Phase::default(); 2];
-    let mut failed = 0;
-    let mut pr = PutResult { sent: 0, stored: 0, sample: 0, found: 0, drops: 0, send_rate: 0.0, done_rate: 0.0 };
-    for (k, via_master) in [true, false].into_iter().enumerate() {
-        reset(sh, workers);
-        let start = Instant::now() + Duration::from_millis(60);
-        let end = start + o.phase;
-        let put_start = end + Duration::from_millis(30);
-        let with_puts = !via_master;
-        let mut pids = Vec::new();
-        for w in 0..workers {
-            pids.push(spawn(|| {
-                if via_master {
-                    timed_loop(sh, w, start, end, |i| bench::get_from_master(NS, &hot_id(i % KEYS)).is_some());
-                } else {
-                    timed_loop(sh, w, start, end, |i| bench::get(NS, &hot_id(i % KEYS)).is_some());
-                }
-                let c = sh.counters(w);
-                if with_puts {
-                    let payload = der(w);
-                    sleep_until(put_start);
-                    let t0 = Instant::now();
-                    for seq in 0..puts {
-                        bench::put(NS, &put_id(w, rep, seq), &payload, expiry);
-                    }
-                    let t_sent = t0.elapsed();
-                    // FIFO per channel: when this reply is back, the master has read every PUT
-                    // before it (asked of the master: the worker's own replica has them all).
-                    let _ = bench::get_from_master(NS, &put_id(w, rep, puts - 1));
-                    let t_done = t0.elapsed();
-                    let (mut sample, mut found) = (0u64, 0u64);
-                    for seq in (0..puts).step_by(20) {
-                        sample += 1;
-                        found += u64::from(bench::get_from_master(NS, &put_id(w, rep, seq)).is_some());
-                    }
-                    let st = cluster_tls_store::stats();
-                    c[C_PUT_SENT].store(puts as u64, Ordering::Relaxed);
-                    c[C_PUT_SEND_NS].store(ns(t_sent), Ordering::Relaxed);
-                    c[C_PUT_DONE_NS].store(ns(t_done), Ordering::Relaxed);
-                    c[C_PUT_SAMPLE].store(sample, Ordering::Relaxed);
-                    c[C_PUT_FOUND].store(found, Ordering::Relaxed);
-                    c[C_PUT_DROPS].store(st.worker.send_drops, Ordering::Relaxed);
-                }
-                c[C_OK].store(1, Ordering::Relaxed);
-            }));
-        }
-        failed += reap(&pids, CHILD_DEADLINE);
-        phases[k] = merge(sh, workers);
-        if with_puts {
-            pr.stored = cluster_tls_store::stats().master.stores.saturating_sub(stores_before);
-            let mut done_max = 1u64;
-            for w in 0..workers {
-                let c = sh.counters(w);
-                pr.sent += c[C_PUT_SENT].load(Ordering::Relaxed);
-                pr.sample += c[C_PUT_SAMPLE].load(Ordering::Relaxed);
-                pr.found += c[C_PUT_FOUND].load(Ordering::Relaxed);
-                pr.drops += c[C_PUT_DROPS].load(Ordering::Relaxed);
-                pr.send_rate += c[C_PUT_SENT].load(Ordering::Relaxed) as f64 * 1e9
-                    / c[C_PUT_SEND_NS].load(Ordering::Relaxed).max(1) as f64;
-                done_max = done_max.max(c[C_PUT_DONE_NS].load(Ordering::Relaxed));
+    reset(sh, workers);
+    let start = Instant::now() + Duration::from_millis(60);
+    let end = start + o.phase;
+    let put_start = end + Duration::from_millis(30);
+    let mut pids = Vec::new();
+    for w in 0..workers {
+        pids.push(spawn(|| {
+            timed_loop(sh, w, start, end, |i| bench::get(NS, &hot_id(i % KEYS)).is_some());
+            let c = sh.counters(w);
+            let payload = der(w);
+            sleep_until(put_start);
+            let t0 = Instant::now();
+            for seq in 0..puts {
+                bench::put(NS, &put_id(w, rep, seq), &payload, expiry);
             }
-            pr.done_rate = pr.stored as f64 * 1e9 / done_max as f64;
-        }
+            let t_sent = t0.elapsed();
+            // FIFO per channel: when this reply is back, the master has read every PUT
+            // before it (asked of the master: the worker's own replica has them all).
+            let _ = bench::get_from_master(NS, &put_id(w, rep, puts - 1));
+            let t_done = t0.elapsed();
+            let (mut sample, mut found) = (0u64, 0u64);
+            for seq in (0..puts).step_by(20) {
+                sample += 1;
+                found += u64::from(bench::get_from_master(NS, &put_id(w, rep, seq)).is_some());
+            }
+            let st = cluster_tls_store::stats();
+            c[C_PUT_SENT].store(puts as u64, Ordering::Relaxed);
+            c[C_PUT_SEND_NS].store(ns(t_sent), Ordering::Relaxed);
+            c[C_PUT_DONE_NS].store(ns(t_done), Ordering::Relaxed);
+            c[C_PUT_SAMPLE].store(sample, Ordering::Relaxed);
+            c[C_PUT_FOUND].store(found, Ordering::Relaxed);
+            c[C_PUT_DROPS].store(st.worker.send_drops, Ordering::Relaxed);
+            c[C_OK].store(1, Ordering::Relaxed);
+        }));
     }
-    (phases[0], phases[1], pr, failed)
+    let failed = reap(&pids, CHILD_DEADLINE);
+    let replica = merge(sh, 0..workers);
+    let mut pr = PutResult { sent: 0, stored: 0, sample: 0, found: 0, drops: 0, send_rate: 0.0, done_rate: 0.0 };
+    pr.stored = cluster_tls_store::stats().master.stores.saturating_sub(stores_before);
+    let mut done_max = 1u64;
+    for w in 0..workers {
+        let c = sh.counters(w);
+        pr.sent += c[C_PUT_SENT].load(Ordering::Relaxed);
+        pr.sample += c[C_PUT_SAMPLE].load(Ordering::Relaxed);
+        pr.found += c[C_PUT_FOUND].load(Ordering::Relaxed);
+        pr.drops += c[C_PUT_DROPS].load(Ordering::Relaxed);
+        pr.send_rate +=
+            c[C_PUT_SENT].load(Ordering::Relaxed) as f64 * 1e9 / c[C_PUT_SEND_NS].load(Ordering::Relaxed).max(1) as f64;
+        done_max = done_max.max(c[C_PUT_DONE_NS].load(Ordering::Relaxed));
+    }
+    pr.done_rate = pr.stored as f64 * 1e9 / done_max as f64;
+    (replica, pr, failed)
 }
 
 /// SOCK_SEQPACKET pair, both ends blocking, close-on-exec.
@@ -397,13 +449,27 @@ fn seqpacket_pair() -> [libc::c_int; 2] {
     fds
 }
 
-/// The raw limit: one echo process polls W channels, W client processes send and wait.
-fn echo_phase(sh: &Shared, o: &Opts, workers: usize) -> (Phase, usize) {
-    reset(sh, workers);
-    let pairs: Vec<[libc::c_int; 2]> = (0..workers).map(|_| seqpacket_pair()).collect();
+/// The round trip beside its raw limit, interleaved: W forked workers ask the master for hot
+/// ids (`get_from_master`: the round trip, bypassing the worker's replica), and W client
+/// processes send requests of the same sizes to one echo process that polls their raw
+/// SEQPACKET channels. Both groups live through the same stretch of time (`o.round_trip`)
+/// and take 10 ms turns (`turn_loop`), so a change in the machine's speed, which on a shared
+/// machine swings by 15 % over seconds, weighs on both alike. Slots 0..W are the store's
+/// workers, W..2W the echo clients. Returns (round trip, echo, failed children).
+fn round_trip_phase(sh: &Shared, o: &Opts, workers: usize) -> (Phase, Phase, usize) {
+    put_hot_ids();
+    reset(sh, 2 * workers);
     let start = Instant::now() + Duration::from_millis(60);
-    let end = start + o.phase;
+    let end = start + o.round_trip;
     let mut pids = Vec::new();
+    for w in 0..workers {
+        pids.push(spawn(move || {
+            turn_loop(sh, w, 0, start, end, |i| bench::get_from_master(NS, &hot_id(i % KEYS)).is_some());
+            sh.counters(w)[C_OK].store(1, Ordering::Relaxed);
+        }));
+    }
+    // Made after the store's workers are forked, so that only the echo processes hold them.
+    let pairs: Vec<[libc::c_int; 2]> = (0..workers).map(|_| seqpacket_pair()).collect();
     let server_fds: Vec<libc::c_int> = pairs.iter().map(|p| p[0]).collect();
     let client_fds: Vec<libc::c_int> = pairs.iter().map(|p| p[1]).collect();
     pids.push(spawn(|| {
@@ -422,7 +488,7 @@ fn echo_phase(sh: &Shared, o: &Opts, workers: usize) -> (Phase, usize) {
         let mut open = pfds.len();
         while open > 0 {
             // SAFETY: `pfds` is a valid array of its length.
-            let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 1000) };
+            let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
             if r <= 0 {
                 continue;
             }
@@ -465,14 +531,14 @@ fn echo_phase(sh: &Shared, o: &Opts, workers: usize) -> (Phase, usize) {
             }
             let req = [0x01u8; REQ_LEN];
             let mut buf = [0u8; 512];
-            timed_loop(sh, w, start, end, |_| {
+            turn_loop(sh, workers + w, 1, start, end, |_| {
                 // SAFETY: both buffers are valid for their lengths; blocking calls.
                 unsafe {
                     libc::send(fd, req.as_ptr().cast(), req.len(), libc::MSG_NOSIGNAL);
                     libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) == REPLY_LEN as isize
                 }
             });
-            sh.counters(w)[C_OK].store(1, Ordering::Relaxed);
+            sh.counters(workers + w)[C_OK].store(1, Ordering::Relaxed);
         }));
     }
     for p in &pairs {
@@ -483,7 +549,7 @@ fn echo_phase(sh: &Shared, o: &Opts, workers: usize) -> (Phase, usize) {
         }
     }
     let failed = reap(&pids, CHILD_DEADLINE);
-    (merge(sh, workers), failed)
+    (merge(sh, 0..workers), merge(sh, workers..2 * workers), failed)
 }
 
 /// The limit of any design: W threads of one process share a Mutex<HashMap>.
@@ -571,14 +637,15 @@ fn main() {
         std::process::exit(1);
     }
     let max_w = o.workers.iter().copied().max().unwrap_or(4);
-    let sh = Shared::new(max_w);
+    // The round-trip phase runs W store workers and W echo clients at once.
+    let sh = Shared::new(2 * max_w);
     // Per (metric, workers): one value per repetition.
     let mut series: HashMap<(String, usize), Vec<f64>> = HashMap::new();
     let mut failures = 0usize;
     for rep in 0..o.reps {
         for &w in &o.workers {
-            let (get, replica, put, f1) = store_phase(&sh, &o, w, rep);
-            let (echo, f2) = echo_phase(&sh, &o, w);
+            let (get, echo, f1) = round_trip_phase(&sh, &o, w);
+            let (replica, put, f2) = store_phase(&sh, &o, w, rep);
             let hash = hash_phase(&o, w);
             failures += f1 + f2;
             for (kind, p) in [("store_get", get), ("replica_get", replica), ("echo", echo), ("hash", hash)] {
@@ -663,17 +730,20 @@ fn main() {
         }
     }
     println!(
-        "{{\"bench\":\"channel\",\"kind\":\"run\",\"reps\":{},\"phase_ms\":{},\"puts_per_worker\":{},\
+        "{{\"bench\":\"channel\",\"kind\":\"run\",\"reps\":{},\"phase_ms\":{},\"round_trip_ms\":{},\"puts_per_worker\":{},\
          \"child_failures\":{failures},\"seconds\":{:.1}}}",
         o.reps,
         o.phase.as_millis(),
+        o.round_trip.as_millis(),
         o.puts,
         t_all.elapsed().as_secs_f64()
     );
     println!();
     println!(
-        "channel bench: {} reps x {} ms phases, request {REQ_LEN} B, reply {REPLY_LEN} B; min / median / max",
+        "channel bench: {} reps x ({} ms round trip and echo interleaved, {} ms phases), request {REQ_LEN} B, \
+         reply {REPLY_LEN} B; min / median / max",
         o.reps,
+        o.round_trip.as_millis(),
         o.phase.as_millis()
     );
     print!("{:<26}", "metric");
