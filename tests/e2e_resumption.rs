@@ -154,6 +154,39 @@ fn sessions_expire_at_their_timeout() {
     assert!(st["expirations"] >= 1 || st["entries"] <= 1, "expired entries are gone: {st:?}");
 }
 
+/// The master's cache thread's CPU time (ns) and the times it was switched in
+/// (`/proc/<pid>/task/<tid>/schedstat`).
+fn cache_thread_sched(master: i32) -> (u64, u64) {
+    for t in std::fs::read_dir(format!("/proc/{master}/task")).expect("task dir").flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() == "cts-cache" {
+            let st = std::fs::read_to_string(t.path().join("schedstat")).expect("schedstat");
+            let f: Vec<u64> = st.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+            return (f[0], f[2]);
+        }
+    }
+    panic!("no cts-cache thread in the master");
+}
+
+#[test]
+fn an_idle_master_wakes_about_once_a_second_to_sweep() {
+    let s = Server::start(&["--workers", "2", "--tls12", "--no-tickets", "--session-timeout", "1"]);
+    let mut c = Client::new(true);
+    c.request(s.addr(), "/").expect("full");
+    std::thread::sleep(Duration::from_millis(300));
+    // Nothing reaches the master for 3 s: only its sweep timer may wake the cache thread,
+    // and it must (an expired session is swept without traffic), about once a second, never
+    // in a loop.
+    let (cpu0, woke0) = cache_thread_sched(s.master);
+    std::thread::sleep(Duration::from_millis(3000));
+    let (cpu1, woke1) = cache_thread_sched(s.master);
+    let (cpu, woke) = (Duration::from_nanos(cpu1 - cpu0), woke1 - woke0);
+    assert!((2..=6).contains(&woke), "the idle cache thread woke {woke} times in 3 s");
+    assert!(cpu < Duration::from_millis(100), "the idle cache thread used {cpu:?} of CPU in 3 s");
+    let st = s.stats();
+    assert!(st["expirations"] >= 1, "the session expired after 1 s was swept: {st:?}");
+}
+
 #[test]
 fn max_lifetime_caps_a_long_session_timeout() {
     let s = Server::start(&[

@@ -121,6 +121,27 @@ fn each_worker_holds_only_its_own_channel_and_nothing_is_on_the_filesystem() {
         assert!(!master.contains(&mine[0]), "a worker holds a master-side end");
         assert!(seen.insert(mine[0]), "two workers share one channel end");
     }
+    // The cache thread's own descriptors (its epoll set, wake-up eventfd and sweep timerfd)
+    // are the master's alone: every worker closed its inherited copies.
+    let anon = |pid: i32| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("proc fd")
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .map(|t| t.to_string_lossy().into_owned())
+            .filter(|t| t.starts_with("anon_inode:"))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        anon(s.master),
+        ["anon_inode:[eventfd]", "anon_inode:[eventpoll]", "anon_inode:[timerfd]"],
+        "the master's cache thread descriptors"
+    );
+    for w in &s.workers {
+        assert!(anon(*w).is_empty(), "worker {w} holds master descriptors: {:?}", anon(*w));
+    }
     // Every channel descriptor is close-on-exec (none is inherited by an exec by accident).
     for pid in s.workers.iter().chain([s.master].iter()) {
         for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("fdinfo").flatten() {
