@@ -191,6 +191,10 @@ pub struct Channel {
     open_until_ms: AtomicU64,
     backoff_ms: AtomicU64,
     dead: AtomicBool,
+    /// The receive timeout set on the socket (`SO_RCVTIMEO`, the GET timeout) once it was made
+    /// blocking; `None` if either failed. With it, the reader waits for a reply in one
+    /// blocking `recv` instead of a `ppoll` and a `recv` (see `read_replies`).
+    recv_timeout: Option<Duration>,
     /// Recent sessions of the whole cluster, pushed by the master (`Op::Sync`), plus this
     /// process's own stores and the master's hits; `None` when replicas are off.
     replica: Option<Mutex<Replica>>,
@@ -240,6 +244,31 @@ thread_local! {
     static RECV_BUF: RefCell<SecretBuf> = RefCell::new(SecretBuf::default());
 }
 
+/// Make the worker's end blocking, with `timeout` as its receive timeout. Every other
+/// operation on it passes `MSG_DONTWAIT`, so only the reader's wait for a reply blocks.
+/// `None` (and the descriptor left as it was, non-blocking) if the kernel refuses either.
+fn blocking_with_timeout(fd: RawFd, timeout: Duration) -> Option<Duration> {
+    if timeout.is_zero() {
+        return None;
+    }
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: `tv` is a valid timeval of the given size; fcntl on our own descriptor.
+    unsafe {
+        let len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+        if libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), len) != 0 {
+            return None;
+        }
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        if fl < 0 || libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK) != 0 {
+            return None;
+        }
+    }
+    Some(timeout)
+}
+
 fn mono_ms() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
@@ -268,7 +297,9 @@ impl Drop for ReaderRole<'_> {
 
 impl Channel {
     fn new(fd: RawFd, pid: i32) -> Channel {
+        let recv_timeout = blocking_with_timeout(fd, Duration::from_micros(GET_TIMEOUT_US.load(SeqCst)));
         Channel {
+            recv_timeout,
             fd,
             pid,
             next_id: AtomicU64::new(0),
@@ -619,11 +650,20 @@ impl Channel {
             w.reader = true;
         }
         let _role = ReaderRole(self);
-        self.recv_available(false);
+        self.recv_available(false, false);
     }
 
     /// Wait up to `wait` for the socket to be readable, then file every reply there is.
     fn read_replies(&self, wait: Duration) {
+        // A request's first wait is about the whole timeout: one blocking recv then, which
+        // returns with the first frame, or EAGAIN after `SO_RCVTIMEO` (at most a tenth over
+        // `wait`). Shorter waits (a push came first) poll, to keep the deadline exact.
+        if let Some(t) = self.recv_timeout {
+            if wait.saturating_mul(10) >= t.saturating_mul(9) {
+                self.recv_available(true, true);
+                return;
+            }
+        }
         let mut pfd = libc::pollfd { fd: self.fd, events: libc::POLLIN, revents: 0 };
         let ts =
             libc::timespec { tv_sec: wait.as_secs() as libc::time_t, tv_nsec: wait.subsec_nanos() as libc::c_long };
@@ -634,22 +674,23 @@ impl Channel {
         }
         // Stop at the first reply a caller waits for: its caller need not pay for one more
         // recv that finds the socket empty (pushes behind it are drained at the next lookup).
-        self.recv_available(true);
+        self.recv_available(true, false);
     }
 
     /// Receive and file the frames waiting on the socket: all of them, or with
-    /// `until_reply` up to the first one that answers a waiting request.
-    fn recv_available(&self, until_reply: bool) {
+    /// `until_reply` up to the first one that answers a waiting request. With `block_first`
+    /// the first `recv` waits (up to the socket's `SO_RCVTIMEO`).
+    fn recv_available(&self, until_reply: bool, block_first: bool) {
         let drain = |buf: &mut SecretBuf| {
             let v = buf.vec();
             if v.len() < MAX_FRAME_LEN + 1 {
                 v.resize(MAX_FRAME_LEN + 1, 0);
             }
+            let mut flags = if block_first { libc::MSG_TRUNC } else { libc::MSG_DONTWAIT | libc::MSG_TRUNC };
             loop {
                 // SAFETY: `v` is valid for `v.len()` bytes; MSG_TRUNC reports oversized frames.
-                let n = unsafe {
-                    libc::recv(self.fd, v.as_mut_ptr().cast(), v.len(), libc::MSG_DONTWAIT | libc::MSG_TRUNC)
-                };
+                let n = unsafe { libc::recv(self.fd, v.as_mut_ptr().cast(), v.len(), flags) };
+                flags = libc::MSG_DONTWAIT | libc::MSG_TRUNC;
                 if n == 0 {
                     self.mark_dead();
                     return;
