@@ -247,6 +247,30 @@ fn ns(d: Duration) -> u64 {
     d.as_nanos().min(u64::MAX as u128) as u64
 }
 
+/// Run `op` back to back from `from` (now) until `until`, each call timed into `lats` and
+/// counted in `n` and `hits`; the call in flight at `until` is finished. Returns when.
+fn run_ops(
+    lats: &mut [u32],
+    n: &mut usize,
+    hits: &mut u64,
+    from: Instant,
+    until: Instant,
+    op: &mut impl FnMut(usize) -> bool,
+) -> Instant {
+    let mut last = from;
+    while last < until {
+        let t0 = last;
+        let hit = op(*n);
+        last = Instant::now();
+        if *n < LAT_CAP {
+            lats[*n] = ns(last - t0).min(u32::MAX as u64) as u32;
+        }
+        *n += 1;
+        *hits += u64::from(hit);
+    }
+    last
+}
+
 /// One worker's GET loop: every request timed, until `end`.
 fn timed_loop(sh: &Shared, w: usize, start: Instant, end: Instant, mut op: impl FnMut(usize) -> bool) {
     let lats = sh.latencies(w);
@@ -256,20 +280,7 @@ fn timed_loop(sh: &Shared, w: usize, start: Instant, end: Instant, mut op: impl 
     }
     sleep_until(start);
     let (mut n, mut hits) = (0usize, 0u64);
-    let mut last = Instant::now();
-    loop {
-        let t0 = last;
-        let hit = op(n);
-        last = Instant::now();
-        if n < LAT_CAP {
-            lats[n] = ns(last - t0).min(u32::MAX as u64) as u32;
-        }
-        n += 1;
-        hits += u64::from(hit);
-        if last >= end {
-            break;
-        }
-    }
+    let last = run_ops(lats, &mut n, &mut hits, Instant::now(), end, &mut op);
     c[C_OPS].store(n as u64, Ordering::Relaxed);
     c[C_HITS].store(hits, Ordering::Relaxed);
     c[C_ELAPSED_NS].store(ns(last - start), Ordering::Relaxed);
@@ -302,18 +313,7 @@ fn turn_loop(sh: &Shared, slot: usize, group: u32, start: Instant, end: Instant,
             sleep_until(turn_end);
             continue;
         }
-        let mut last = now;
-        while last < turn_end {
-            let t0 = last;
-            let hit = op(n);
-            last = Instant::now();
-            if n < LAT_CAP {
-                lats[n] = ns(last - t0).min(u32::MAX as u64) as u32;
-            }
-            n += 1;
-            hits += u64::from(hit);
-        }
-        busy += last - now;
+        busy += run_ops(lats, &mut n, &mut hits, now, turn_end, &mut op) - now;
     }
     c[C_OPS].store(n as u64, Ordering::Relaxed);
     c[C_HITS].store(hits, Ordering::Relaxed);
