@@ -169,7 +169,8 @@ typedef struct cts_config {
    */
   uint32_t max_lifetime_secs;
   /**
-   * How long a worker's lookup waits for the master, in microseconds; then it is a miss.
+   * How long a worker's lookup waits for the master, in microseconds (at most 200 µs more,
+   * and no more than a tenth more); then it is a miss.
    * Default 10000 (10 ms).
    */
   uint32_t get_timeout_us;

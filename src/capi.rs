@@ -91,7 +91,8 @@ pub struct cts_config {
     pub max_session_bytes: u32,
     /// Cap on a session's lifetime in the cache, in seconds. Default 86400.
     pub max_lifetime_secs: u32,
-    /// How long a worker's lookup waits for the master, in microseconds; then it is a miss.
+    /// How long a worker's lookup waits for the master, in microseconds (at most 200 µs more,
+    /// and no more than a tenth more); then it is a miss.
     /// Default 10000 (10 ms).
     pub get_timeout_us: u32,
     /// Longest pause of lookups after the master failed to answer, in milliseconds.

@@ -117,12 +117,9 @@ fn adopt_from_env() -> Result<RawFd, Error> {
     if rc != 0 || ty != libc::SOCK_SEQPACKET {
         return Err(Error::NoMaster);
     }
-    // SAFETY: fcntl on a valid descriptor; flags are plain integers.
-    unsafe {
-        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-        let fl = libc::fcntl(fd, libc::F_GETFL);
-        libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
-    }
+    // SAFETY: fcntl on a valid descriptor; flags are plain integers. (Blocking or not does
+    // not matter: `Channel::new` sets the mode it needs.)
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     fork::adopt_channel_fd(fd);
     fork::install_handlers()?;
     adopt_env_config();
@@ -244,9 +241,14 @@ thread_local! {
     static RECV_BUF: RefCell<SecretBuf> = RefCell::new(SecretBuf::default());
 }
 
+/// How far past its deadline a request's blocking wait for a reply may end at most (see
+/// `read_replies`).
+const BLOCK_SLACK: Duration = Duration::from_micros(200);
+
 /// Make the worker's end blocking, with `timeout` as its receive timeout. Every other
 /// operation on it passes `MSG_DONTWAIT`, so only the reader's wait for a reply blocks.
-/// `None` (and the descriptor left as it was, non-blocking) if the kernel refuses either.
+/// `None` (the descriptor then keeps its mode, which nothing relies on) if the kernel
+/// refuses either.
 fn blocking_with_timeout(fd: RawFd, timeout: Duration) -> Option<Duration> {
     if timeout.is_zero() {
         return None;
@@ -656,10 +658,11 @@ impl Channel {
     /// Wait up to `wait` for the socket to be readable, then file every reply there is.
     fn read_replies(&self, wait: Duration) {
         // A request's first wait is about the whole timeout: one blocking recv then, which
-        // returns with the first frame, or EAGAIN after `SO_RCVTIMEO` (at most a tenth over
-        // `wait`). Shorter waits (a push came first) poll, to keep the deadline exact.
+        // returns with the first frame, or EAGAIN after `SO_RCVTIMEO`, at most `BLOCK_SLACK`
+        // (or a tenth of the timeout, if less) past `wait`. Shorter waits (a push came
+        // first) poll, to keep the deadline exact.
         if let Some(t) = self.recv_timeout {
-            if wait.saturating_mul(10) >= t.saturating_mul(9) {
+            if wait + BLOCK_SLACK.min(t / 10) >= t {
                 self.recv_available(true, true);
                 return;
             }

@@ -16,7 +16,8 @@ pub struct Config {
     /// Upper bound on a session's lifetime in the cache, whatever its own timeout says.
     /// Default 24 hours.
     pub max_lifetime: Duration,
-    /// How long a worker's lookup waits for the master before it counts as a miss.
+    /// How long a worker's lookup waits for the master before it counts as a miss (at most
+    /// 200 µs more, and no more than a tenth more).
     /// Default 10 ms.
     pub get_timeout: Duration,
     /// Longest pause of lookups after the master failed to answer (the breaker doubles its

@@ -79,13 +79,7 @@ impl SecretBuf {
     /// as it is; here the contents move to a new one and the old one is wiped first. Append
     /// secrets through this (or `extend_from_slice`), or into a buffer sized beforehand.
     pub fn reserve(&mut self, additional: usize) {
-        if self.0.capacity() - self.0.len() >= additional {
-            return;
-        }
-        let want = self.0.len().saturating_add(additional).max(self.0.capacity().saturating_mul(2));
-        let mut grown = Vec::with_capacity(want);
-        grown.extend_from_slice(&self.0);
-        drop(SecretBuf(std::mem::replace(&mut self.0, grown)));
+        reserve_wiped(&mut self.0, additional);
     }
 
     /// Append `bytes`, growing as `reserve` does.
