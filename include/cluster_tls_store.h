@@ -202,9 +202,11 @@ typedef struct cts_config {
    */
   const char *ticket_key_file;
   /**
-   * Byte budget of each worker's replica of recent sessions, pushed by the master so most
-   * lookups are answered inside the worker. Costs up to this much memory per worker.
-   * 0 turns replicas off (every lookup asks the master). Default 4194304 (4 MiB).
+   * Byte budget of each worker's replica of recent sessions, so most lookups are answered
+   * inside the worker. Costs up to this much memory per worker, plus one session ring
+   * shared by the master and its workers (half this, 256 KiB to 16 MiB; 2 MiB by default)
+   * through which workers hand new sessions to each other and to the master without a
+   * message. 0 turns both off (every lookup asks the master). Default 4194304 (4 MiB).
    */
   uint64_t replica_bytes;
   /**
@@ -351,6 +353,16 @@ typedef struct cts_master_stats {
    * Sessions written to Redis.
    */
   uint64_t remote_stores;
+  /**
+   * Sessions the master read from the session ring (stored by workers without a message).
+   */
+  uint64_t ring_records;
+  /**
+   * Ring records the master did not get: overwritten before it read them (the ring was a
+   * whole lap ahead), or still half written after a writer's stall. Those sessions are
+   * only in the replicas.
+   */
+  uint64_t ring_lost;
 } cts_master_stats;
 
 /**
@@ -449,6 +461,11 @@ typedef struct cts_worker_stats {
    * `d2i_SSL_SESSION`); a subset of `replica_hits`.
    */
   uint64_t replica_decoded_hits;
+  /**
+   * Sessions put into the session ring, which carries them to the other workers and the
+   * master without a message (a subset of `puts`; the others went over the channel).
+   */
+  uint64_t ring_puts;
 } cts_worker_stats;
 
 /**

@@ -177,6 +177,11 @@ impl Cache {
         self.counters
     }
 
+    /// Count a session that expired before it could be stored (see `Master::read_ring`).
+    pub fn count_expired(&mut self) {
+        self.counters.expirations += 1;
+    }
+
     /// The cost of one entry against the budget.
     pub fn entry_cost(key_len: usize, der_len: usize) -> usize {
         key_len + der_len + ENTRY_OVERHEAD

@@ -385,6 +385,8 @@ unsafe fn lookup_session(
             }
             Some(Backend::InProcess(m)) => {
                 bump(&WORKER.gets);
+                // Sessions the workers made may still be in the session ring only.
+                m.read_ring();
                 let mut cache = m.cache();
                 let found = cache.get(&state.namespace, id, master::now_secs()).map(SecretBuf::from_slice);
                 drop(cache);

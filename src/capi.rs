@@ -112,9 +112,11 @@ pub struct cts_config {
     /// open). The master reloads it when it changes; rotation settings are then unused. The
     /// string is copied by `cts_master_setup`.
     pub ticket_key_file: *const c_char,
-    /// Byte budget of each worker's replica of recent sessions, pushed by the master so most
-    /// lookups are answered inside the worker. Costs up to this much memory per worker.
-    /// 0 turns replicas off (every lookup asks the master). Default 4194304 (4 MiB).
+    /// Byte budget of each worker's replica of recent sessions, so most lookups are answered
+    /// inside the worker. Costs up to this much memory per worker, plus one session ring
+    /// shared by the master and its workers (half this, 256 KiB to 16 MiB; 2 MiB by default)
+    /// through which workers hand new sessions to each other and to the master without a
+    /// message. 0 turns both off (every lookup asks the master). Default 4194304 (4 MiB).
     pub replica_bytes: u64,
     /// NULL (default), or the URL of a Redis (or Valkey) shared by the masters of several
     /// hosts: `redis://[user:password@]host:port/db`, or `rediss://...` for TLS. A local miss

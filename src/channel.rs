@@ -209,6 +209,8 @@ fn hot_capacity(replica_bytes: usize) -> usize {
 struct Replica {
     cache: Cache,
     hot: Hot,
+    /// How far this worker has read the session ring (`None`: no ring in this process).
+    ring: Option<crate::ring::Cursor>,
 }
 
 impl Replica {
@@ -222,9 +224,14 @@ impl Replica {
         self.cache.remove(namespace, id);
     }
 
+    /// Drop everything, and skip what the session ring holds now: the removal of any of it
+    /// may be among the pushes that were lost (a removal pushed after this is not).
     fn clear(&mut self) {
         self.hot.clear();
         self.cache.clear();
+        if let (Some(ring), Some(cur)) = (crate::ring::get(), self.ring.as_mut()) {
+            cur.next = cur.next.max(ring.head());
+        }
     }
 }
 
@@ -315,6 +322,9 @@ impl Channel {
                 bytes => Some(Mutex::new(Replica {
                     cache: Cache::new(bytes, MAX_SESSION.load(SeqCst) as usize),
                     hot: Hot::new(hot_capacity(bytes)),
+                    // From the head on: what was written before this channel existed may
+                    // have been removed since, and this worker would never hear of it.
+                    ring: crate::ring::get().map(|r| r.cursor_at_head()),
                 })),
             },
         }
@@ -353,17 +363,28 @@ impl Channel {
     /// Send one frame without blocking. The frame is built by `build` in a thread-local
     /// buffer that is wiped afterwards. Returns false if it was not sent.
     fn send_frame(&self, build: impl FnOnce(&mut Vec<u8>) -> bool) -> bool {
-        self.send_frame_within(None, build)
+        self.send_frame_within(None, false, build)
     }
 
     /// `send_frame`, but a full socket is waited on (for room, up to `deadline`) instead of
     /// costing the message: for a removal, whose loss would let a dead session resume.
-    fn send_frame_within(&self, deadline: Option<Instant>, build: impl FnOnce(&mut Vec<u8>) -> bool) -> bool {
+    ///
+    /// With `ring`, the frame (a PUT) goes into the session ring instead when it fits there.
+    fn send_frame_within(
+        &self,
+        deadline: Option<Instant>,
+        ring: bool,
+        build: impl FnOnce(&mut Vec<u8>) -> bool,
+    ) -> bool {
         let send = |buf: &mut SecretBuf| -> bool {
             buf.clear();
             if !build(buf.vec()) {
                 buf.clear();
                 return false;
+            }
+            if ring && self.publish(buf) {
+                buf.clear();
+                return true;
             }
             let (rc, err) = loop {
                 // SAFETY: `buf` is valid for its length; non-blocking, and MSG_NOSIGNAL keeps
@@ -414,6 +435,29 @@ impl Channel {
         }
     }
 
+    /// Put a PUT frame into the session ring (see `ring`); false if it must go over the
+    /// channel. A writer that finds a quarter of the ring unread by the master nudges it.
+    fn publish(&self, frame: &[u8]) -> bool {
+        let Some(ring) = crate::ring::get() else { return false };
+        if self.replica.is_none() {
+            return false;
+        }
+        match ring.publish(self.pid, frame) {
+            crate::ring::Published::Yes { nudge } => {
+                if nudge {
+                    let mut f = Vec::with_capacity(protocol::HEADER_LEN);
+                    protocol::encode(&mut f, Op::Nudge, 0, 0, b"", b"", &[]);
+                    // SAFETY: `f` is valid for its length; non-blocking, no SIGPIPE. A lost
+                    // nudge is made up for by the master's next wake-up (at most a second).
+                    unsafe { libc::send(self.fd, f.as_ptr().cast(), f.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+                }
+                bump(&WORKER.ring_puts);
+                true
+            }
+            crate::ring::Published::No => false,
+        }
+    }
+
     /// Fire-and-forget PUT: `der` fills the payload after the header.
     pub fn put(
         &self,
@@ -426,7 +470,7 @@ impl Channel {
         if self.is_dead() {
             return;
         }
-        let sent = self.send_frame(|out| {
+        let sent = self.send_frame_within(None, true, |out| {
             out.reserve(protocol::frame_len(namespace, id, der_len));
             protocol::encode_header(out, Op::Put, 0, expiry, namespace, id);
             let start = out.len();
@@ -455,7 +499,7 @@ impl Channel {
             return;
         }
         let deadline = Instant::now() + Duration::from_micros(GET_TIMEOUT_US.load(Relaxed));
-        if self.send_frame_within(Some(deadline), |out| {
+        if self.send_frame_within(Some(deadline), false, |out| {
             protocol::encode(out, Op::Del, 0, 0, namespace, id, &[]);
             true
         }) {
@@ -513,7 +557,28 @@ impl Channel {
         bump(&WORKER.gets);
         self.replica.as_ref()?;
         self.drain_now();
-        Some((self.replica()?, crate::master::now_secs()))
+        let mut r = self.replica()?;
+        let now = crate::master::now_secs();
+        self.read_ring(&mut r, 0, now);
+        Some((r, now))
+    }
+
+    /// Apply to the replica the sessions other workers put into the ring since the last
+    /// read (a few loads when there are none). `settled`: see `ring::Ring::read`.
+    fn read_ring(&self, r: &mut Replica, settled: u64, now: u64) {
+        let (Some(ring), Some(cur)) = (crate::ring::get(), r.ring.as_mut()) else { return };
+        let cap = now.saturating_add(MAX_LIFETIME_SECS.load(Relaxed));
+        let (cache, hot) = (&mut r.cache, &mut r.hot);
+        let n = ring.read(cur, settled, self.pid, |rec| match protocol::decode(rec) {
+            Ok(m) if m.op == Op::Put => {
+                hot.remove(m.namespace, m.id);
+                cache.put(m.namespace, m.id, m.payload, m.expiry.min(cap), now);
+            }
+            _ => bump(&WORKER.decode_failures),
+        });
+        if n.records > 0 {
+            WORKER.replica_updates.fetch_add(n.records, Relaxed);
+        }
     }
 
     /// Look up a session in the master, bypassing the replica (which then keeps a hit).
@@ -722,10 +787,14 @@ impl Channel {
     }
 
     /// Apply the stores and removals other workers made to the replica.
-    fn apply_sync(&self, payload: &[u8]) {
+    ///
+    /// `ring_pos` is how far the master had read the ring when it sent them: the replica
+    /// reads that far first, so a removal is never applied before the store it removes.
+    fn apply_sync(&self, payload: &[u8], ring_pos: u64) {
         let Some(mut r) = self.replica() else { return };
         let r = &mut *r;
         let now = crate::master::now_secs();
+        self.read_ring(r, ring_pos, now);
         let cap = now.saturating_add(MAX_LIFETIME_SECS.load(Relaxed));
         for rec in protocol::sync_records(payload) {
             match rec {
@@ -753,7 +822,7 @@ impl Channel {
         };
         let reply = match msg.op {
             Op::Sync => {
-                self.apply_sync(msg.payload);
+                self.apply_sync(msg.payload, msg.request_id);
                 return false;
             }
             Op::Flush => {
@@ -803,7 +872,7 @@ mod tests {
     use crate::hot::tests::session;
 
     fn replica() -> Replica {
-        Replica { cache: Cache::new(1 << 20, 16 << 10), hot: Hot::new(16) }
+        Replica { cache: Cache::new(1 << 20, 16 << 10), hot: Hot::new(16), ring: None }
     }
 
     fn keep_decoded(r: &mut Replica, id: &[u8]) {
@@ -837,5 +906,59 @@ mod tests {
         assert_eq!(hot_capacity(64 << 10), 64);
         assert_eq!(hot_capacity(4 << 20), 1024);
         assert_eq!(hot_capacity(1 << 40), 4096);
+    }
+
+    /// A worker's channel (its master end returned) in a process that has the session ring.
+    fn channel_with_ring() -> (Channel, std::os::fd::OwnedFd, &'static crate::ring::Ring) {
+        use std::os::fd::FromRawFd;
+        crate::ring::create(64, false).expect("ring");
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors.
+        assert_eq!(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()) }, 0);
+        let ch = Channel::new(fds[0], fork::pid());
+        assert!(ch.replica().is_some_and(|r| r.ring.is_some()));
+        // SAFETY: `fds[1]` is ours alone.
+        (ch, unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[1]) }, crate::ring::get().unwrap())
+    }
+
+    fn frame(op: Op, request_id: u64, id: &[u8], payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        protocol::encode(&mut f, op, request_id, 4_000_000_000, b"ns", id, payload);
+        f
+    }
+
+    fn in_replica(ch: &Channel, id: &[u8]) -> bool {
+        let (mut r, now) = ch.replica_for_lookup().unwrap();
+        r.cache.get(b"ns", id, now).is_some()
+    }
+
+    #[test]
+    fn ring_records_reach_the_replica_and_a_removal_pushed_later_wins() {
+        let (ch, _master, ring) = channel_with_ring();
+        // Another process's store, through the ring.
+        assert!(matches!(ring.publish(-7, &frame(Op::Put, 0, b"r1", b"der")), crate::ring::Published::Yes { .. }));
+        assert!(in_replica(&ch, b"r1"));
+        // A store still unread in the ring, then the master's push removing it (sent once
+        // it had read that far): the store is applied first, the removal last.
+        ring.publish(-7, &frame(Op::Put, 0, b"r2", b"der"));
+        let mut sync = Vec::new();
+        assert!(protocol::push_sync_record(&mut sync, &frame(Op::Del, 0, b"r2", b"")));
+        ch.file_reply(&frame(Op::Sync, ring.head(), b"", &sync));
+        assert!(!in_replica(&ch, b"r2"));
+        // This process's own records are not read back (its replica has them already, and
+        // a removal of its own must not be undone by them).
+        ring.publish(fork::pid(), &frame(Op::Put, 0, b"own", b"der"));
+        assert!(!in_replica(&ch, b"own"));
+    }
+
+    #[test]
+    fn a_flush_drops_the_ring_records_published_before_it() {
+        let (ch, _master, ring) = channel_with_ring();
+        // Its removal may be among the pushes the Flush stands for.
+        ring.publish(-7, &frame(Op::Put, 0, b"before", b"der"));
+        ch.file_reply(&frame(Op::Flush, 0, b"", b""));
+        ring.publish(-7, &frame(Op::Put, 0, b"after", b"der"));
+        assert!(in_replica(&ch, b"after"));
+        assert!(!in_replica(&ch, b"before"));
     }
 }

@@ -37,11 +37,14 @@ pub struct Config {
     /// nginx/HAProxy format (one 48- or 80-byte key, or base64 lines; the first key encrypts,
     /// all open). The master reloads it when it changes (checked every second). Default none.
     pub ticket_key_file: Option<std::path::PathBuf>,
-    /// Byte budget of each worker's replica: the master pushes every stored or removed
-    /// session to the other workers, which keep recent ones (LRU, same accounting as the
-    /// master's cache), so most lookups are answered in the worker without a round trip.
-    /// Memory cost: up to this much per worker. 0 turns replicas off (every lookup asks the
-    /// master). Default 4 MiB.
+    /// Byte budget of each worker's replica: every stored or removed session reaches the
+    /// other workers, which keep recent ones (LRU, same accounting as the master's cache), so
+    /// most lookups are answered in the worker without a round trip. A new session travels
+    /// through the session ring, a shared mapping of half this budget (256 KiB to 16 MiB)
+    /// that the master makes before it forks; removals, and sessions too large for a ring
+    /// slot (about 400 bytes of DER), are pushed by the master. Memory cost: up to this much
+    /// per worker, plus the ring once. 0 turns replicas and the ring off (every lookup asks
+    /// the master). Default 4 MiB.
     pub replica_bytes: usize,
     /// The remote tier, shared by the masters of several hosts: a Redis (or Valkey) URL,
     /// `redis://[user:password@]host:port/db` or `rediss://` for TLS. `None` (default) keeps

@@ -312,6 +312,9 @@ extern "C" fn child() {
     if worker_end >= 0 {
         CHANNEL_PID.store(me, SeqCst);
         CHANNEL_FD.store(worker_end, SeqCst);
+    } else {
+        // Not a worker of this master (a worker's helper): no access to the session ring.
+        crate::ring::forget_in_child();
     }
     crate::stats::WORKER.reset();
     crate::channel::forget_parent_channel();

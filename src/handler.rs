@@ -41,6 +41,8 @@ pub fn handle_frame(
             cache.remove(msg.namespace, msg.id);
             Handled::NoReply
         }
+        // The wake-up was the point: the loop reads the session ring on every round.
+        Op::Nudge => Handled::NoReply,
         Op::Get => {
             match cache.lookup(msg.namespace, msg.id, now) {
                 // The entry's expiry rides along, for the worker's replica.

@@ -53,6 +53,7 @@ mod log;
 mod master;
 pub mod protocol;
 mod remote;
+mod ring;
 mod stats;
 pub mod tickets;
 mod wipe;

@@ -207,6 +207,22 @@ pub struct Master {
     /// Stores and removals this process made itself (a master serving TLS while it has
     /// workers), waiting for the cache thread to push them to the workers' replicas.
     local_sync: Mutex<LocalSync>,
+    /// How far the master has read the session ring, and what it wipes there (`ring`).
+    ring_reader: Mutex<RingReader>,
+    /// `ring_reader`'s position, for the `Sync` frames (see `Op::Sync`).
+    ring_pos: AtomicU64,
+    ring_records: AtomicU64,
+    ring_lost: AtomicU64,
+}
+
+/// See `Master::ring_reader`.
+struct RingReader {
+    cursor: crate::ring::Cursor,
+    /// Where the cursor was at the last sweep: the records before it were read at least a
+    /// sweep ago, and are wiped at the next one.
+    read_at_last_sweep: u64,
+    /// Records before this are wiped (or were overwritten).
+    wiped_to: u64,
 }
 
 /// See `Master::local_sync`.
@@ -326,6 +342,14 @@ pub fn setup(mut config: Config) -> Result<(), Error> {
         return Err(Error::System("master descriptor number too large to track".into()));
     }
     let remote = crate::remote::Tier::new(&config, wake.as_raw_fd())?;
+    if config.replica_bytes > 0 {
+        // Without it, every store goes over the channels (and wakes the master), as before.
+        let eager = remote.is_some();
+        if let Err(e) = crate::ring::create(crate::ring::slots_for(config.replica_bytes), eager) {
+            crate::log::debug!("no session ring: {e}");
+        }
+    }
+    let ring_start = crate::ring::get().map(|r| r.cursor_at_head());
     let cache = Cache::new(config.cache_bytes, config.max_session_bytes);
     let schedule = KeySchedule::new(config.ticket_key_rotation.as_secs(), u64::from(config.ticket_keys));
     let master = Master {
@@ -344,6 +368,14 @@ pub fn setup(mut config: Config) -> Result<(), Error> {
         key_file: Mutex::new(None),
         remote,
         local_sync: Mutex::new(LocalSync::default()),
+        ring_reader: Mutex::new(RingReader {
+            read_at_last_sweep: ring_start.as_ref().map_or(0, |c| c.next),
+            wiped_to: ring_start.as_ref().map_or(0, |c| c.next),
+            cursor: ring_start.unwrap_or_else(crate::ring::Cursor::start),
+        }),
+        ring_pos: AtomicU64::new(0),
+        ring_records: AtomicU64::new(0),
+        ring_lost: AtomicU64::new(0),
     };
     if let Err(rejected) = MASTER.set(master) {
         drop(tracked);
@@ -556,7 +588,59 @@ impl Master {
 
     /// The master's counters now.
     pub fn stats(&self) -> MasterStats {
+        self.read_ring();
         self.stats_with(&self.cache())
+    }
+
+    /// Store what the workers put into the session ring since the last read (into the cache
+    /// and, with the remote tier on, Redis). Called on every round of the loop, before a GET
+    /// would miss, and by in-process lookups; a few loads when nothing is new.
+    pub(crate) fn read_ring(&self) {
+        let Some(ring) = crate::ring::get() else { return };
+        let mut reader = self.ring_reader.lock().unwrap_or_else(|e| e.into_inner());
+        if reader.cursor.next == ring.head() {
+            return;
+        }
+        let now = now_secs();
+        let cap = now.saturating_add(self.config.max_lifetime.as_secs());
+        let mut cache = self.cache();
+        let n = ring.read(&mut reader.cursor, 0, 0, |rec| match protocol::decode(rec) {
+            Ok(m) if m.op == Op::Put => {
+                let expiry = m.expiry.min(cap);
+                crate::log::debug!(
+                    "master: Put (ring) ns={} id={} payload={}B",
+                    String::from_utf8_lossy(m.namespace),
+                    crate::log::hex(m.id),
+                    m.payload.len()
+                );
+                if expiry <= now {
+                    // It expired before the master got to it (the ring is read up to a
+                    // second late when nothing else wakes the loop).
+                    cache.count_expired();
+                }
+                cache.put(m.namespace, m.id, m.payload, expiry, now);
+                if let Some(r) = &self.remote {
+                    r.put(m.namespace, m.id, m.payload, expiry, now);
+                }
+            }
+            _ => {
+                self.bad_frames.fetch_add(1, Relaxed);
+            }
+        });
+        drop(cache);
+        ring.master_read_to(reader.cursor.next);
+        self.ring_pos.store(reader.cursor.next, SeqCst);
+        self.ring_records.fetch_add(n.records, Relaxed);
+        self.ring_lost.fetch_add(n.lost, Relaxed);
+    }
+
+    /// Wipe the ring slots the master read at least a sweep ago (called once a second).
+    fn wipe_ring(&self) {
+        let Some(ring) = crate::ring::get() else { return };
+        let mut reader = self.ring_reader.lock().unwrap_or_else(|e| e.into_inner());
+        ring.wipe_range(reader.wiped_to, reader.read_at_last_sweep);
+        reader.wiped_to = reader.read_at_last_sweep;
+        reader.read_at_last_sweep = reader.cursor.next;
     }
 
     fn stats_with(&self, cache: &Cache) -> MasterStats {
@@ -579,6 +663,8 @@ impl Master {
                 + self.key_file.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |f| f.reloads),
             sync_records: self.sync_records.load(Relaxed),
             sync_drops: self.sync_drops.load(Relaxed),
+            ring_records: self.ring_records.load(Relaxed),
+            ring_lost: self.ring_lost.load(Relaxed),
             ..MasterStats::default()
         };
         if let Some(r) = &self.remote {
@@ -682,6 +768,7 @@ impl Master {
     /// then the once-a-second sweep.
     fn round(&self, ep: RawFd, wake: RawFd, ready: &[libc::epoll_event], st: &mut LoopState) {
         let LoopState { conns, main, spare, last_sweep } = st;
+        self.read_ring();
         let tick = self.tick.as_raw_fd();
         if ready.iter().any(|ev| ev.u64 == tick as u64) {
             // Read the expirations, or the level-triggered timer stays ready. The sweep
@@ -739,6 +826,7 @@ impl Master {
         if now != *last_sweep {
             *last_sweep = now;
             self.cache().sweep(now);
+            self.wipe_ring();
             // Rotate on time (and wipe retired keys) even when nobody asks.
             let mut retired = self.ticket_keys();
             wipe(&mut retired);
@@ -883,7 +971,14 @@ impl Master {
             return false;
         }
         match protocol::decode(frame) {
-            Ok(m) if m.op == Op::Get => !self.cache().contains(m.namespace, m.id, now_secs()),
+            Ok(m) if m.op == Op::Get => {
+                let missing = || !self.cache().contains(m.namespace, m.id, now_secs());
+                // A store still in the session ring counts: read it first.
+                missing() && {
+                    self.read_ring();
+                    missing()
+                }
+            }
             _ => false,
         }
     }
@@ -943,7 +1038,7 @@ impl Master {
         }
         if !c.flush_due {
             out.clear();
-            protocol::encode(out, Op::Sync, 0, 0, b"", b"", &c.sync);
+            protocol::encode(out, Op::Sync, self.ring_pos.load(SeqCst), 0, b"", b"", &c.sync);
             let fits = c.room_for(out.len());
             let sent = fits && send_nonblocking(c.raw(), out);
             let len = out.len();

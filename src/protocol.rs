@@ -40,6 +40,9 @@ pub enum Op {
     Stats = 4,
     /// Worker → master: ask for the session ticket keys; expects `TicketKeysReply`.
     TicketKeys = 5,
+    /// Worker → master: a quarter of the session ring is unread by the master (see `ring`);
+    /// no reply, the wake-up is the message.
+    Nudge = 6,
     /// Master → worker: the session DER is the payload.
     Hit = 0x81,
     /// Master → worker: nothing stored under that key.
@@ -50,10 +53,12 @@ pub enum Op {
     TicketKeysReply = 0x85,
     /// Master → worker, unasked: PUTs and DELs other workers made, for the worker's replica.
     /// The payload is a sequence of records, each a little-endian u16 length and a whole
-    /// PUT or DEL frame (see `sync_records`).
+    /// PUT or DEL frame (see `sync_records`). The request id field carries how far the master
+    /// had read the session ring (`ring`) when it sent them.
     Sync = 0x86,
     /// Master → worker, unasked: some `Sync` frames to this worker were lost (its socket was
-    /// full); drop the whole replica, which may hold a session removed since.
+    /// full); drop the whole replica, which may hold a session removed since, and skip what
+    /// the session ring holds now.
     Flush = 0x87,
 }
 
@@ -65,6 +70,7 @@ impl Op {
             3 => Op::Del,
             4 => Op::Stats,
             5 => Op::TicketKeys,
+            6 => Op::Nudge,
             0x81 => Op::Hit,
             0x82 => Op::Miss,
             0x84 => Op::StatsReply,

@@ -59,6 +59,12 @@ pub struct MasterStats {
     pub remote_skips: u64,
     /// Sessions written to Redis.
     pub remote_stores: u64,
+    /// Sessions the master read from the session ring (stored by workers without a message).
+    pub ring_records: u64,
+    /// Ring records the master did not get: overwritten before it read them (the ring was a
+    /// whole lap ahead), or still half written after a writer's stall. Those sessions are
+    /// only in the replicas.
+    pub ring_lost: u64,
 }
 
 /// This process's own handshake-side counters.
@@ -113,6 +119,9 @@ pub struct WorkerStats {
     /// Replica hits served from a session already decoded by an earlier hit (no
     /// `d2i_SSL_SESSION`); a subset of `replica_hits`.
     pub replica_decoded_hits: u64,
+    /// Sessions put into the session ring, which carries them to the other workers and the
+    /// master without a message (a subset of `puts`; the others went over the channel).
+    pub ring_puts: u64,
 }
 
 /// `Stats::role`: neither master nor connected worker.
@@ -139,7 +148,7 @@ pub struct Stats {
 
 /// Encoded size of `MasterStats` on the wire.
 pub const MASTER_STATS_WIRE_LEN: usize = MASTER_STATS_FIELDS * 8;
-const MASTER_STATS_FIELDS: usize = 24;
+const MASTER_STATS_FIELDS: usize = 26;
 
 impl MasterStats {
     fn fields(&self) -> [u64; MASTER_STATS_FIELDS] {
@@ -168,6 +177,8 @@ impl MasterStats {
             self.remote_open_failures,
             self.remote_skips,
             self.remote_stores,
+            self.ring_records,
+            self.ring_lost,
         ]
     }
 
@@ -214,6 +225,8 @@ impl MasterStats {
             remote_open_failures: f[21],
             remote_skips: f[22],
             remote_stores: f[23],
+            ring_records: f[24],
+            ring_lost: f[25],
         })
     }
 }
@@ -243,6 +256,7 @@ pub struct WorkerCounters {
     pub(crate) replica_updates: AtomicU64,
     pub(crate) replica_flushes: AtomicU64,
     pub(crate) replica_decoded_hits: AtomicU64,
+    pub(crate) ring_puts: AtomicU64,
 }
 
 /// This process's counters.
@@ -273,10 +287,11 @@ impl WorkerCounters {
             replica_updates: AtomicU64::new(0),
             replica_flushes: AtomicU64::new(0),
             replica_decoded_hits: AtomicU64::new(0),
+            ring_puts: AtomicU64::new(0),
         }
     }
 
-    fn all(&self) -> [&AtomicU64; 22] {
+    fn all(&self) -> [&AtomicU64; 23] {
         [
             &self.gets,
             &self.hits,
@@ -300,6 +315,7 @@ impl WorkerCounters {
             &self.replica_updates,
             &self.replica_flushes,
             &self.replica_decoded_hits,
+            &self.ring_puts,
         ]
     }
 
@@ -336,6 +352,7 @@ impl WorkerCounters {
             replica_updates: v[19],
             replica_flushes: v[20],
             replica_decoded_hits: v[21],
+            ring_puts: v[22],
         }
     }
 }
@@ -375,6 +392,8 @@ mod tests {
             remote_open_failures: 22,
             remote_skips: 23,
             remote_stores: 24,
+            ring_records: 25,
+            ring_lost: 26,
         };
         assert_eq!(MasterStats::decode(&s.encode()), Some(s));
         assert_eq!(MasterStats::decode(&s.encode()[1..]), None);

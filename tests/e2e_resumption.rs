@@ -24,7 +24,9 @@ fn tls12_session_ids_resume_across_workers() {
     all_resumed_on_several_workers(&s, true, "TLSv1.2");
     let st = s.stats();
     assert_eq!(st["master_valid"], 1);
-    assert!(st["sync_records"] >= 3, "the stored session was pushed to the other workers: {st:?}");
+    // The session reached the master through the session ring (the other workers read it
+    // there too), not in a message.
+    assert!(st["ring_records"] >= 1, "the stored session went through the ring: {st:?}");
     assert!(st["w_hits"] >= 1, "{st:?}");
 }
 
@@ -286,7 +288,9 @@ fn debug_log_never_contains_a_session_master_key() {
     let text = std::fs::read(&log).expect("log file");
     let _ = std::fs::remove_file(&log);
     let lines = String::from_utf8_lossy(&text);
-    assert!(lines.contains("master: Put") && lines.contains("get session"), "debug logging was on:\n{lines}");
+    // (The master reads stores from the session ring up to a second late: it may not have
+    // logged them before the server was stopped.)
+    assert!(lines.contains("new session") && lines.contains("get session"), "debug logging was on:\n{lines}");
     for key in &keys {
         assert!(key.len() >= 32);
         let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();

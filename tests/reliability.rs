@@ -40,6 +40,8 @@ fn a_workers_helper_cannot_use_or_hold_the_workers_channel() {
     assert_eq!(r["helper_refused"], 1.0, "share_sessions in the helper is NotChannelOwner");
     assert_eq!(r["helper_channel_closed"], 1.0, "the helper's copy of the channel fd is closed");
     assert_eq!(r["helper_has_no_channel"], 1.0);
+    assert_eq!(r["worker_ring_mappings"], 1.0, "the worker has the session ring");
+    assert_eq!(r["helper_ring_mappings"], 0.0, "the helper does not: it was unmapped at fork");
     assert_eq!(r["worker_master_valid"], 1.0, "the worker's own channel still works");
     assert_eq!(r["worker_exit"], 0.0);
 }
@@ -168,6 +170,7 @@ fn a_worker_that_stops_reading_loses_pushes_but_never_resumes_a_removed_session(
     let r = scenario(&["sync-overflow"]);
     assert_eq!(r["writer_exit"], 0.0);
     assert_eq!(r["sleeper_exit"], 0.0);
+    assert_eq!(r["writer_ring_puts"], 2.0, "the victim and the kept session went through the ring");
     assert!(r["sync_drops"] > 0.0, "the sleeper's socket filled up: pushes were dropped");
     assert!(r["sleeper_replica_flushes"] >= 1.0, "and the sleeper was told to drop its replica");
     assert_eq!(r["writer_del_sent"], 1.0, "the removal was sent, not dropped on a full channel");

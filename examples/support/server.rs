@@ -210,7 +210,7 @@ fn handle(tcp: TcpStream, ctx: &SslContext) -> Result<(), Box<dyn std::error::Er
     let body = if req.starts_with(b"GET /stats") {
         let st = cluster_tls_store::stats();
         format!(
-            "stats role={} master_valid={} hits={} misses={} stores={} entries={} evictions={} expirations={} workers={} w_gets={} w_hits={} w_timeouts={} w_breaker_skips={} w_stateless_skipped={} w_master_gone={} w_oversize={} w_tickets_issued={} w_tickets_opened={} w_tickets_renewed={} w_tickets_refused={} ticket_rotations={} worker_setup_code={} ticket_mode={} sync_records={} sync_drops={} w_replica_hits={} w_replica_updates={} w_replica_flushes={} w_replica_decoded_hits={} pid={}\n",
+            "stats role={} master_valid={} hits={} misses={} stores={} entries={} evictions={} expirations={} workers={} w_gets={} w_hits={} w_timeouts={} w_breaker_skips={} w_stateless_skipped={} w_master_gone={} w_oversize={} w_tickets_issued={} w_tickets_opened={} w_tickets_renewed={} w_tickets_refused={} ticket_rotations={} worker_setup_code={} ticket_mode={} sync_records={} sync_drops={} w_replica_hits={} w_replica_updates={} w_replica_flushes={} w_replica_decoded_hits={} ring_records={} ring_lost={} w_ring_puts={} pid={}\n",
             st.role, st.master_valid, st.master.hits, st.master.misses, st.master.stores, st.master.entries,
             st.master.evictions, st.master.expirations, st.master.workers, st.worker.gets, st.worker.hits,
             st.worker.timeouts, st.worker.breaker_skips, st.worker.stateless_skipped, st.worker.master_gone,
@@ -228,6 +228,9 @@ fn handle(tcp: TcpStream, ctx: &SslContext) -> Result<(), Box<dyn std::error::Er
             st.worker.replica_updates,
             st.worker.replica_flushes,
             st.worker.replica_decoded_hits,
+            st.master.ring_records,
+            st.master.ring_lost,
+            st.worker.ring_puts,
             pid
         ) + &remote_stats(&st.master)
     } else {

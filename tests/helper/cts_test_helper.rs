@@ -35,6 +35,12 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// Shared anonymous mappings of this process (the session ring is the library's only one).
+fn shared_anon_mappings() -> usize {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    maps.lines().filter(|l| l.contains(" rw-s ") && l.contains("/dev/zero")).count()
+}
+
 fn fork_child(f: impl FnOnce() -> i32) -> i32 {
     // SAFETY: the child runs `f` and leaves with _exit, never returning into the caller.
     let pid = unsafe { libc::fork() };
@@ -197,6 +203,7 @@ fn grandchild() {
             println!("helper_refused={}", u8::from(refused));
             println!("helper_channel_closed={}", u8::from(closed));
             println!("helper_has_no_channel={}", u8::from(no_fd));
+            println!("helper_ring_mappings={}", shared_anon_mappings());
             0
         });
         wait(helper);
@@ -204,6 +211,7 @@ fn grandchild() {
         let st = stats();
         println!("worker_master_valid={}", st.master_valid);
         println!("worker_role={}", st.role);
+        println!("worker_ring_mappings={}", shared_anon_mappings());
         0
     });
     println!("worker_exit={}", wait(worker));
@@ -338,6 +346,9 @@ fn sync_overflow() {
     setup();
     let ns = b"overflow";
     let der = [0x42u8; 135];
+    // Too large for a slot of the session ring: the flood goes over the channels, and the
+    // master pushes it to the sleeper.
+    let big = [0x43u8; 600];
     let far = 4_000_000_000u64;
     // The sleeper: opens its channel (and replica), then stops reading until the writer is
     // done (a byte on `go`; at most 20 s), however slowly a loaded machine runs the writer.
@@ -358,16 +369,25 @@ fn sync_overflow() {
         0
     });
     std::thread::sleep(Duration::from_millis(200));
-    // The writer: stores the victim (pushed to the sleeper), floods, then removes the victim.
+    // The writer: stores a session, floods (the sleeper's socket fills up and pushes are
+    // lost), stores the victim through the session ring (which the sleeper reads when it
+    // wakes, after the Flush that the lost pushes earned it), then removes the victim (a push
+    // lost too, but covered by that Flush).
     let writer = fork_child(move || {
-        assert!(cluster_tls_store::bench::put(ns, b"victim", &der, far));
         assert!(cluster_tls_store::bench::put(ns, b"kept", &der, far));
         std::thread::sleep(Duration::from_millis(100));
         for i in 0..20_000u64 {
-            cluster_tls_store::bench::put(ns, &i.to_le_bytes(), &der, far);
+            cluster_tls_store::bench::put(ns, &i.to_le_bytes(), &big, far);
             if i % 64 == 0 {
                 std::thread::sleep(Duration::from_micros(200));
             }
+        }
+        assert!(cluster_tls_store::bench::put(ns, b"victim", &der, far));
+        println!("writer_ring_puts={}", stats().worker.ring_puts);
+        // The master has read the victim from the ring once it answers.
+        let until = Instant::now() + Duration::from_secs(5);
+        while cluster_tls_store::bench::get_from_master(ns, b"victim").is_none() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
         }
         // The flood may have filled this worker's channel: the removal waits for room
         // rather than being lost (a lost DEL left the victim in the master).

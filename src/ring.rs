@@ -1,0 +1,569 @@
+//! The session ring: new sessions go from the worker that made them to every other process
+//! of the cluster through shared memory, with no system call and no wake-up.
+//!
+//! Why: a TLS 1.3 resumption issues a new ticket, so every resumed handshake stores a
+//! session. Sent over the channel, each store woke the master (a context switch into another
+//! process), which then pushed it to the other workers' replicas: 6 % of the server's CPU per
+//! resumption, measured. In the ring, a store is a copy into a slot; the other workers read it
+//! at their next lookup (a few loads when nothing is new), and the master reads it whenever
+//! it wakes anyway, once a second, or when a writer finds a quarter of the ring unread by it
+//! (then that writer sends it one `Op::Nudge`). With the remote tier on, writers nudge the
+//! master for every store it has not read yet, so sessions reach Redis (and other hosts) at
+//! once.
+//!
+//! Order with removals: a removal still goes to the master, which pushes it to the replicas
+//! with how far it had read the ring (`Op::Sync`'s request id); a worker reads the ring that
+//! far before applying it, so a store never lands after its own removal. A Flush (pushes were
+//! lost) also skips the ring to its head.
+//!
+//! Layout: one `MAP_SHARED | MAP_ANONYMOUS` mapping made by `master_setup` before any fork,
+//! so only the master and its workers have it (a worker's own children unmap it, and it does
+//! not survive `exec`). A header page, then `slots` fixed slots of `SLOT_BYTES`. A record is a
+//! whole PUT frame (`protocol::encode`), decoded and checked by its reader like one off the
+//! socket; a session too large for a slot goes over the channel as before.
+//!
+//! Concurrency: writers take the next sequence number from `head` (one atomic add), then
+//! claim the slot `seq % slots` by moving its state from "published" (or empty) to "being
+//! written by seq"; a slot still being written by a writer one lap behind is left alone and
+//! the record goes over the channel instead, so no two writers ever share a slot. Readers
+//! never lock: each keeps its own cursor and checks a slot's state before and after copying
+//! it (a sequence lock), so a record overwritten while it was read is skipped, never half
+//! used. Readers that fall a whole lap behind skip what was overwritten: those sessions are
+//! replica misses (asked of the master) or, for the master, counted as lost.
+//!
+//! Secrets: the master wipes every slot it read a tick (one second) earlier, so a session
+//! stays in shared memory for one to two seconds; a worker that reads later finds it gone and
+//! asks the master.
+
+use std::ptr;
+use std::sync::atomic::{fence, AtomicPtr, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
+use std::time::{Duration, Instant};
+
+/// Bytes per slot: the state, the writer and length word, then the record.
+pub(crate) const SLOT_BYTES: usize = 512;
+const DATA_WORDS: usize = SLOT_BYTES / 8 - 2;
+/// Longest record a slot holds.
+pub(crate) const MAX_RECORD: usize = DATA_WORDS * 8;
+/// Size of the header before the slots (a page, so the slots start page-aligned).
+const HEADER_BYTES: usize = 4096;
+/// How long a reader waits, at most, for a writer that claimed a slot to publish it before
+/// it skips that record (a writer that died half way, or was descheduled).
+const STALL_LIMIT: Duration = Duration::from_millis(50);
+
+#[repr(C)]
+struct Header {
+    /// The next sequence number a writer takes.
+    head: AtomicU64,
+    _pad: [u64; 7],
+    /// How far the master has read (a writer nudges it when a quarter of the ring is unread).
+    master_cursor: AtomicU64,
+    /// 1 once a writer nudged the master, until the master read again.
+    nudged: AtomicU64,
+    /// 1: nudge the master for every record it has not read (set when the remote tier is on,
+    /// so a session reaches Redis, and other hosts, at once).
+    eager: AtomicU64,
+}
+
+#[repr(C)]
+struct Slot {
+    /// 0: empty; 2·seq + 1: being written (or wiped) by seq; 2·seq + 2: seq published.
+    state: AtomicU64,
+    /// The writer's pid (low 32 bits) and the record's length (high 32 bits).
+    meta: AtomicU64,
+    data: [AtomicU64; DATA_WORDS],
+}
+
+const _: () = assert!(std::mem::size_of::<Slot>() == SLOT_BYTES);
+const _: () = assert!(std::mem::size_of::<Header>() <= HEADER_BYTES);
+
+/// The mapping. Made once in the master and inherited by every worker.
+pub(crate) struct Ring {
+    base: *mut u8,
+    len: usize,
+    slots: u64,
+}
+
+// SAFETY: the mapping is only ever accessed through atomics.
+unsafe impl Sync for Ring {}
+// SAFETY: as above; the pointer is to a mapping that lives as long as the process.
+unsafe impl Send for Ring {}
+
+/// A slot's state while `seq` writes (or the master wipes) it. Wrapping: a head scribbled
+/// over by a hostile process must not make arithmetic panic.
+fn writing(seq: u64) -> u64 {
+    seq.wrapping_mul(2).wrapping_add(1)
+}
+
+/// A slot's state once `seq` is published in it.
+fn published(seq: u64) -> u64 {
+    seq.wrapping_mul(2).wrapping_add(2)
+}
+
+static RING: AtomicPtr<Ring> = AtomicPtr::new(ptr::null_mut());
+
+/// Slots for a replica budget of `replica_bytes`: half the budget, a power of two between
+/// 512 and 32768 slots (256 KiB to 16 MiB).
+pub(crate) fn slots_for(replica_bytes: usize) -> u64 {
+    let want = (replica_bytes / 2 / SLOT_BYTES).clamp(512, 32768) as u64;
+    if want.is_power_of_two() {
+        want
+    } else {
+        want.next_power_of_two() / 2
+    }
+}
+
+/// Map the ring (in the master, before it forks). Idempotent; an error leaves no ring, and
+/// the cluster then carries every store over the channels.
+///
+/// `eager`: see `Header::eager`.
+pub(crate) fn create(slots: u64, eager: bool) -> Result<(), crate::Error> {
+    if !RING.load(Acquire).is_null() {
+        return Ok(());
+    }
+    let ring = Ring::map(slots)?;
+    ring.header().eager.store(u64::from(eager), Relaxed);
+    let ring = Box::into_raw(Box::new(ring));
+    if RING.compare_exchange(ptr::null_mut(), ring, Release, Acquire).is_err() {
+        // SAFETY: `ring` was never published; dropping it unmaps it.
+        drop(unsafe { Box::from_raw(ring) });
+    }
+    Ok(())
+}
+
+/// The ring, in the master and in the workers it forked.
+pub(crate) fn get() -> Option<&'static Ring> {
+    // SAFETY: a published ring is never freed (only forgotten in a child, see below).
+    unsafe { RING.load(Acquire).as_ref() }
+}
+
+/// In a child that is not a worker (a worker's helper): unmap the ring. Called from the fork
+/// child handler, so async-signal-safe only: an atomic swap and `munmap`.
+pub(crate) fn forget_in_child() {
+    let p = RING.swap(ptr::null_mut(), Relaxed);
+    // SAFETY: a non-null RING points to the (inherited copy of the) leaked Ring; its mapping
+    // is unmapped once here, and nothing in this process reaches it afterwards.
+    if let Some(r) = unsafe { p.as_ref() } {
+        unsafe { libc::munmap(r.base.cast(), r.len) };
+    }
+}
+
+/// What `Ring::publish` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Published {
+    /// In the ring; `nudge`: this writer should wake the master (`Op::Nudge`).
+    Yes { nudge: bool },
+    /// Not in the ring (too long for a slot, or the slot is still being written one lap
+    /// behind): send it over the channel.
+    No,
+}
+
+/// A reader's position, and the slot it found half written, since when.
+#[derive(Debug)]
+pub(crate) struct Cursor {
+    pub(crate) next: u64,
+    stall: Option<(u64, Instant)>,
+}
+
+impl Cursor {
+    /// A cursor at the ring's first record (for a process without a ring).
+    pub(crate) fn start() -> Cursor {
+        Cursor { next: 0, stall: None }
+    }
+}
+
+/// What one `Ring::read` saw.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ReadCount {
+    /// Records handed to the reader.
+    pub(crate) records: u64,
+    /// Records skipped: overwritten before this reader got to them, or never published.
+    pub(crate) lost: u64,
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made by `map`, unmapped once (a published ring is never dropped).
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+impl Ring {
+    /// A fresh, empty ring of `slots` (rounded up to a power of two) in its own mapping.
+    pub(crate) fn map(slots: u64) -> Result<Ring, crate::Error> {
+        let slots = slots.max(2).next_power_of_two();
+        let len = HEADER_BYTES + slots as usize * SLOT_BYTES;
+        // SAFETY: an anonymous shared mapping with no address hint; the result is checked.
+        let base = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(crate::Error::system("mmap of the session ring"));
+        }
+        // Zero-filled by the kernel: every slot empty, head 0. Kept out of core dumps.
+        // SAFETY: advice on our own fresh mapping; failure changes nothing else.
+        unsafe { libc::madvise(base, len, libc::MADV_DONTDUMP) };
+        Ok(Ring { base: base.cast(), len, slots })
+    }
+
+    fn header(&self) -> &Header {
+        // SAFETY: the mapping starts with a zero-initialised Header; only atomics inside.
+        unsafe { &*self.base.cast::<Header>() }
+    }
+
+    fn slot(&self, seq: u64) -> &Slot {
+        let i = (seq & (self.slots - 1)) as usize;
+        // SAFETY: `i < slots`, each slot is SLOT_BYTES inside the mapping after the header;
+        // only atomics inside.
+        unsafe { &*self.base.add(HEADER_BYTES + i * SLOT_BYTES).cast::<Slot>() }
+    }
+
+    /// The next sequence number to be written.
+    pub(crate) fn head(&self) -> u64 {
+        self.header().head.load(Acquire)
+    }
+
+    /// A cursor that starts with the next record written.
+    pub(crate) fn cursor_at_head(&self) -> Cursor {
+        Cursor { next: self.head(), stall: None }
+    }
+
+    /// Put one record (a PUT frame) into the ring, as written by `pid`.
+    pub(crate) fn publish(&self, pid: i32, record: &[u8]) -> Published {
+        if record.is_empty() || record.len() > MAX_RECORD {
+            return Published::No;
+        }
+        let h = self.header();
+        let seq = h.head.fetch_add(1, Relaxed);
+        let slot = self.slot(seq);
+        let cur = slot.state.load(Relaxed);
+        // Still being written by a writer a lap behind, or (after a lap-long stall of ours)
+        // already holding a newer record: leave it.
+        if cur & 1 == 1 || cur >= writing(seq) {
+            return Published::No;
+        }
+        if slot.state.compare_exchange(cur, writing(seq), Acquire, Relaxed).is_err() {
+            return Published::No;
+        }
+        // Readers that see any byte below also see the odd state when they check again.
+        fence(Release);
+        slot.meta.store((pid as u32 as u64) | ((record.len() as u64) << 32), Relaxed);
+        for (w, chunk) in slot.data.iter().zip(record.chunks(8)) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            w.store(u64::from_le_bytes(b), Relaxed);
+        }
+        slot.state.store(published(seq), Release);
+        let unread = seq.wrapping_add(1).saturating_sub(h.master_cursor.load(Relaxed));
+        let due = unread >= self.slots / 4 || h.eager.load(Relaxed) != 0;
+        let nudge = due && h.nudged.swap(1, Relaxed) == 0;
+        Published::Yes { nudge }
+    }
+
+    /// Hand `each` every record published from `cur` on, up to the head, except those
+    /// written by `skip_pid`; `cur` moves past them. A record being written now ends the read
+    /// (it is read next time), unless it is below `settled` (a position the master already
+    /// read past), has been half written for `STALL_LIMIT`, or is half a lap behind the head:
+    /// then it is skipped. `each` gets the record in a buffer wiped right after.
+    pub(crate) fn read(&self, cur: &mut Cursor, settled: u64, skip_pid: i32, mut each: impl FnMut(&[u8])) -> ReadCount {
+        let mut count = ReadCount::default();
+        let head = self.head();
+        if head < cur.next {
+            // Only a process that scribbled over the header can move the head back: start
+            // again from where it says.
+            cur.next = head;
+        }
+        if head - cur.next > self.slots {
+            let from = head - self.slots;
+            count.lost += from - cur.next;
+            cur.next = from;
+        }
+        let mut buf = [0u8; MAX_RECORD];
+        while cur.next < head {
+            let seq = cur.next;
+            let slot = self.slot(seq);
+            let s1 = slot.state.load(Acquire);
+            if s1 == writing(seq) {
+                // Being written for this very record.
+                let now = Instant::now();
+                let stalled = match cur.stall {
+                    Some((at, since)) if at == seq => now.duration_since(since) >= STALL_LIMIT,
+                    _ => {
+                        cur.stall = Some((seq, now));
+                        false
+                    }
+                };
+                if !(seq < settled || stalled || head - seq > self.slots / 2) {
+                    break;
+                }
+                count.lost += 1;
+                cur.next += 1;
+                continue;
+            }
+            cur.next += 1;
+            if s1 != published(seq) {
+                // Overwritten by a later lap, wiped, or never published.
+                count.lost += 1;
+                continue;
+            }
+            let meta = slot.meta.load(Relaxed);
+            let pid = meta as u32 as i32;
+            let len = ((meta >> 32) as usize).min(MAX_RECORD);
+            if pid == skip_pid {
+                continue;
+            }
+            for (w, chunk) in slot.data.iter().zip(buf[..len].chunks_mut(8)) {
+                let b = w.load(Relaxed).to_le_bytes();
+                chunk.copy_from_slice(&b[..chunk.len()]);
+            }
+            fence(Acquire);
+            if slot.state.load(Relaxed) != s1 {
+                count.lost += 1;
+            } else {
+                each(&buf[..len]);
+                count.records += 1;
+            }
+            crate::wipe::wipe(&mut buf[..len]);
+        }
+        count
+    }
+
+    /// The master read up to `next`: clear the nudge, so the next quarter ring of stores
+    /// nudges it again.
+    pub(crate) fn master_read_to(&self, next: u64) {
+        let h = self.header();
+        h.master_cursor.store(next, Relaxed);
+        h.nudged.store(0, Relaxed);
+    }
+
+    /// Wipe the slots of records `from..to` (those still holding exactly that record).
+    pub(crate) fn wipe_range(&self, from: u64, to: u64) -> u64 {
+        let from = from.max(to.saturating_sub(self.slots));
+        let mut wiped = 0;
+        for seq in from..to {
+            let slot = self.slot(seq);
+            if slot.state.compare_exchange(published(seq), writing(seq), Acquire, Relaxed).is_err() {
+                continue;
+            }
+            fence(Release);
+            slot.meta.store(0, Relaxed);
+            for w in &slot.data {
+                w.store(0, Relaxed);
+            }
+            slot.state.store(0, Release);
+            wiped += 1;
+        }
+        wiped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(n: u8, len: usize) -> Vec<u8> {
+        (0..len).map(|i| n.wrapping_add(i as u8)).collect()
+    }
+
+    fn read_all(r: &Ring, cur: &mut Cursor, settled: u64, skip: i32) -> (Vec<Vec<u8>>, ReadCount) {
+        let mut got = Vec::new();
+        let n = r.read(cur, settled, skip, |b| got.push(b.to_vec()));
+        (got, n)
+    }
+
+    #[test]
+    fn slots_follow_the_replica_budget() {
+        assert_eq!(slots_for(0), 512);
+        assert_eq!(slots_for(4 << 20), 4096);
+        assert_eq!(slots_for(5 << 20), 4096);
+        assert_eq!(slots_for(1 << 40), 32768);
+    }
+
+    #[test]
+    fn records_come_back_in_order_except_the_readers_own() {
+        let r = Ring::map(8).unwrap();
+        let mut cur = r.cursor_at_head();
+        for (pid, n, len) in [(10, 1u8, 1usize), (11, 2, 100), (10, 3, MAX_RECORD), (12, 4, 7)] {
+            assert!(matches!(r.publish(pid, &rec(n, len)), Published::Yes { .. }));
+        }
+        let (got, n) = read_all(&r, &mut cur, 0, 10);
+        assert_eq!(got, vec![rec(2, 100), rec(4, 7)]);
+        assert_eq!(n, ReadCount { records: 2, lost: 0 });
+        assert_eq!(cur.next, 4);
+        // Nothing new: nothing read, and a cursor made now starts after all of it.
+        assert_eq!(read_all(&r, &mut cur, 0, 10).1, ReadCount::default());
+        assert_eq!(r.cursor_at_head().next, 4);
+    }
+
+    #[test]
+    fn a_record_too_long_or_empty_stays_out() {
+        let r = Ring::map(8).unwrap();
+        assert_eq!(r.publish(1, &rec(0, MAX_RECORD + 1)), Published::No);
+        assert_eq!(r.publish(1, &[]), Published::No);
+        assert_eq!(r.head(), 0);
+    }
+
+    #[test]
+    fn a_reader_a_lap_behind_gets_the_last_lap_and_counts_the_rest() {
+        let r = Ring::map(8).unwrap();
+        let mut cur = r.cursor_at_head();
+        for n in 0..20u8 {
+            r.publish(1, &rec(n, 40));
+        }
+        let (got, n) = read_all(&r, &mut cur, 0, 0);
+        assert_eq!(got, (12..20u8).map(|n| rec(n, 40)).collect::<Vec<_>>());
+        assert_eq!(n, ReadCount { records: 8, lost: 12 });
+    }
+
+    /// A writer that has claimed a slot but not published it yet (as if descheduled).
+    fn claim_without_publishing(r: &Ring) -> u64 {
+        let seq = r.header().head.fetch_add(1, Relaxed);
+        r.slot(seq).state.store(writing(seq), Relaxed);
+        seq
+    }
+
+    #[test]
+    fn a_half_written_record_is_waited_for_then_skipped() {
+        let r = Ring::map(16).unwrap();
+        let mut cur = r.cursor_at_head();
+        r.publish(1, &rec(0, 30));
+        let stuck = claim_without_publishing(&r);
+        r.publish(1, &rec(2, 30));
+        // The read stops at the record being written...
+        let (got, n) = read_all(&r, &mut cur, 0, 0);
+        assert_eq!((got, n.records, cur.next), (vec![rec(0, 30)], 1, stuck));
+        // ...and goes on once it is published...
+        let mut cur2 = Cursor { next: stuck, stall: None };
+        r.slot(stuck).meta.store(1 | (3 << 32), Relaxed);
+        r.slot(stuck).data[0].store(0x03_0201, Relaxed);
+        r.slot(stuck).state.store(published(stuck), Release);
+        assert_eq!(read_all(&r, &mut cur2, 0, 0).0, vec![vec![1, 2, 3], rec(2, 30)]);
+        // ...or skips it: below what the master had read when it sent a push,
+        let stuck = claim_without_publishing(&r);
+        r.publish(1, &rec(4, 30));
+        let mut c = Cursor { next: stuck, stall: None };
+        assert_eq!(read_all(&r, &mut c, stuck + 1, 0), (vec![rec(4, 30)], ReadCount { records: 1, lost: 1 }));
+        // or after STALL_LIMIT.
+        let mut c = Cursor { next: stuck, stall: None };
+        assert_eq!(read_all(&r, &mut c, 0, 0).1.records, 0);
+        std::thread::sleep(STALL_LIMIT + Duration::from_millis(10));
+        assert_eq!(read_all(&r, &mut c, 0, 0), (vec![rec(4, 30)], ReadCount { records: 1, lost: 1 }));
+    }
+
+    #[test]
+    fn a_writer_never_takes_a_slot_still_being_written_a_lap_behind() {
+        let r = Ring::map(4).unwrap();
+        let stuck = claim_without_publishing(&r);
+        for n in 1..4u8 {
+            assert!(matches!(r.publish(1, &rec(n, 8)), Published::Yes { .. }));
+        }
+        // Sequence 4 maps to the stuck slot: refused, so the caller uses the channel.
+        assert_eq!(r.publish(1, &rec(9, 8)), Published::No);
+        assert_eq!(r.slot(stuck).state.load(Relaxed), writing(stuck));
+    }
+
+    #[test]
+    fn wiped_slots_hold_nothing_and_take_new_records() {
+        let r = Ring::map(8).unwrap();
+        let mut cur = r.cursor_at_head();
+        for n in 0..4u8 {
+            r.publish(1, &rec(n + 1, MAX_RECORD));
+        }
+        assert_eq!(r.wipe_range(0, 3), 3);
+        for seq in 0..3 {
+            let slot = r.slot(seq);
+            assert_eq!(slot.state.load(Relaxed), 0);
+            assert_eq!(slot.meta.load(Relaxed), 0);
+            assert!(slot.data.iter().all(|w| w.load(Relaxed) == 0));
+        }
+        let (got, n) = read_all(&r, &mut cur, 0, 0);
+        assert_eq!((got, n), (vec![rec(4, MAX_RECORD)], ReadCount { records: 1, lost: 3 }));
+        // Wiping what was overwritten since leaves the newer record alone.
+        for n in 0..8u8 {
+            r.publish(1, &rec(n, 16));
+        }
+        assert_eq!(r.wipe_range(0, 4), 0);
+        assert!(matches!(r.publish(1, &rec(0, 16)), Published::Yes { .. }));
+    }
+
+    #[test]
+    fn the_master_is_nudged_once_per_quarter_ring_it_has_not_read() {
+        let r = Ring::map(16).unwrap();
+        let nudges = |r: &Ring, k: usize| {
+            (0..k).filter(|_| matches!(r.publish(1, b"x"), Published::Yes { nudge: true })).count()
+        };
+        assert_eq!(nudges(&r, 3), 0);
+        assert_eq!(nudges(&r, 10), 1, "the 4th record is a quarter ring unread: one nudge");
+        r.master_read_to(r.head());
+        assert_eq!(nudges(&r, 3), 0);
+        assert_eq!(nudges(&r, 1), 1);
+    }
+
+    #[test]
+    fn a_scribbled_header_neither_panics_nor_hands_out_garbage_as_records() {
+        let r = Ring::map(8).unwrap();
+        let mut cur = r.cursor_at_head();
+        r.header().head.store(u64::MAX - 1, Relaxed);
+        let _ = r.publish(1, b"abc");
+        let _ = read_all(&r, &mut cur, u64::MAX, 0);
+        // Every slot is empty or unrelated to the sequence numbers read: nothing handed out.
+        r.header().head.store(3, Relaxed);
+        let (got, _) = read_all(&r, &mut cur, 0, 0);
+        assert!(got.is_empty(), "{got:?}");
+        r.slot(5).meta.store(u64::MAX, Relaxed);
+        r.slot(5).state.store(published(5), Relaxed);
+        r.header().head.store(6, Relaxed);
+        let (got, _) = read_all(&r, &mut cur, 0, 0);
+        assert_eq!(got.iter().map(Vec::len).collect::<Vec<_>>(), vec![MAX_RECORD], "length capped");
+    }
+
+    /// Writers lapping a small ring while a reader reads: every record handed out is whole
+    /// (a torn copy would mix two records' bytes), and each arrives at most once.
+    #[test]
+    fn concurrent_writers_never_hand_a_reader_a_torn_record() {
+        let r = std::sync::Arc::new(Ring::map(16).unwrap());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (r, stop) = (r.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut cur = r.cursor_at_head();
+                let (mut seen, mut bad, mut dup) = (0u64, 0u64, 0u64);
+                let mut ids = std::collections::HashSet::new();
+                while !stop.load(Relaxed) {
+                    r.read(&mut cur, 0, 0, |b| {
+                        let id = u64::from_le_bytes(b[..8].try_into().unwrap());
+                        let whole = b.len() == 9 + (id % 480) as usize && b[8..].iter().all(|&x| x == (id % 251) as u8);
+                        bad += u64::from(!whole);
+                        dup += u64::from(!ids.insert(id));
+                        seen += 1;
+                    });
+                }
+                (seen, bad, dup)
+            })
+        };
+        let writers: Vec<_> = (0..4u64)
+            .map(|t| {
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    for i in 0..20_000u64 {
+                        let id = t << 32 | i;
+                        let mut b = id.to_le_bytes().to_vec();
+                        b.resize(9 + (id % 480) as usize, (id % 251) as u8);
+                        r.publish(7, &b);
+                    }
+                })
+            })
+            .collect();
+        writers.into_iter().for_each(|w| w.join().unwrap());
+        stop.store(true, Relaxed);
+        let (seen, bad, dup) = reader.join().unwrap();
+        assert!(seen > 0);
+        assert_eq!((bad, dup), (0, 0), "{seen} records read");
+    }
+}
