@@ -503,6 +503,12 @@ mod tests {
         r.master_read_to(r.head());
         assert_eq!(nudges(&r, 3), 0);
         assert_eq!(nudges(&r, 1), 1);
+        // Eager (remote tier on): the first store the master has not read nudges it, once.
+        r.header().eager.store(1, Relaxed);
+        r.master_read_to(r.head());
+        assert_eq!(nudges(&r, 3), 1);
+        r.master_read_to(r.head());
+        assert_eq!(nudges(&r, 1), 1);
     }
 
     #[test]
