@@ -601,37 +601,43 @@ impl Master {
         if reader.cursor.next == ring.head() {
             return;
         }
-        let now = now_secs();
-        let cap = now.saturating_add(self.config.max_lifetime.as_secs());
-        let mut cache = self.cache();
-        let n = ring.read(&mut reader.cursor, 0, 0, |rec| match protocol::decode(rec) {
-            Ok(m) if m.op == Op::Put => {
-                let expiry = m.expiry.min(cap);
-                crate::log::debug!(
-                    "master: Put (ring) ns={} id={} payload={}B",
-                    String::from_utf8_lossy(m.namespace),
-                    crate::log::hex(m.id),
-                    m.payload.len()
-                );
-                if expiry <= now {
-                    // It expired before the master got to it (the ring is read up to a
-                    // second late when nothing else wakes the loop).
-                    cache.count_expired();
+        // Twice at most: a store published while the nudge was being cleared sent no nudge.
+        for _ in 0..2 {
+            let now = now_secs();
+            let cap = now.saturating_add(self.config.max_lifetime.as_secs());
+            let mut cache = self.cache();
+            let n = ring.read(&mut reader.cursor, 0, 0, |rec| match protocol::decode(rec) {
+                Ok(m) if m.op == Op::Put => {
+                    let expiry = m.expiry.min(cap);
+                    crate::log::debug!(
+                        "master: Put (ring) ns={} id={} payload={}B",
+                        String::from_utf8_lossy(m.namespace),
+                        crate::log::hex(m.id),
+                        m.payload.len()
+                    );
+                    if expiry <= now {
+                        // It expired before the master got to it (the ring is read up to a
+                        // second late when nothing else wakes the loop).
+                        cache.count_expired();
+                    }
+                    cache.put(m.namespace, m.id, m.payload, expiry, now);
+                    if let Some(r) = &self.remote {
+                        r.put(m.namespace, m.id, m.payload, expiry, now);
+                    }
                 }
-                cache.put(m.namespace, m.id, m.payload, expiry, now);
-                if let Some(r) = &self.remote {
-                    r.put(m.namespace, m.id, m.payload, expiry, now);
+                _ => {
+                    self.bad_frames.fetch_add(1, Relaxed);
                 }
+            });
+            drop(cache);
+            let again = ring.master_read_to(reader.cursor.next);
+            self.ring_pos.store(reader.cursor.next, SeqCst);
+            self.ring_records.fetch_add(n.records, Relaxed);
+            self.ring_lost.fetch_add(n.lost, Relaxed);
+            if !again {
+                break;
             }
-            _ => {
-                self.bad_frames.fetch_add(1, Relaxed);
-            }
-        });
-        drop(cache);
-        ring.master_read_to(reader.cursor.next);
-        self.ring_pos.store(reader.cursor.next, SeqCst);
-        self.ring_records.fetch_add(n.records, Relaxed);
-        self.ring_lost.fetch_add(n.lost, Relaxed);
+        }
     }
 
     /// Wipe the ring slots the master read at least a sweep ago (called once a second).

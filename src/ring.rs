@@ -36,7 +36,9 @@
 //! asks the master.
 
 use std::ptr;
-use std::sync::atomic::{fence, AtomicPtr, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
+use std::sync::atomic::{
+    fence, AtomicPtr, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release, Ordering::SeqCst,
+};
 use std::time::{Duration, Instant};
 
 /// Bytes per slot: the state, the writer and length word, then the record.
@@ -262,7 +264,8 @@ impl Ring {
         slot.state.store(published(seq), Release);
         let unread = seq.wrapping_add(1).saturating_sub(h.master_cursor.load(Relaxed));
         let due = unread >= self.slots / 4 || h.eager.load(Relaxed) != 0;
-        let nudge = due && h.nudged.swap(1, Relaxed) == 0;
+        // SeqCst, paired with the master's swap in `master_read_to`: see there.
+        let nudge = due && h.nudged.swap(1, SeqCst) == 0;
         Published::Yes { nudge }
     }
 
@@ -335,11 +338,14 @@ impl Ring {
     }
 
     /// The master read up to `next`: clear the nudge, so the next quarter ring of stores
-    /// nudges it again.
-    pub(crate) fn master_read_to(&self, next: u64) {
+    /// nudges it again. Returns true if records were published meanwhile whose writer saw
+    /// the old nudge and sent none: the master must read again. (A swap, so it synchronises
+    /// with every writer's swap before it: their records are visible to that read.)
+    pub(crate) fn master_read_to(&self, next: u64) -> bool {
         let h = self.header();
         h.master_cursor.store(next, Relaxed);
-        h.nudged.store(0, Relaxed);
+        h.nudged.swap(0, SeqCst);
+        self.head() != next
     }
 
     /// Wipe the slots of records `from..to` (those still holding exactly that record).
