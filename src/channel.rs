@@ -439,14 +439,18 @@ impl Channel {
     /// channel. A writer that finds a quarter of the ring unread by the master nudges it.
     fn publish(&self, frame: &[u8]) -> bool {
         let Some(ring) = crate::ring::get() else { return false };
-        if self.replica.is_none() {
-            return false;
-        }
         match ring.publish(self.pid, frame) {
             crate::ring::Published::Yes { nudge } => {
                 if nudge {
-                    let mut f = Vec::with_capacity(protocol::HEADER_LEN);
-                    protocol::encode(&mut f, Op::Nudge, 0, 0, b"", b"", &[]);
+                    // Sent directly: this runs inside `send_frame_within`, which holds the
+                    // thread's send buffer. The frame is made once (with the remote tier on,
+                    // every store nudges: no allocation per handshake).
+                    static NUDGE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+                    let f = NUDGE.get_or_init(|| {
+                        let mut f = Vec::with_capacity(protocol::HEADER_LEN);
+                        protocol::encode(&mut f, Op::Nudge, 0, 0, b"", b"", &[]);
+                        f
+                    });
                     // SAFETY: `f` is valid for its length; non-blocking, no SIGPIPE. A lost
                     // nudge is made up for by the master's next wake-up (at most a second).
                     unsafe { libc::send(self.fd, f.as_ptr().cast(), f.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };

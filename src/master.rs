@@ -349,7 +349,8 @@ pub fn setup(mut config: Config) -> Result<(), Error> {
             crate::log::debug!("no session ring: {e}");
         }
     }
-    let ring_start = crate::ring::get().map(|r| r.cursor_at_head());
+    let ring_cursor = crate::ring::get().map_or_else(crate::ring::Cursor::start, |r| r.cursor_at_head());
+    let ring_start = ring_cursor.next;
     let cache = Cache::new(config.cache_bytes, config.max_session_bytes);
     let schedule = KeySchedule::new(config.ticket_key_rotation.as_secs(), u64::from(config.ticket_keys));
     let master = Master {
@@ -369,9 +370,9 @@ pub fn setup(mut config: Config) -> Result<(), Error> {
         remote,
         local_sync: Mutex::new(LocalSync::default()),
         ring_reader: Mutex::new(RingReader {
-            read_at_last_sweep: ring_start.as_ref().map_or(0, |c| c.next),
-            wiped_to: ring_start.as_ref().map_or(0, |c| c.next),
-            cursor: ring_start.unwrap_or_else(crate::ring::Cursor::start),
+            cursor: ring_cursor,
+            read_at_last_sweep: ring_start,
+            wiped_to: ring_start,
         }),
         ring_pos: AtomicU64::new(0),
         ring_records: AtomicU64::new(0),
@@ -615,11 +616,6 @@ impl Master {
                         crate::log::hex(m.id),
                         m.payload.len()
                     );
-                    if expiry <= now {
-                        // It expired before the master got to it (the ring is read up to a
-                        // second late when nothing else wakes the loop).
-                        cache.count_expired();
-                    }
                     cache.put(m.namespace, m.id, m.payload, expiry, now);
                     if let Some(r) = &self.remote {
                         r.put(m.namespace, m.id, m.payload, expiry, now);

@@ -40,8 +40,8 @@ pub enum Op {
     Stats = 4,
     /// Worker → master: ask for the session ticket keys; expects `TicketKeysReply`.
     TicketKeys = 5,
-    /// Worker → master: a quarter of the session ring is unread by the master (see `ring`);
-    /// no reply, the wake-up is the message.
+    /// Worker → master: a quarter of the session ring is unread by the master (with the
+    /// remote tier on: any of it; see `ring`); no reply, the wake-up is the message.
     Nudge = 6,
     /// Master → worker: the session DER is the payload.
     Hit = 0x81,

@@ -145,6 +145,7 @@ pub(crate) fn forget_in_child() {
     // SAFETY: a non-null RING points to the (inherited copy of the) leaked Ring; its mapping
     // is unmapped once here, and nothing in this process reaches it afterwards.
     if let Some(r) = unsafe { p.as_ref() } {
+        // SAFETY: see above: this process's copy of the mapping, unmapped once.
         unsafe { libc::munmap(r.base.cast(), r.len) };
     }
 }
@@ -281,6 +282,10 @@ impl Ring {
             // Only a process that scribbled over the header can move the head back: start
             // again from where it says.
             cur.next = head;
+        }
+        if head == cur.next {
+            // Nothing new (most lookups): no buffer to zero, no slot to touch.
+            return count;
         }
         if head - cur.next > self.slots {
             let from = head - self.slots;
