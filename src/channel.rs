@@ -195,7 +195,18 @@ pub struct Channel {
     /// Recent sessions of the whole cluster, pushed by the master (`Op::Sync`), plus this
     /// process's own stores and the master's hits; `None` when replicas are off.
     replica: Option<Mutex<Replica>>,
+    /// The master's push count (`ring::Ring::pushes`) when this process last read its socket
+    /// empty, and when that was (monotonic ms): see `drain_now`.
+    pushes_seen: AtomicU64,
+    drained_ms: AtomicU64,
+    /// `DRAIN_EVERY_MS` (a field so that a test can stretch it).
+    drain_every_ms: u64,
 }
+
+/// How long a worker with the session ring goes at most without reading its socket while the
+/// master pushes nothing (`drain_now`): what comes unannounced (the master's EOF when it
+/// dies, a reply that came after its deadline) is read within this.
+const DRAIN_EVERY_MS: u64 = 100;
 
 /// Decoded sessions kept per MiB of replica budget (one per 4 KiB, at most 4096): at about
 /// 1.3 KiB each (OpenSSL's `SSL_SESSION` and its allocations), a third of the budget again.
@@ -317,6 +328,9 @@ impl Channel {
             open_until_ms: AtomicU64::new(0),
             backoff_ms: AtomicU64::new(0),
             dead: AtomicBool::new(false),
+            pushes_seen: AtomicU64::new(0),
+            drained_ms: AtomicU64::new(0),
+            drain_every_ms: DRAIN_EVERY_MS,
             replica: match REPLICA_BYTES.load(SeqCst) as usize {
                 0 => None,
                 bytes => Some(Mutex::new(Replica {
@@ -712,7 +726,22 @@ impl Channel {
 
     /// Read whatever is waiting on the socket now, without blocking, unless another thread
     /// is the reader (it files everything it reads).
+    ///
+    /// With the session ring, the master counts every push it sends there (after the send):
+    /// when the count is where the last full read left it, and that read is recent
+    /// (`DRAIN_EVERY_MS`), there is no push to read and the `recv` is skipped, so a lookup
+    /// the replica answers makes no system call.
     fn drain_now(&self) {
+        let pushes = crate::ring::get().map(|r| r.pushes());
+        let now = if pushes.is_some_and(|p| p == self.pushes_seen.load(Relaxed)) {
+            let now = mono_ms();
+            if now.wrapping_sub(self.drained_ms.load(Relaxed)) < self.drain_every_ms {
+                return;
+            }
+            now
+        } else {
+            mono_ms()
+        };
         {
             let mut w = self.lock();
             if w.reader {
@@ -720,8 +749,15 @@ impl Channel {
             }
             w.reader = true;
         }
-        let _role = ReaderRole(self);
+        let role = ReaderRole(self);
         self.recv_available(false, false);
+        // Under the reader's role, so two drains cannot store out of order. Every push
+        // counted in `pushes` was on the socket before the read began, so it was read.
+        if let Some(p) = pushes {
+            self.pushes_seen.store(p, Relaxed);
+        }
+        self.drained_ms.store(now, Relaxed);
+        drop(role);
     }
 
     /// Wait up to `wait` for the socket to be readable, then file every reply there is.
@@ -953,6 +989,45 @@ mod tests {
         // a removal of its own must not be undone by them).
         ring.publish(fork::pid(), &frame(Op::Put, 0, b"own", b"der"));
         assert!(!in_replica(&ch, b"own"));
+    }
+
+    #[test]
+    fn a_lookup_reads_the_socket_only_for_a_counted_push_or_after_a_while() {
+        use std::os::fd::AsRawFd;
+        let (mut ch, master, ring) = channel_with_ring();
+        // Long enough that no pause of this machine's makes the read below happen anyway.
+        ch.drain_every_ms = 3_600_000;
+        ring.publish(-7, &frame(Op::Put, 0, b"d1", b"der"));
+        assert!(in_replica(&ch, b"d1"));
+        // The master's removal, on the socket but not yet counted: lookups do not read the
+        // socket for it (no system call) until the count moves...
+        let mut sync = Vec::new();
+        assert!(protocol::push_sync_record(&mut sync, &frame(Op::Del, 0, b"d1", b"")));
+        let push = frame(Op::Sync, ring.head(), b"", &sync);
+        // SAFETY: a valid buffer on our own socket.
+        let sent = unsafe { libc::send(master.as_raw_fd(), push.as_ptr().cast(), push.len(), 0) };
+        assert_eq!(sent, push.len() as isize);
+        assert!(in_replica(&ch, b"d1"), "read without a counted push");
+        ring.note_push();
+        assert!(!in_replica(&ch, b"d1"), "a counted push is read at the next lookup");
+        // ...or until DRAIN_EVERY_MS went by since the last read, for what comes unannounced.
+        ch.drain_every_ms = DRAIN_EVERY_MS;
+        ring.publish(-7, &frame(Op::Put, 0, b"d2", b"der"));
+        assert!(in_replica(&ch, b"d2"));
+        let mut sync = Vec::new();
+        assert!(protocol::push_sync_record(&mut sync, &frame(Op::Del, 0, b"d2", b"")));
+        let push = frame(Op::Sync, ring.head(), b"", &sync);
+        // SAFETY: as above.
+        unsafe { libc::send(master.as_raw_fd(), push.as_ptr().cast(), push.len(), 0) };
+        assert!(in_replica(&ch, b"d2"), "read without a counted push");
+        std::thread::sleep(Duration::from_millis(DRAIN_EVERY_MS + 20));
+        assert!(!in_replica(&ch, b"d2"), "read once DRAIN_EVERY_MS went by");
+        // The master's EOF is noticed the same way.
+        drop(master);
+        std::thread::sleep(Duration::from_millis(DRAIN_EVERY_MS + 20));
+        assert!(!ch.is_dead());
+        let _ = in_replica(&ch, b"d2");
+        assert!(ch.is_dead(), "EOF read once DRAIN_EVERY_MS went by");
     }
 
     #[test]

@@ -174,6 +174,16 @@ fn send_nonblocking(fd: RawFd, frame: &[u8]) -> bool {
 
 /// Register, change or forget `fd` in the epoll set `ep` (the event carries the fd number).
 /// False when the kernel refused (no memory): the caller gives up that channel.
+/// Tell the workers, through the session ring, that a push was sent: a worker reads its
+/// socket at a lookup only when the count moved (or a while went by), see
+/// `Channel::drain_now`. Called after the send, so a worker that sees the new count finds
+/// the frame on its socket.
+fn note_push() {
+    if let Some(ring) = crate::ring::get() {
+        ring.note_push();
+    }
+}
+
 fn epoll_ctl(ep: RawFd, op: libc::c_int, fd: RawFd, out: bool) -> bool {
     let events = if out { libc::EPOLLIN | libc::EPOLLOUT } else { libc::EPOLLIN };
     let mut ev = libc::epoll_event { events: events as u32, u64: fd as u64 };
@@ -1048,6 +1058,7 @@ impl Master {
             if sent {
                 c.note_sent(len);
                 c.last_was_flush = false;
+                note_push();
             } else {
                 self.sync_drops.fetch_add(1, Relaxed);
                 // An unread Flush still ahead of everything the worker has not read covers
@@ -1069,6 +1080,7 @@ impl Master {
             c.note_sent(out.len());
             c.flush_due = false;
             c.last_was_flush = true;
+            note_push();
         }
         out.clear();
     }

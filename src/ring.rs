@@ -64,6 +64,12 @@ struct Header {
     /// 1: nudge the master for every record it has not read (set when the remote tier is on,
     /// so a session reaches Redis, and other hosts, at once).
     eager: AtomicU64,
+    _pad2: [u64; 5],
+    /// Pushes (`Op::Sync`, `Op::Flush`) the master has sent to its workers, counted after
+    /// each send: a worker that finds the count where its last full read of its socket left
+    /// it has no push to read, and skips the `recv` (see `Channel::drain_now`). On a cache
+    /// line of its own: every lookup reads it, only the master writes it, and only per push.
+    pushes: AtomicU64,
 }
 
 #[repr(C)]
@@ -230,6 +236,16 @@ impl Ring {
     /// The next sequence number to be written.
     pub(crate) fn head(&self) -> u64 {
         self.header().head.load(Acquire)
+    }
+
+    /// Count one push the master sent; called after the send (see `Header::pushes`).
+    pub(crate) fn note_push(&self) {
+        self.header().pushes.fetch_add(1, Release);
+    }
+
+    /// The pushes the master has sent so far (see `Header::pushes`).
+    pub(crate) fn pushes(&self) -> u64 {
+        self.header().pushes.load(Acquire)
     }
 
     /// A cursor that starts with the next record written.
