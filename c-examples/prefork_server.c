@@ -10,6 +10,10 @@
  * SO_REUSEPORT listening socket on that port, so the kernel spreads connections across the
  * workers: a client that resumes usually lands on a worker that did not make its session.
  *
+ * Each connection's writes are held and sent when the server turns to reading, and at the
+ * end (struct conn_io): a resumed connection's reply and close_notify, and with TLS 1.3
+ * often its session ticket, leave in one TCP segment.
+ *
  * --threads T (default 1) runs T accept loops in each worker, on one SSL_CTX. With
  * `--workers 1 --threads N --no-share` that is the in-process ideal the benchmarks compare
  * against (bench/run.sh): N handshakes at once, one OpenSSL cache, no inter-process traffic.
@@ -335,16 +339,153 @@ static int write_all(SSL *ssl, const char *buf, size_t len)
     return 0;
 }
 
+/*
+ * Coalesced writes. OpenSSL writes each handshake flight, the TLS 1.3 session ticket, the
+ * reply and the close_notify with one write(2) each, and each becomes a TCP segment the
+ * client must take in. Here every write goes into a per-connection buffer, which is sent in
+ * one send(2) when the server turns to reading (the peer cannot answer what it has not been
+ * sent), when it is full, and once at the end. A resumed TLS 1.3 connection whose client
+ * sends its request with its Finished then costs two sends instead of four: the server's
+ * flight, then ticket, reply and close_notify together. OpenSSL's own BIO_flush after each
+ * flight is a no-op here: nothing is held while the server waits for the peer.
+ */
+#define OUT_MAX 8192
+
+struct conn_io {
+    int fd;
+    int eof;    /* recv returned 0 */
+    size_t len; /* bytes held in out */
+    unsigned char out[OUT_MAX];
+};
+
+/* Sends what is held, however many send(2) it takes. 0 on success (or nothing held), -1 on
+ * failure (the socket's SO_SNDTIMEO bounds each wait). */
+static int io_flush(struct conn_io *io)
+{
+    size_t off = 0;
+    while (off < io->len) {
+        ssize_t n = send(io->fd, io->out + off, io->len - off, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            io->len = 0;
+            return -1;
+        }
+        off += (size_t)n;
+    }
+    io->len = 0;
+    return 0;
+}
+
+static int io_bio_write(BIO *b, const char *data, int len)
+{
+    struct conn_io *io = BIO_get_data(b);
+    BIO_clear_retry_flags(b);
+    if (len <= 0)
+        return 0;
+    if ((size_t)len > OUT_MAX - io->len && io_flush(io) != 0)
+        return -1;
+    if ((size_t)len > OUT_MAX) {
+        /* Larger than the buffer (nothing is held now): straight out. */
+        size_t off = 0;
+        while (off < (size_t)len) {
+            ssize_t n = send(io->fd, data + off, (size_t)len - off, MSG_NOSIGNAL);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n <= 0)
+                return -1;
+            off += (size_t)n;
+        }
+        return len;
+    }
+    memcpy(io->out + io->len, data, (size_t)len);
+    io->len += (size_t)len;
+    return len;
+}
+
+static int io_bio_read(BIO *b, char *buf, int len)
+{
+    struct conn_io *io = BIO_get_data(b);
+    BIO_clear_retry_flags(b);
+    if (len <= 0)
+        return 0;
+    /* The peer answers only what it has: send what is held before waiting for it. */
+    if (io_flush(io) != 0)
+        return -1;
+    ssize_t n = recv(io->fd, buf, (size_t)len, 0);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+        /* SO_RCVTIMEO expired (or a signal): the caller sees SSL_ERROR_WANT_READ. */
+        BIO_set_retry_read(b);
+        return -1;
+    }
+    if (n == 0)
+        io->eof = 1;
+    return (int)n;
+}
+
+static long io_bio_ctrl(BIO *b, int cmd, long num, void *ptr)
+{
+    struct conn_io *io = BIO_get_data(b);
+    (void)num;
+    switch (cmd) {
+    case BIO_CTRL_FLUSH:
+        return 1; /* held until the server reads or ends (see above) */
+    case BIO_CTRL_WPENDING:
+        return (long)io->len;
+    case BIO_CTRL_PENDING:
+        return 0;
+    case BIO_CTRL_EOF:
+        return io->eof;
+    case BIO_C_GET_FD:
+        if (ptr != NULL)
+            *(int *)ptr = io->fd;
+        return io->fd;
+    default:
+        return 0;
+    }
+}
+
+static int io_bio_create(BIO *b)
+{
+    BIO_set_init(b, 1);
+    return 1;
+}
+
+static BIO_METHOD *io_method;
+
+/* Made once, before any accept loop runs. */
+static int io_method_init(void)
+{
+    int type = BIO_get_new_index();
+    if (type == -1)
+        return -1;
+    io_method = BIO_meth_new(type | BIO_TYPE_SOURCE_SINK | BIO_TYPE_DESCRIPTOR, "coalescing socket");
+    if (io_method == NULL || BIO_meth_set_write(io_method, io_bio_write) != 1 ||
+        BIO_meth_set_read(io_method, io_bio_read) != 1 || BIO_meth_set_ctrl(io_method, io_bio_ctrl) != 1 ||
+        BIO_meth_set_create(io_method, io_bio_create) != 1)
+        return -1;
+    return 0;
+}
+
 static void serve_connection(SSL_CTX *ctx, int fd)
 {
+    struct conn_io io;
     char req[REQUEST_MAX]; /* on the stack: several accept loops may serve at once */
     char body[1024];
     char resp[1536];
 
     /* The socket's timeouts and TCP_NODELAY come from the listening socket (worker_main). */
+    io.fd = fd;
+    io.eof = 0;
+    io.len = 0;
     SSL *ssl = SSL_new(ctx);
-    if (ssl == NULL || SSL_set_fd(ssl, fd) != 1)
+    if (ssl == NULL)
         goto out;
+    BIO *bio = BIO_new(io_method);
+    if (bio == NULL)
+        goto out;
+    BIO_set_data(bio, &io);
+    SSL_set_bio(ssl, bio, bio); /* the SSL owns the BIO now; `io` outlives both */
     if (SSL_accept(ssl) != 1)
         goto out; /* failed handshake: drop the connection (no session was kept) */
     if (read_request(ssl, req, sizeof req) != 0)
@@ -362,19 +503,24 @@ static void serve_connection(SSL_CTX *ctx, int fd)
     if (rlen < 0 || (size_t)rlen >= sizeof resp || write_all(ssl, resp, (size_t)rlen) != 0)
         goto out;
 
-    /* Send our close_notify. We do not wait for the client's (it may never send one); what
+    /* Our close_notify. We do not wait for the client's (it may never send one); what
      * matters for the session is that we sent ours before SSL_free. */
     if (SSL_shutdown(ssl) < 0) {
         /* The peer left early, but the exchange was complete: the session is good. Mark the
          * connection as shut down so SSL_free does not remove the session everywhere. */
         SSL_set_shutdown(ssl, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN);
     }
+    /* Reply and close_notify (and the TLS 1.3 ticket, often) leave here, in one send. If
+     * they cannot, the exchange broke before the client had its reply: not shut down. */
+    if (io_flush(&io) != 0)
+        SSL_set_shutdown(ssl, 0);
 
 out:
     /* On the error paths the connection was not shut down, so SSL_free lets OpenSSL drop
      * the session (cluster-wide here): a connection that broke mid-way is not trusted, as in
-     * a single OpenSSL process. */
+     * a single OpenSSL process. What is still held (an alert) goes out first. */
     ERR_clear_error();
+    (void)io_flush(&io);
     SSL_free(ssl);
     /* Linger briefly for the client's close: closing with unread bytes (its close_notify)
      * in our receive buffer would send a RST that can destroy the reply in flight. */
@@ -442,6 +588,11 @@ static void worker_main(const struct options *o, int port, int ready_fd)
     if (set_timeouts(lfd, IO_TIMEOUT_MS) != 0 ||
         setsockopt(lfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0) {
         perror("setsockopt");
+        exit(1);
+    }
+
+    if (io_method_init() != 0) {
+        fprintf(stderr, "[%ld] cannot make the BIO method\n", (long)getpid());
         exit(1);
     }
 

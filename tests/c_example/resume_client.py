@@ -9,7 +9,9 @@ offering it, and prints one JSON line:
 
 "resumed" counts SSLSocket.session_reused (the client's view), "body_reused" the server's
 own "reused 1" in the reply, "pids" the distinct worker pids that served a resumed
-connection. Certificates are not verified: the server uses a throwaway self-signed one.
+connection, "max_data_segs_in" the most TCP segments with data the client received on one
+resumed connection (Linux TCP_INFO tcpi_data_segs_in; -1 where the kernel does not say).
+Certificates are not verified: the server uses a throwaway self-signed one.
 
 TLS 1.2 resumes by session id (tickets off on both sides). TLS 1.3 resumes by ticket: the
 server sends it after the handshake, so a connection's session is only resumable once the
@@ -21,8 +23,12 @@ import json
 import re
 import socket
 import ssl
+import struct
 import sys
 import time
+
+# Offset of tcpi_data_segs_in in Linux's struct tcp_info (since 4.6).
+TCPI_DATA_SEGS_IN = 152
 
 BODY = re.compile(rb"worker (\d+) reused ([01]) proto (\S+)")
 
@@ -40,8 +46,20 @@ def make_context(tls):
     return ctx
 
 
+def data_segs_in(sock):
+    """TCP segments with data received on `sock` so far, or -1 if the kernel does not say."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except OSError:
+        return -1
+    if len(info) < TCPI_DATA_SEGS_IN + 4:
+        return -1
+    return struct.unpack_from("=I", info, TCPI_DATA_SEGS_IN)[0]
+
+
 def fetch(ctx, port, session, timeout):
-    """One connection: request "/", read the reply to EOF. Returns (reply, session, reused)."""
+    """One connection: request "/", read the reply to EOF. Returns (reply, session, reused,
+    TCP segments with data received)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
         # As curl does. Without it, on a resumed TLS 1.2 handshake Nagle holds the request
         # behind the client's Finished until the server's delayed ACK: 40 ms a connection.
@@ -55,7 +73,7 @@ def fetch(ctx, port, session, timeout):
                     break
                 chunks.append(data)
             # Read after the reply: with TLS 1.3 the ticket arrived with it.
-            return b"".join(chunks), tls.session, tls.session_reused
+            return b"".join(chunks), tls.session, tls.session_reused, data_segs_in(tls)
 
 
 def main():
@@ -69,7 +87,7 @@ def main():
     args = ap.parse_args()
 
     ctx = make_context(args.tls)
-    reply, session, _ = fetch(ctx, args.port, None, args.timeout)
+    reply, session, _, _ = fetch(ctx, args.port, None, args.timeout)
     m = BODY.search(reply)
     if m is None:
         print("first connection: unexpected reply %r" % reply, file=sys.stderr)
@@ -80,11 +98,12 @@ def main():
     body_reused = 0
     failures = 0
     pids = set()
+    max_segs = -1
     for i in range(args.runs):
         if args.pause_ms > 0:
             time.sleep(args.pause_ms / 1000.0)
         try:
-            reply, new_session, reused = fetch(ctx, args.port, session, args.timeout)
+            reply, new_session, reused, segs = fetch(ctx, args.port, session, args.timeout)
         except (OSError, ssl.SSLError) as e:
             print("run %d: %s" % (i, e), file=sys.stderr)
             failures += 1
@@ -97,6 +116,7 @@ def main():
         if reused:
             resumed += 1
             pids.add(int(m.group(1)))
+            max_segs = max(max_segs, segs)
         if m.group(2) == b"1":
             body_reused += 1
         if new_session is not None:
@@ -110,6 +130,7 @@ def main():
         "first_pid": first_pid,
         "pids": sorted(pids),
         "failures": failures,
+        "max_data_segs_in": max_segs,
     }))
     sys.stdout.flush()
     return 0
