@@ -11,8 +11,8 @@
 use std::ffi::{c_int, c_long, c_uchar, c_uint, c_void};
 use std::sync::atomic::{AtomicI32, Ordering::SeqCst};
 
-use foreign_types::ForeignType;
-use openssl::ssl::SslSession;
+use foreign_types::{ForeignType, ForeignTypeRef};
+use openssl::ssl::{SslSession, SslSessionRef};
 use openssl_sys as ffi;
 
 use crate::channel::{self, Channel, Found};
@@ -305,7 +305,11 @@ unsafe fn store_session(ssl: *mut ffi::SSL, sess: *mut ffi::SSL_SESSION) {
             true
         };
         match backend {
-            Backend::Channel(ch) => ch.put(&state.namespace, id, expiry, der_len, encode),
+            // The session itself is kept too, beside this worker's replica (a reference, as
+            // OpenSSL's own cache keeps): its resumption here needs no d2i.
+            Backend::Channel(ch) => {
+                ch.put(&state.namespace, id, expiry, der_len, encode, Some(SslSessionRef::from_ptr(sess)))
+            }
             Backend::InProcess(m) => {
                 let mut buf = SecretBuf::with_capacity(der_len);
                 if encode(buf.vec()) {

@@ -25,7 +25,7 @@ use crate::protocol::{self, Op, MAX_FRAME_LEN};
 use crate::stats::{bump, MasterStats, WORKER};
 use crate::wipe::{wipe, SecretBuf};
 use crate::Error;
-use openssl::ssl::SslSession;
+use openssl::ssl::{SslSession, SslSessionRef};
 
 /// Environment variable naming an inherited channel descriptor, for workers that `exec`.
 pub const CHANNEL_FD_ENV: &str = "CTS_CHANNEL_FD";
@@ -357,12 +357,18 @@ impl Channel {
         self.replica.as_ref().map(|r| r.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Store in the replica, with the lifetime cap the master applies.
-    fn replica_put(&self, namespace: &[u8], id: &[u8], der: &[u8], expiry: u64) {
+    /// Store in the replica, with the lifetime cap the master applies, and keep `decoded`
+    /// (the session the DER was made from) as its decoded copy.
+    fn replica_put(&self, namespace: &[u8], id: &[u8], der: &[u8], expiry: u64, decoded: Option<&SslSessionRef>) {
         if let Some(mut r) = self.replica() {
             let now = crate::master::now_secs();
             let cap = now.saturating_add(MAX_LIFETIME_SECS.load(Relaxed));
             r.put(namespace, id, der, expiry.min(cap), now);
+            if let Some(s) = decoded {
+                let r = &mut *r;
+                let cache = &r.cache;
+                r.hot.insert(namespace, id, s, |ns, id| cache.contains(ns, id, now));
+            }
         }
     }
 
@@ -476,7 +482,9 @@ impl Channel {
         }
     }
 
-    /// Fire-and-forget PUT: `der` fills the payload after the header.
+    /// Fire-and-forget PUT: `der` fills the payload after the header. `decoded`, the session
+    /// the DER encodes, is kept beside this process's replica: a client that comes back to
+    /// this worker resumes with no `d2i` at all, as from OpenSSL's own cache.
     pub fn put(
         &self,
         namespace: &[u8],
@@ -484,6 +492,7 @@ impl Channel {
         expiry: u64,
         der_len: usize,
         der: impl FnOnce(&mut Vec<u8>) -> bool,
+        decoded: Option<&SslSessionRef>,
     ) {
         if self.is_dead() {
             return;
@@ -497,7 +506,7 @@ impl Channel {
             }
             // Our own sessions go to our replica too: a client that comes back to this worker
             // resumes without a round trip.
-            self.replica_put(namespace, id, &out[start..], expiry);
+            self.replica_put(namespace, id, &out[start..], expiry, decoded);
             true
         });
         if sent {
@@ -875,7 +884,7 @@ impl Channel {
             Op::Hit => {
                 // Into the replica here, in the order the socket delivers frames: a removal
                 // the master pushed after this reply is applied after it, never before.
-                self.replica_put(msg.namespace, msg.id, msg.payload, msg.expiry);
+                self.replica_put(msg.namespace, msg.id, msg.payload, msg.expiry, None);
                 Reply::Hit(SecretBuf::from_slice(msg.payload))
             }
             Op::Miss => Reply::Miss,
@@ -1028,6 +1037,32 @@ mod tests {
         assert!(!ch.is_dead());
         let _ = in_replica(&ch, b"d2");
         assert!(ch.is_dead(), "EOF read once DRAIN_EVERY_MS went by");
+    }
+
+    #[test]
+    fn a_session_this_process_stored_resumes_here_without_a_decode() {
+        let (ch, _master, _ring) = channel_with_ring();
+        let own = session();
+        let id = [0x5a; 32];
+        let der = b"own session's der";
+        ch.put(
+            b"ns",
+            &id,
+            4_000_000_000,
+            der.len(),
+            |out| {
+                out.extend_from_slice(der);
+                true
+            },
+            Some(&own),
+        );
+        let found = ch.get_session(b"ns", &id, |_| panic!("a session kept decoded was decoded again"));
+        let Some(Found::Session(s)) = found else { panic!("no hit") };
+        use foreign_types::ForeignType;
+        assert_eq!(s.as_ptr(), own.as_ptr(), "the very session stored, by reference");
+        // Once removed (here, or pushed by the master), the copy goes with the DER.
+        ch.del(b"ns", &id);
+        assert!(ch.replica().unwrap().hot.get(b"ns", &id).is_none());
     }
 
     #[test]

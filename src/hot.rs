@@ -1,8 +1,10 @@
 //! Decoded sessions beside a worker's replica, so a resumption the replica answers costs a
 //! hash lookup and a reference count, not a `d2i_SSL_SESSION` (about 4 µs with its free, on
-//! this kind of machine: as much as the rest of the lookup ten times over). Only TLS 1.2
-//! sessions are kept: a TLS 1.3 resumption gets a new ticket and its client offers that one
-//! next, so a decoded copy would seldom be hit twice.
+//! this kind of machine: as much as the rest of the lookup ten times over). A session this
+//! worker made itself is kept from its store on (OpenSSL's own object, one more reference);
+//! one decoded from another worker's DER is kept only for TLS 1.2: a TLS 1.3 resumption gets
+//! a new ticket and its client offers that one next, so a decoded copy would seldom be hit
+//! twice.
 //!
 //! Rules that keep it exactly as fresh as the replica:
 //! - it is only read after the replica found the same key, under the replica's lock, so an
@@ -20,7 +22,7 @@ use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
 
 use hashbrown::HashTable;
-use openssl::ssl::SslSession;
+use openssl::ssl::{SslSession, SslSessionRef};
 
 struct Entry {
     /// Namespace length (one byte: at most 64), namespace, session id.
@@ -90,7 +92,7 @@ impl Hot {
         &mut self,
         namespace: &[u8],
         id: &[u8],
-        session: &SslSession,
+        session: &SslSessionRef,
         mut still_cached: impl FnMut(&[u8], &[u8]) -> bool,
     ) {
         if self.cap == 0 {
@@ -124,7 +126,7 @@ impl Hot {
         let stamp = self.next_stamp;
         self.next_stamp += 1;
         let hasher = &self.hasher;
-        let entry = Entry { key: key.into_boxed_slice(), session: session.clone(), stamp };
+        let entry = Entry { key: key.into_boxed_slice(), session: session.to_owned(), stamp };
         self.table.insert_unique(h, entry, |e| {
             let (ns, id) = e.parts();
             hash_of(hasher, ns, id)

@@ -198,10 +198,17 @@ pub mod bench {
             return true;
         }
         let Ok(ch) = channel::current() else { return false };
-        ch.put(namespace, id, expiry, der.len(), |out| {
-            out.extend_from_slice(der);
-            true
-        });
+        ch.put(
+            namespace,
+            id,
+            expiry,
+            der.len(),
+            |out| {
+                out.extend_from_slice(der);
+                true
+            },
+            None,
+        );
         true
     }
 
