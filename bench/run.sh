@@ -41,8 +41,8 @@ if [ "$QUICK" = 1 ]; then
     REPS=2; REPS_MINOR=1; STIME_REPS=1; STIME_NEW_REPS=1; RESUME_MS=500; FULL_MS=300; WARMUP_MS=150; TURN_MS=100; STIME_S=1; STIME_NEW_S=1
     CHANNEL_ARGS=(--reps 1 --phase-ms 200)
 else
-    REPS=9; REPS_MINOR=4; STIME_REPS=12; STIME_NEW_REPS=4; RESUME_MS=700; FULL_MS=400; WARMUP_MS=150; TURN_MS=100; STIME_S=1; STIME_NEW_S=1
-    CHANNEL_ARGS=(--reps 7 --phase-ms 200)
+    REPS=9; REPS_MINOR=4; STIME_REPS=12; STIME_NEW_REPS=2; RESUME_MS=700; FULL_MS=400; WARMUP_MS=150; TURN_MS=100; STIME_S=1; STIME_NEW_S=1
+    CHANNEL_ARGS=(--reps 9 --phase-ms 200)
 fi
 
 T0=$(date +%s.%N)
@@ -325,7 +325,7 @@ done
 # resumed connection, with the clients' first (full) handshakes cancelled out.
 COST_VARIANTS="on ideal"
 [ "$WITH_NGINX" = 1 ] && COST_VARIANTS="$COST_VARIANTS nginx"
-if [ "$QUICK" = 1 ]; then COST_A_MS=800; COST_B_MS=1600; else COST_A_MS=2000; COST_B_MS=4000; fi
+if [ "$QUICK" = 1 ]; then COST_A_MS=800; COST_B_MS=1600; else COST_A_MS=1500; COST_B_MS=3000; fi
 CG="$TMP/callgrind"
 cost_run() { # variant proto ms -> "connections resumption_rate Ir syscalls" (all the server's processes)
     local variant=$1 proto=$2 ms=$3 line
