@@ -504,15 +504,13 @@ static void serve_connection(SSL_CTX *ctx, int fd)
         goto out;
 
     /* Our close_notify. We do not wait for the client's (it may never send one); what
-     * matters for the session is that we sent ours before SSL_free. */
-    if (SSL_shutdown(ssl) < 0) {
-        /* The peer left early, but the exchange was complete: the session is good. Mark the
-         * connection as shut down so SSL_free does not remove the session everywhere. */
-        SSL_set_shutdown(ssl, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN);
-    }
-    /* Reply and close_notify (and the TLS 1.3 ticket, often) leave here, in one send. If
-     * they cannot, the exchange broke before the client had its reply: not shut down. */
-    if (io_flush(&io) != 0)
+     * matters for the session is that we sent ours before SSL_free. It is held with the
+     * reply (and often the TLS 1.3 ticket), and they leave here, in one send. If they
+     * cannot (SSL_shutdown fails only when a full buffer could not be sent), the exchange
+     * broke before the client had its reply: the connection counts as not shut down, so
+     * SSL_free drops the session. */
+    int shut = SSL_shutdown(ssl);
+    if (io_flush(&io) != 0 || shut < 0)
         SSL_set_shutdown(ssl, 0);
 
 out:

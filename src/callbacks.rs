@@ -357,8 +357,9 @@ unsafe fn lookup_session(
                     if s.is_null() {
                         return None;
                     }
-                    // TLS 1.3 sessions are worth no decoded copy: each resumption is issued a
-                    // new ticket, and clients offer the newest, so a second hit is rare.
+                    // TLS 1.3 sessions decoded from another worker's DER are worth no decoded
+                    // copy: each resumption is issued a new ticket, and clients offer the
+                    // newest, so a second hit is rare. (This worker's own are kept at store.)
                     let keep = ffi::SSL_SESSION_get_protocol_version(s) < TLS1_3_VERSION;
                     // SAFETY (of the enclosing block): a non-null session from d2i, whose one
                     // reference the SslSession takes over.

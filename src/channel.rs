@@ -215,7 +215,7 @@ fn hot_capacity(replica_bytes: usize) -> usize {
 }
 
 /// A worker's replica: the DER of recent sessions, and decoded copies of those that were hit
-/// (see `hot`). Every change goes through here, so a decoded copy never outlives the DER it
+/// or that this worker stored itself (see `hot`). Every change goes through here, so a decoded copy never outlives the DER it
 /// came from.
 struct Replica {
     cache: Cache,
@@ -364,7 +364,8 @@ impl Channel {
             let now = crate::master::now_secs();
             let cap = now.saturating_add(MAX_LIFETIME_SECS.load(Relaxed));
             r.put(namespace, id, der, expiry.min(cap), now);
-            if let Some(s) = decoded {
+            // Only beside an entry the replica took (not one refused as expired or too big).
+            if let Some(s) = decoded.filter(|_| r.cache.contains(namespace, id, now)) {
                 let r = &mut *r;
                 let cache = &r.cache;
                 r.hot.insert(namespace, id, s, |ns, id| cache.contains(ns, id, now));
@@ -736,12 +737,13 @@ impl Channel {
     /// Read whatever is waiting on the socket now, without blocking, unless another thread
     /// is the reader (it files everything it reads).
     ///
-    /// With the session ring, the master counts every push it sends there (after the send):
-    /// when the count is where the last full read left it, and that read is recent
-    /// (`DRAIN_EVERY_MS`), there is no push to read and the `recv` is skipped, so a lookup
-    /// the replica answers makes no system call.
+    /// With the session ring, the master counts every push it sends there (odd while one is
+    /// being sent): when the count is even and where the last full read left it, and that
+    /// read is recent (`DRAIN_EVERY_MS`), there is no push to read and the `recv` is
+    /// skipped, so a lookup the replica answers makes no system call.
     fn drain_now(&self) {
-        let pushes = crate::ring::get().map(|r| r.pushes());
+        // An odd count (a push under way) is read for but never recorded as seen.
+        let pushes = crate::ring::get().map(|r| r.pushes()).filter(|p| p % 2 == 0);
         let now = if pushes.is_some_and(|p| p == self.pushes_seen.load(Relaxed)) {
             let now = mono_ms();
             if now.wrapping_sub(self.drained_ms.load(Relaxed)) < self.drain_every_ms {
@@ -760,8 +762,9 @@ impl Channel {
         }
         let role = ReaderRole(self);
         self.recv_available(false, false);
-        // Under the reader's role, so two drains cannot store out of order. Every push
-        // counted in `pushes` was on the socket before the read began, so it was read.
+        // Every push counted in an even `pushes` was on the socket before the read began, so
+        // it was read. (Two threads may store their counts out of order: the older one then
+        // only costs one more read.)
         if let Some(p) = pushes {
             self.pushes_seen.store(p, Relaxed);
         }
@@ -1004,38 +1007,50 @@ mod tests {
     fn a_lookup_reads_the_socket_only_for_a_counted_push_or_after_a_while() {
         use std::os::fd::AsRawFd;
         let (mut ch, master, ring) = channel_with_ring();
-        // Long enough that no pause of this machine's makes the read below happen anyway.
+        // Long enough that no pause of this machine's makes a read happen on the clock.
         ch.drain_every_ms = 3_600_000;
+        let removal = |id: &[u8]| {
+            let mut sync = Vec::new();
+            assert!(protocol::push_sync_record(&mut sync, &frame(Op::Del, 0, id, b"")));
+            frame(Op::Sync, ring.head(), b"", &sync)
+        };
+        let send = |f: &[u8]| {
+            // SAFETY: a valid buffer on our own socket.
+            assert_eq!(unsafe { libc::send(master.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) }, f.len() as isize);
+        };
         ring.publish(-7, &frame(Op::Put, 0, b"d1", b"der"));
         assert!(in_replica(&ch, b"d1"));
-        // The master's removal, on the socket but not yet counted: lookups do not read the
-        // socket for it (no system call) until the count moves...
-        let mut sync = Vec::new();
-        assert!(protocol::push_sync_record(&mut sync, &frame(Op::Del, 0, b"d1", b"")));
-        let push = frame(Op::Sync, ring.head(), b"", &sync);
-        // SAFETY: a valid buffer on our own socket.
-        let sent = unsafe { libc::send(master.as_raw_fd(), push.as_ptr().cast(), push.len(), 0) };
-        assert_eq!(sent, push.len() as isize);
+        // The master's removal, on the socket but not counted: lookups do not read the socket
+        // for it (no system call)...
+        send(&removal(b"d1"));
         assert!(in_replica(&ch, b"d1"), "read without a counted push");
-        ring.note_push();
-        assert!(!in_replica(&ch, b"d1"), "a counted push is read at the next lookup");
-        // ...or until DRAIN_EVERY_MS went by since the last read, for what comes unannounced.
-        ch.drain_every_ms = DRAIN_EVERY_MS;
+        // ...but they do while a push is being sent (the count is odd then), every time: a
+        // frame that lands after one such read is read at the next.
+        ring.counted_push(|| {
+            assert!(!in_replica(&ch, b"d1"), "not read during a push");
+            ring.publish(-7, &frame(Op::Put, 0, b"d4", b"der"));
+            assert!(in_replica(&ch, b"d4"));
+            send(&removal(b"d4"));
+            assert!(!in_replica(&ch, b"d4"), "a frame sent while the count is odd was not read");
+        });
+        // ...and after one was sent, which is read at the next lookup.
         ring.publish(-7, &frame(Op::Put, 0, b"d2", b"der"));
         assert!(in_replica(&ch, b"d2"));
-        let mut sync = Vec::new();
-        assert!(protocol::push_sync_record(&mut sync, &frame(Op::Del, 0, b"d2", b"")));
-        let push = frame(Op::Sync, ring.head(), b"", &sync);
-        // SAFETY: as above.
-        unsafe { libc::send(master.as_raw_fd(), push.as_ptr().cast(), push.len(), 0) };
-        assert!(in_replica(&ch, b"d2"), "read without a counted push");
+        ring.counted_push(|| send(&removal(b"d2")));
+        assert!(!in_replica(&ch, b"d2"), "a counted push is read at the next lookup");
+        // What comes unannounced is read once DRAIN_EVERY_MS went by since the last read.
+        ring.publish(-7, &frame(Op::Put, 0, b"d3", b"der"));
+        assert!(in_replica(&ch, b"d3"));
+        send(&removal(b"d3"));
+        assert!(in_replica(&ch, b"d3"), "read without a counted push");
+        ch.drain_every_ms = DRAIN_EVERY_MS;
         std::thread::sleep(Duration::from_millis(DRAIN_EVERY_MS + 20));
-        assert!(!in_replica(&ch, b"d2"), "read once DRAIN_EVERY_MS went by");
+        assert!(!in_replica(&ch, b"d3"), "read once DRAIN_EVERY_MS went by");
         // The master's EOF is noticed the same way.
         drop(master);
         std::thread::sleep(Duration::from_millis(DRAIN_EVERY_MS + 20));
         assert!(!ch.is_dead());
-        let _ = in_replica(&ch, b"d2");
+        let _ = in_replica(&ch, b"d3");
         assert!(ch.is_dead(), "EOF read once DRAIN_EVERY_MS went by");
     }
 
@@ -1063,6 +1078,20 @@ mod tests {
         // Once removed (here, or pushed by the master), the copy goes with the DER.
         ch.del(b"ns", &id);
         assert!(ch.replica().unwrap().hot.get(b"ns", &id).is_none());
+        // A session the replica refuses (expired on arrival) is not kept decoded either.
+        let late = [0x5b; 32];
+        ch.put(
+            b"ns",
+            &late,
+            1,
+            der.len(),
+            |out| {
+                out.extend_from_slice(der);
+                true
+            },
+            Some(&own),
+        );
+        assert!(ch.replica().unwrap().hot.get(b"ns", &late).is_none(), "a copy beside no replica entry");
     }
 
     #[test]

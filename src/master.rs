@@ -172,18 +172,18 @@ fn send_nonblocking(fd: RawFd, frame: &[u8]) -> bool {
     unsafe { libc::send(fd, frame.as_ptr().cast(), frame.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) >= 0 }
 }
 
-/// Register, change or forget `fd` in the epoll set `ep` (the event carries the fd number).
-/// False when the kernel refused (no memory): the caller gives up that channel.
-/// Tell the workers, through the session ring, that a push was sent: a worker reads its
-/// socket at a lookup only when the count moved (or a while went by), see
-/// `Channel::drain_now`. Called after the send, so a worker that sees the new count finds
-/// the frame on its socket.
-fn note_push() {
-    if let Some(ring) = crate::ring::get() {
-        ring.note_push();
+/// Send a push (`Op::Sync`, `Op::Flush`) to a worker, counted in the session ring: a worker
+/// reads its socket at a lookup only when the count moved since its last read, or while a
+/// push is being sent (see `ring::Ring::counted_push` and `Channel::drain_now`).
+fn send_push(fd: RawFd, frame: &[u8]) -> bool {
+    match crate::ring::get() {
+        Some(ring) => ring.counted_push(|| send_nonblocking(fd, frame)),
+        None => send_nonblocking(fd, frame),
     }
 }
 
+/// Register, change or forget `fd` in the epoll set `ep` (the event carries the fd number).
+/// False when the kernel refused (no memory): the caller gives up that channel.
 fn epoll_ctl(ep: RawFd, op: libc::c_int, fd: RawFd, out: bool) -> bool {
     let events = if out { libc::EPOLLIN | libc::EPOLLOUT } else { libc::EPOLLIN };
     let mut ev = libc::epoll_event { events: events as u32, u64: fd as u64 };
@@ -1052,13 +1052,12 @@ impl Master {
             out.clear();
             protocol::encode(out, Op::Sync, self.ring_pos.load(SeqCst), 0, b"", b"", &c.sync);
             let fits = c.room_for(out.len());
-            let sent = fits && send_nonblocking(c.raw(), out);
+            let sent = fits && send_push(c.raw(), out);
             let len = out.len();
             clear_wiped(out);
             if sent {
                 c.note_sent(len);
                 c.last_was_flush = false;
-                note_push();
             } else {
                 self.sync_drops.fetch_add(1, Relaxed);
                 // An unread Flush still ahead of everything the worker has not read covers
@@ -1076,11 +1075,10 @@ impl Master {
     fn send_flush(&self, c: &mut Conn, out: &mut Vec<u8>) {
         out.clear();
         protocol::encode(out, Op::Flush, 0, 0, b"", b"", &[]);
-        if send_nonblocking(c.raw(), out) {
+        if send_push(c.raw(), out) {
             c.note_sent(out.len());
             c.flush_due = false;
             c.last_was_flush = true;
-            note_push();
         }
         out.clear();
     }

@@ -65,10 +65,11 @@ struct Header {
     /// so a session reaches Redis, and other hosts, at once).
     eager: AtomicU64,
     _pad2: [u64; 5],
-    /// Pushes (`Op::Sync`, `Op::Flush`) the master has sent to its workers, counted after
-    /// each send: a worker that finds the count where its last full read of its socket left
-    /// it has no push to read, and skips the `recv` (see `Channel::drain_now`). On a cache
-    /// line of its own: every lookup reads it, only the master writes it, and only per push.
+    /// Pushes (`Op::Sync`, `Op::Flush`) the master has sent to its workers, counted twice
+    /// each: odd while a send is under way, even once it returned (`Ring::counted_push`). A
+    /// worker that finds an even count where its last full read of its socket left it has
+    /// no push to read, and skips the `recv` (see `Channel::drain_now`). On a cache line of
+    /// its own: every lookup reads it, only the master writes it, and only per push.
     pushes: AtomicU64,
 }
 
@@ -238,14 +239,20 @@ impl Ring {
         self.header().head.load(Acquire)
     }
 
-    /// Count one push the master sent; called after the send (see `Header::pushes`).
-    pub(crate) fn note_push(&self) {
-        self.header().pushes.fetch_add(1, Release);
+    /// Run `send`, a push to a worker, counted in `Header::pushes`: the count is odd from
+    /// before the frame can be on the socket until after the send returned, so a worker
+    /// reads its socket whenever it may hold a push it has not read.
+    pub(crate) fn counted_push<T>(&self, send: impl FnOnce() -> T) -> T {
+        let pushes = &self.header().pushes;
+        pushes.fetch_add(1, SeqCst);
+        let out = send();
+        pushes.fetch_add(1, SeqCst);
+        out
     }
 
-    /// The pushes the master has sent so far (see `Header::pushes`).
+    /// The push count (see `Header::pushes`): odd while a push is being sent.
     pub(crate) fn pushes(&self) -> u64 {
-        self.header().pushes.load(Acquire)
+        self.header().pushes.load(SeqCst)
     }
 
     /// A cursor that starts with the next record written.
