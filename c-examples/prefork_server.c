@@ -358,23 +358,30 @@ struct conn_io {
     unsigned char out[OUT_MAX];
 };
 
-/* Sends what is held, however many send(2) it takes. 0 on success (or nothing held), -1 on
- * failure (the socket's SO_SNDTIMEO bounds each wait). */
-static int io_flush(struct conn_io *io)
+/* All of `len` bytes, however many send(2) it takes. 0 on success, -1 on failure (the
+ * socket's SO_SNDTIMEO bounds each wait). */
+static int send_all(int fd, const void *data, size_t len)
 {
-    size_t off = 0;
-    while (off < io->len) {
-        ssize_t n = send(io->fd, io->out + off, io->len - off, MSG_NOSIGNAL);
+    const unsigned char *p = data;
+    while (len > 0) {
+        ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
         if (n < 0 && errno == EINTR)
             continue;
-        if (n <= 0) {
-            io->len = 0;
+        if (n <= 0)
             return -1;
-        }
-        off += (size_t)n;
+        p += n;
+        len -= (size_t)n;
     }
-    io->len = 0;
     return 0;
+}
+
+/* Sends what is held (and holds nothing after, sent or not). 0 on success or nothing held,
+ * -1 on failure. */
+static int io_flush(struct conn_io *io)
+{
+    int rc = send_all(io->fd, io->out, io->len);
+    io->len = 0;
+    return rc;
 }
 
 static int io_bio_write(BIO *b, const char *data, int len)
@@ -385,19 +392,8 @@ static int io_bio_write(BIO *b, const char *data, int len)
         return 0;
     if ((size_t)len > OUT_MAX - io->len && io_flush(io) != 0)
         return -1;
-    if ((size_t)len > OUT_MAX) {
-        /* Larger than the buffer (nothing is held now): straight out. */
-        size_t off = 0;
-        while (off < (size_t)len) {
-            ssize_t n = send(io->fd, data + off, (size_t)len - off, MSG_NOSIGNAL);
-            if (n < 0 && errno == EINTR)
-                continue;
-            if (n <= 0)
-                return -1;
-            off += (size_t)n;
-        }
-        return len;
-    }
+    if ((size_t)len > OUT_MAX) /* larger than the buffer (nothing is held now): straight out */
+        return send_all(io->fd, data, (size_t)len) == 0 ? len : -1;
     memcpy(io->out + io->len, data, (size_t)len);
     io->len += (size_t)len;
     return len;

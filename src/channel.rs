@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering::Relaxed, Ord
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::cache::Cache;
+use crate::cache::{Cache, PutOutcome};
 use crate::config::Config;
 use crate::fork::{self, ChannelFd};
 use crate::hot::Hot;
@@ -215,8 +215,8 @@ fn hot_capacity(replica_bytes: usize) -> usize {
 }
 
 /// A worker's replica: the DER of recent sessions, and decoded copies of those that were hit
-/// or that this worker stored itself (see `hot`). Every change goes through here, so a decoded copy never outlives the DER it
-/// came from.
+/// or that this worker stored itself (see `hot`). Every change goes through here, so a
+/// decoded copy never outlives the DER it came from.
 struct Replica {
     cache: Cache,
     hot: Hot,
@@ -225,9 +225,9 @@ struct Replica {
 }
 
 impl Replica {
-    fn put(&mut self, namespace: &[u8], id: &[u8], der: &[u8], expiry: u64, now: u64) {
+    fn put(&mut self, namespace: &[u8], id: &[u8], der: &[u8], expiry: u64, now: u64) -> PutOutcome {
         self.hot.remove(namespace, id);
-        self.cache.put(namespace, id, der, expiry, now);
+        self.cache.put(namespace, id, der, expiry, now)
     }
 
     fn remove(&mut self, namespace: &[u8], id: &[u8]) {
@@ -363,9 +363,10 @@ impl Channel {
         if let Some(mut r) = self.replica() {
             let now = crate::master::now_secs();
             let cap = now.saturating_add(MAX_LIFETIME_SECS.load(Relaxed));
-            r.put(namespace, id, der, expiry.min(cap), now);
+            let outcome = r.put(namespace, id, der, expiry.min(cap), now);
             // Only beside an entry the replica took (not one refused as expired or too big).
-            if let Some(s) = decoded.filter(|_| r.cache.contains(namespace, id, now)) {
+            let taken = matches!(outcome, PutOutcome::Stored | PutOutcome::Replaced);
+            if let Some(s) = decoded.filter(|_| taken) {
                 let r = &mut *r;
                 let cache = &r.cache;
                 r.hot.insert(namespace, id, s, |ns, id| cache.contains(ns, id, now));
@@ -744,15 +745,11 @@ impl Channel {
     fn drain_now(&self) {
         // An odd count (a push under way) is read for but never recorded as seen.
         let pushes = crate::ring::get().map(|r| r.pushes()).filter(|p| p % 2 == 0);
-        let now = if pushes.is_some_and(|p| p == self.pushes_seen.load(Relaxed)) {
-            let now = mono_ms();
-            if now.wrapping_sub(self.drained_ms.load(Relaxed)) < self.drain_every_ms {
-                return;
-            }
-            now
-        } else {
-            mono_ms()
-        };
+        let now = mono_ms();
+        let recent = now.wrapping_sub(self.drained_ms.load(Relaxed)) < self.drain_every_ms;
+        if recent && pushes.is_some_and(|p| p == self.pushes_seen.load(Relaxed)) {
+            return;
+        }
         {
             let mut w = self.lock();
             if w.reader {
