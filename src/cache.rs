@@ -14,12 +14,11 @@
 //!   32-byte id, at 100k and 1M sessions.
 
 use std::cmp::Reverse;
-use std::collections::hash_map::RandomState;
 use std::collections::BinaryHeap;
-use std::hash::BuildHasher;
 
 use hashbrown::HashTable;
 
+use crate::keyhash::KeyHasher;
 use crate::protocol::{MAX_ID_LEN, MAX_NAMESPACE_LEN};
 use crate::wipe::wipe;
 
@@ -81,7 +80,7 @@ pub struct Cache {
     max_session: usize,
     bytes: usize,
     index: HashTable<u32>,
-    hasher: RandomState,
+    hasher: KeyHasher,
     slots: Vec<Option<Entry>>,
     free: Vec<u32>,
     /// Most recently used.
@@ -134,7 +133,7 @@ impl Cache {
             max_session,
             bytes: 0,
             index: HashTable::new(),
-            hasher: RandomState::new(),
+            hasher: KeyHasher::new(),
             slots: Vec::new(),
             free: Vec::new(),
             head: NIL,
@@ -160,7 +159,7 @@ impl Cache {
     }
 
     fn find(&self, key: &[u8]) -> Option<u32> {
-        let hash = self.hasher.hash_one(key);
+        let hash = self.hasher.hash(key);
         let slots = &self.slots;
         self.index.find(hash, |&s| slots[s as usize].as_ref().is_some_and(|e| e.key() == key)).copied()
     }
@@ -231,9 +230,9 @@ impl Cache {
                 (self.slots.len() - 1) as u32
             }
         };
-        let hash = self.hasher.hash_one(key);
+        let hash = self.hasher.hash(key);
         let (slots, hasher) = (&self.slots, &self.hasher);
-        self.index.insert_unique(hash, slot, |&s| slots[s as usize].as_ref().map_or(0, |e| hasher.hash_one(e.key())));
+        self.index.insert_unique(hash, slot, |&s| slots[s as usize].as_ref().map_or(0, |e| hasher.hash(e.key())));
         self.bytes += cost;
         self.push_front(slot);
         self.expiries.push(Reverse((secs32(expiry), slot)));
@@ -250,17 +249,29 @@ impl Cache {
 
     /// `get` that also tells the entry's expiry.
     pub fn lookup(&mut self, namespace: &[u8], id: &[u8], now: u64) -> Option<(&[u8], u64)> {
+        self.lookup_counting(namespace, id, now, true)
+    }
+
+    /// `lookup` for a first try that is asked again if it misses: a hit counts and refreshes
+    /// recency as usual, a miss counts nothing and leaves an expired entry for the second ask.
+    pub fn lookup_hit(&mut self, namespace: &[u8], id: &[u8], now: u64) -> Option<(&[u8], u64)> {
+        self.lookup_counting(namespace, id, now, false)
+    }
+
+    fn lookup_counting(&mut self, namespace: &[u8], id: &[u8], now: u64, miss: bool) -> Option<(&[u8], u64)> {
         let mut buf = [0u8; KEY_BUF];
         let slot = make_key(&mut buf, namespace, id).and_then(|key| self.find(key));
         let Some(slot) = slot else {
-            self.counters.misses += 1;
+            self.counters.misses += u64::from(miss);
             return None;
         };
         let expired = self.slots[slot as usize].as_ref().is_none_or(|e| u64::from(e.expiry) <= now);
         if expired {
-            self.remove_slot(slot);
-            self.counters.expirations += 1;
-            self.counters.misses += 1;
+            if miss {
+                self.remove_slot(slot);
+                self.counters.expirations += 1;
+                self.counters.misses += 1;
+            }
             return None;
         }
         self.unlink(slot);
@@ -350,7 +361,7 @@ impl Cache {
     fn remove_slot(&mut self, slot: u32) {
         self.unlink(slot);
         let Some(entry) = self.slots[slot as usize].as_ref() else { return };
-        let hash = self.hasher.hash_one(entry.key());
+        let hash = self.hasher.hash(entry.key());
         if let Ok(found) = self.index.find_entry(hash, |&s| s == slot) {
             found.remove();
         }

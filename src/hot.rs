@@ -17,12 +17,12 @@
 //! releases our reference; OpenSSL's `SSL_SESSION_free` wipes the master key when the last one
 //! goes (a handshake in progress may still hold one).
 
-use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
-use std::hash::{BuildHasher, Hasher};
 
 use hashbrown::HashTable;
 use openssl::ssl::{SslSession, SslSessionRef};
+
+use crate::keyhash::KeyHasher;
 
 struct Entry {
     /// Namespace length (one byte: at most 64), namespace, session id.
@@ -49,25 +49,21 @@ impl Entry {
 pub struct Hot {
     cap: usize,
     table: HashTable<Entry>,
-    hasher: RandomState,
+    hasher: KeyHasher,
     /// Insertion order: (hash, stamp). Items of entries removed since are skipped.
     order: VecDeque<(u64, u64)>,
     next_stamp: u64,
 }
 
-/// The hash of (namespace, id), computed from the parts: a lookup builds no key.
-fn hash_of(hasher: &RandomState, namespace: &[u8], id: &[u8]) -> u64 {
-    let mut h = hasher.build_hasher();
-    h.write_u8(namespace.len() as u8);
-    h.write(namespace);
-    h.write(id);
-    h.finish()
+/// The hash of (namespace, id), computed from the parts: a lookup allocates no key.
+fn hash_of(hasher: &KeyHasher, namespace: &[u8], id: &[u8]) -> u64 {
+    hasher.hash_parts(namespace, id)
 }
 
 impl Hot {
     /// At most `cap` decoded sessions (0: none are kept).
     pub fn new(cap: usize) -> Hot {
-        Hot { cap, table: HashTable::new(), hasher: RandomState::new(), order: VecDeque::new(), next_stamp: 0 }
+        Hot { cap, table: HashTable::new(), hasher: KeyHasher::new(), order: VecDeque::new(), next_stamp: 0 }
     }
 
     /// How many decoded sessions are held.

@@ -49,6 +49,7 @@ mod error;
 mod fork;
 pub mod handler;
 mod hot;
+mod keyhash;
 mod log;
 mod master;
 pub mod protocol;

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::cache::{Cache, PutOutcome};
 use crate::config::Config;
 use crate::fork;
-use crate::handler::{handle_frame, Handled};
+use crate::handler::{answer_hit, handle_frame, Handled};
 use crate::protocol::{self, Op, MAX_FRAME_LEN};
 use crate::stats::MasterStats;
 use crate::tickets::KeySchedule;
@@ -924,6 +924,10 @@ impl Master {
                 wipe(buf);
                 continue;
             }
+            if self.answered_hit(idx, conns, &buf[..n], out) {
+                wipe(&mut buf[..n]);
+                continue;
+            }
             match spare.as_deref_mut() {
                 Some(sp) if self.would_miss(&buf[..n]) => {
                     for other in (0..conns.len()).filter(|&o| o != idx) {
@@ -972,6 +976,39 @@ impl Master {
             Ok(_) => {}
             Err(_) => {
                 self.bad_frames.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Answer a GET the cache can answer now (true): one decode and one lookup, none of the
+    /// catch-up `serve` does for a GET that would miss. False, with nothing sent or counted,
+    /// for anything else, and while debug logging is on (`handle` logs every frame).
+    fn answered_hit(&self, idx: usize, conns: &mut [Conn], frame: &[u8], out: &mut Vec<u8>) -> bool {
+        if frame.get(1) != Some(&(Op::Get as u8)) || crate::log::enabled() {
+            return false;
+        }
+        let fd = conns[idx].raw();
+        let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let hit = answer_hit(&mut self.cache(), frame, now_secs(), out);
+            if hit {
+                self.send_reply(fd, out);
+                wipe(out);
+            }
+            hit
+        }));
+        match answered {
+            Ok(false) => false,
+            Ok(true) => {
+                // Sent what `out` holds (wiped, length kept).
+                conns[idx].note_sent(out.len());
+                conns[idx].last_was_flush = false;
+                true
+            }
+            Err(_) => {
+                // As in `handle_guarded`: the frame is dropped and counted, the loop goes on.
+                clear_wiped(out);
+                self.bad_frames.fetch_add(1, Relaxed);
+                true
             }
         }
     }

@@ -1,9 +1,11 @@
 //! A sequence of frames (split on 0xFE bytes) into the master's request handler
-//! over a small cache: never a panic, the byte budget always holds, every reply is well formed.
+//! over a small cache, each first offered to the GET fast path as the master's loop does:
+//! never a panic, the byte budget always holds, every reply is well formed, and a frame the
+//! fast path declines leaves the cache's counters as they were.
 #![no_main]
 
 use cluster_tls_store::cache::Cache;
-use cluster_tls_store::handler::handle_frame;
+use cluster_tls_store::handler::{answer_hit, handle_frame};
 use cluster_tls_store::protocol;
 use libfuzzer_sys::fuzz_target;
 
@@ -14,7 +16,14 @@ fuzz_target!(|data: &[u8]| {
     let mut now = 1_700_000_000u64;
     for frame in data.split(|&b| b == 0xFE) {
         now += 1;
-        handle_frame(&mut cache, frame, now, 60, |_, _| vec![0; 8], &mut out);
+        let before = cache.counters();
+        if answer_hit(&mut cache, frame, now, &mut out) {
+            assert_eq!(protocol::decode(&out).map(|m| m.op).ok(), Some(protocol::Op::Hit));
+        } else {
+            assert!(out.is_empty());
+            assert_eq!(cache.counters(), before);
+            handle_frame(&mut cache, frame, now, 60, |_, _| vec![0; 8], &mut out);
+        }
         assert!(cache.bytes() <= budget);
         if !out.is_empty() {
             assert!(protocol::decode(&out).is_ok());

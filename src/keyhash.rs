@@ -1,0 +1,175 @@
+//! The hash of a session key (namespace and id), for the master's cache, the worker's replica
+//! and its decoded-session table.
+//!
+//! std's SipHash-1-3 cost about 200 instructions for a 38-byte key: on a GET answered by the
+//! master that was two of the ~2,700 instructions of the cache thread's round, and one more in
+//! the worker's replica. This is a folded multiply (the 128-bit product of two words, its
+//! halves xored), one per 16 bytes of key, behind a random per-table seed: about 25
+//! instructions for the same key.
+//!
+//! Why a keyed but non-cryptographic hash is enough here: hash flooding needs an attacker to
+//! choose the keys that go *into* a table. Every key stored is a session id the server's own
+//! OpenSSL made (random 32 bytes by default), in a namespace the server named; a client only
+//! chooses the ids it *looks up*, and a lookup inserts nothing. The seed is still random per
+//! table, so even a server that makes predictable ids does not get a layout known in advance.
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+
+use crate::protocol::{MAX_ID_LEN, MAX_NAMESPACE_LEN};
+
+/// Odd 64-bit constants (digits of pi), so no multiply by them loses bits.
+const P0: u64 = 0x243f_6a88_85a3_08d3;
+const P1: u64 = 0x1319_8a2e_0370_7345;
+const P2: u64 = 0xa409_3822_299f_31d1;
+
+/// The 128-bit product of `a` and `b`, its high and low halves xored: every bit of the result
+/// depends on every bit of both inputs, in one multiply instruction.
+#[inline]
+fn fold(a: u64, b: u64) -> u64 {
+    let p = u128::from(a) * u128::from(b);
+    (p as u64) ^ ((p >> 64) as u64)
+}
+
+/// Up to 8 bytes as a little-endian word (short input zero-padded).
+#[inline]
+fn word(b: &[u8]) -> u64 {
+    let mut w = [0u8; 8];
+    let n = b.len().min(8);
+    w[..n].copy_from_slice(&b[..n]);
+    u64::from_le_bytes(w)
+}
+
+/// A seeded hash of byte strings; see the module notes.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyHasher {
+    seed: [u64; 2],
+}
+
+impl KeyHasher {
+    /// A hasher with a fresh random seed (drawn through std's `RandomState`, which takes its
+    /// keys from the operating system's random source once per thread).
+    pub fn new() -> KeyHasher {
+        let s = RandomState::new();
+        KeyHasher { seed: [s.hash_one(P0), s.hash_one(P1)] }
+    }
+
+    /// The hash of `key`. Keys of different lengths are told apart by the length, which
+    /// seeds the first round.
+    #[inline]
+    pub fn hash(&self, key: &[u8]) -> u64 {
+        let [s0, s1] = self.seed;
+        let mut h = s0 ^ (key.len() as u64).wrapping_mul(P0);
+        let mut chunks = key.chunks_exact(16);
+        for c in &mut chunks {
+            h = fold(word(&c[..8]) ^ s1, word(&c[8..]) ^ h);
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let (a, b) = rest.split_at(rest.len().min(8));
+            h = fold(word(a) ^ s1 ^ P1, word(b) ^ h);
+        }
+        fold(h ^ s0, P2)
+    }
+
+    /// The hash of the key (namespace length, namespace, id) as the cache lays it out,
+    /// assembled on the stack from its parts. Parts longer than the protocol allows (never
+    /// stored) are hashed apart, still consistently.
+    pub fn hash_parts(&self, namespace: &[u8], id: &[u8]) -> u64 {
+        let mut buf = [0u8; 1 + MAX_NAMESPACE_LEN + MAX_ID_LEN];
+        if namespace.len() > MAX_NAMESPACE_LEN || id.len() > MAX_ID_LEN {
+            return fold(self.hash(namespace) ^ P1, self.hash(id));
+        }
+        let end = 1 + namespace.len() + id.len();
+        buf[0] = namespace.len() as u8;
+        buf[1..1 + namespace.len()].copy_from_slice(namespace);
+        buf[1 + namespace.len()..end].copy_from_slice(id);
+        self.hash(&buf[..end])
+    }
+}
+
+impl Default for KeyHasher {
+    fn default() -> KeyHasher {
+        KeyHasher::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    /// Keys laid out as the cache lays them out: namespace length, namespace, 32-byte id.
+    fn key(ns: &[u8], id: &[u8]) -> Vec<u8> {
+        let mut k = vec![ns.len() as u8];
+        k.extend_from_slice(ns);
+        k.extend_from_slice(id);
+        k
+    }
+
+    #[test]
+    fn the_same_key_hashes_the_same_and_a_new_seed_changes_it() {
+        let h = KeyHasher::new();
+        let k = key(b"web", &[7; 32]);
+        assert_eq!(h.hash(&k), h.hash(&k.clone()));
+        let other = KeyHasher::new();
+        assert_ne!(h.hash(&k), other.hash(&k), "two tables do not share a layout");
+    }
+
+    #[test]
+    fn the_parts_hash_as_the_assembled_key() {
+        let h = KeyHasher::new();
+        assert_eq!(h.hash_parts(b"web", &[9; 32]), h.hash(&key(b"web", &[9; 32])));
+        assert_eq!(h.hash_parts(b"", b""), h.hash(&[0]));
+        // Longer than the protocol allows: still a function of the parts.
+        let long = [1u8; 200];
+        assert_eq!(h.hash_parts(&long, b"id"), h.hash_parts(&long, b"id"));
+        assert_ne!(h.hash_parts(&long, b"id"), h.hash_parts(&long, b"ie"));
+    }
+
+    #[test]
+    fn keys_that_differ_in_one_bit_or_in_length_hash_apart() {
+        let h = KeyHasher::new();
+        for len in 0..80usize {
+            let base: Vec<u8> = (0..len).map(|i| (i * 37) as u8).collect();
+            let mut seen = HashSet::new();
+            assert!(seen.insert(h.hash(&base)));
+            for bit in 0..len * 8 {
+                let mut k = base.clone();
+                k[bit / 8] ^= 1 << (bit % 8);
+                assert!(seen.insert(h.hash(&k)), "len {len}, bit {bit} collides");
+            }
+            // A trailing zero byte is not the same key.
+            let mut longer = base.clone();
+            longer.push(0);
+            assert!(seen.insert(h.hash(&longer)), "len {len} and len {} collide", len + 1);
+        }
+    }
+
+    /// hashbrown picks the bucket from the low bits and the tag byte from the top 7: both must
+    /// spread sequential ids (the worst case: keys that differ in one counter) evenly.
+    #[test]
+    fn sequential_ids_spread_evenly_over_buckets_and_tags() {
+        let h = KeyHasher::new();
+        const N: usize = 1 << 16;
+        const BUCKETS: usize = 1 << 10;
+        let mut low = vec![0u32; BUCKETS];
+        let mut top = [0u32; 128];
+        for i in 0..N {
+            for place in [0usize, 24] {
+                let mut id = [0x5au8; 32];
+                id[place..place + 8].copy_from_slice(&(i as u64).to_le_bytes());
+                let v = h.hash(&key(b"bench", &id));
+                low[(v as usize) & (BUCKETS - 1)] += 1;
+                top[(v >> 57) as usize] += 1;
+            }
+        }
+        // 2N keys: 128 per bucket (standard deviation 11) and 1024 per tag (32) on average.
+        // The bounds are 5.5 deviations out, so a uniform hash fails them about once in
+        // 10^4 runs (the seed is random); a broken one piles keys into a few buckets.
+        let (lo_min, lo_max) = (low.iter().min().copied(), low.iter().max().copied());
+        assert!(lo_min >= Some(66) && lo_max <= Some(190), "bucket counts {lo_min:?}..{lo_max:?}");
+        let (t_min, t_max) = (top.iter().min().copied(), top.iter().max().copied());
+        assert!(t_min >= Some(848) && t_max <= Some(1200), "tag counts {t_min:?}..{t_max:?}");
+    }
+}
