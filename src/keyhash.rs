@@ -47,8 +47,10 @@ pub struct KeyHasher {
 }
 
 impl KeyHasher {
-    /// A hasher with a fresh random seed (drawn through std's `RandomState`, which takes its
-    /// keys from the operating system's random source once per thread).
+    /// A hasher with a random seed, drawn through std's `RandomState` (keys from the
+    /// operating system's random source once per thread, then a fresh pair per call). Two
+    /// workers forked from one master may draw the same seed; that costs nothing here, since
+    /// the seed only has to be unknown to clients, not different in every process.
     pub fn new() -> KeyHasher {
         let s = RandomState::new();
         KeyHasher { seed: [s.hash_one(P0), s.hash_one(P1)] }
