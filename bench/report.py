@@ -339,7 +339,7 @@ def build_md(D, targets):
             if "error" in d:
                 errs.append(f"{sec} {v} N={n} {p} {mode} rep {rep}: {d['error']}")
     L.append("")
-    L.append("## openssl s_time (one client, `-www /`, connections/s = connections / -time)")
+    L.append("## openssl s_time (one client, `-www /`, connections/s = connections / the client's wall time)")
     L.append("")
     rows = []
     for mode in ("reuse", "new"):

@@ -251,8 +251,15 @@ run_stime() { # rep variant n proto mode(reuse|new) seconds
     # one mark per connection: 'r' reused, '*' (or a version letter) not reused
     reused=$({ grep -E '^[*rtsu]+$' "$out" || true; } | tr -cd 'r' | wc -c)
     total=$({ grep -E '^[*rtsu]+$' "$out" || true; } | tr -d '\n' | wc -c)
+    # s_time stops once the clock's whole second passes start + secs: its loop lasts from secs
+    # to secs + 1 seconds, by where in a second it started. Back-to-back runs mostly start just
+    # after a second boundary and run secs + 1, but any other phase gives a shorter run, so
+    # connections / secs swung by up to 2x between runs of one server. The rate divides by the
+    # wall time the client ran instead (its start-up and first full handshake included, the
+    # same few ms for every server).
+    local wall; wall=$(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.3f", b - a }')
     if [ -n "$conns" ] && [ -n "$user" ]; then
-        emit "{\"section\":\"s_time\",\"rep\":$rep,\"variant\":\"$variant\",\"n\":$n,\"proto\":\"$proto\",\"mode\":\"$mode\",\"data\":{\"connections\":$conns,\"time_s\":$secs,\"wall_s\":$(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.3f", b - a }'),\"connections_per_s\":$(awk -v c="$conns" -v s="$secs" 'BEGIN { printf "%.3f", c / s }'),\"connections_per_user_s\":$user,\"marks_reused\":$reused,\"marks_total\":$total}}"
+        emit "{\"section\":\"s_time\",\"rep\":$rep,\"variant\":\"$variant\",\"n\":$n,\"proto\":\"$proto\",\"mode\":\"$mode\",\"data\":{\"connections\":$conns,\"time_s\":$secs,\"wall_s\":$wall,\"connections_per_s\":$(awk -v c="$conns" -v w="$wall" 'BEGIN { printf "%.3f", c / w }'),\"connections_per_user_s\":$user,\"marks_reused\":$reused,\"marks_total\":$total}}"
     else
         emit "{\"section\":\"s_time\",\"rep\":$rep,\"variant\":\"$variant\",\"n\":$n,\"proto\":\"$proto\",\"mode\":\"$mode\",\"data\":{\"error\":$(json_str "$(tail -c 300 "$out"; tail -c 200 "$TMP/s_time.err" 2>/dev/null)")}}"
     fi
