@@ -495,6 +495,30 @@ mod tests {
         assert!(c.bytes() <= cost * 3);
     }
 
+    /// The master's GET fast path (`lookup_hit`) is where nearly every hit goes: a hit there
+    /// must refresh recency as `lookup` does, and a miss there must leave everything as it was.
+    #[test]
+    fn a_first_try_lookup_refreshes_recency_on_a_hit_and_touches_nothing_on_a_miss() {
+        let der = [0u8; 100];
+        let cost = Cache::entry_cost(1 + 32, 100);
+        let mut c = Cache::new(cost * 3, 1024);
+        for i in 0..3 {
+            c.put(b"", &id(i), &der, NOW + 100, NOW);
+        }
+        assert!(c.lookup_hit(b"", &id(0), NOW).is_some(), "touch 0 so 1 is the oldest");
+        assert_eq!((c.counters().hits, c.counters().misses), (1, 0));
+        assert!(c.lookup_hit(b"", &id(9), NOW).is_none());
+        assert_eq!(c.counters().misses, 0, "a first try's miss is not counted");
+        c.put(b"", &id(3), &der, NOW + 100, NOW);
+        assert!(!c.contains(b"", &id(1), NOW), "LRU entry evicted");
+        assert!(c.contains(b"", &id(0), NOW), "the entry hit through lookup_hit survives");
+        // Expired: left in place and uncounted, for the counting lookup to drop and count.
+        assert!(c.lookup_hit(b"", &id(2), NOW + 100).is_none());
+        assert_eq!((c.len(), c.counters().expirations, c.counters().misses), (3, 0, 0));
+        assert!(c.lookup(b"", &id(2), NOW + 100).is_none());
+        assert_eq!((c.len(), c.counters().expirations, c.counters().misses), (2, 1, 1));
+    }
+
     #[test]
     fn never_exceeds_budget_under_many_stores() {
         let budget = 64 * 1024;

@@ -40,8 +40,7 @@ fn word(b: &[u8]) -> u64 {
     u64::from_le_bytes(w)
 }
 
-/// A seeded hash of byte strings; see the module notes.
-#[derive(Clone, Copy, Debug)]
+/// A seeded hash of byte strings; see the module notes. No `Debug`: it would print the seed.
 pub struct KeyHasher {
     seed: [u64; 2],
 }
@@ -56,17 +55,22 @@ impl KeyHasher {
         KeyHasher { seed: [s.hash_one(P0), s.hash_one(P1)] }
     }
 
-    /// The hash of `key`. Keys of different lengths are told apart by the length, which
-    /// seeds the state.
+    /// The hash of `key`. The length goes in at the start and at the end.
     ///
     /// Each 16 bytes: the state and the first word in one factor, the second word in the
     /// other, each masked by its own key (seed xor a constant, so even a zero seed masks).
-    /// A first version put the state beside the second word instead: with a zero seed, keys
-    /// whose words repeat (0x5a5a...) then piled a sixteenth of all keys into one bucket.
+    /// Earlier versions, and what was wrong with them:
+    /// - the state beside the second word: with a zero seed, keys whose words repeat
+    ///   (0x5a5a...) piled a sixteenth of all keys into one bucket;
+    /// - the state started at `k0 ^ len * P2`, so the first word's own `k0` cancelled it: a
+    ///   key whose first word was `len * P2` zeroed the first product under every seed, and
+    ///   a 15-byte key and a 16-byte one built from it collided under every seed (the length
+    ///   was not in the last step).
     #[inline]
     pub fn hash(&self, key: &[u8]) -> u64 {
         let (k0, k1) = (self.seed[0] ^ P0, self.seed[1] ^ P1);
-        let mut h = k0 ^ (key.len() as u64).wrapping_mul(P2);
+        let len = key.len() as u64;
+        let mut h = len.wrapping_mul(P2);
         let mut chunks = key.chunks_exact(16);
         for c in &mut chunks {
             h = fold(word(&c[..8]) ^ k0 ^ h, word(&c[8..]) ^ k1);
@@ -76,7 +80,7 @@ impl KeyHasher {
             let (a, b) = rest.split_at(rest.len().min(8));
             h = fold(word(a) ^ k0 ^ h, word(b) ^ k1 ^ P2);
         }
-        fold(h ^ k1, P2 ^ k0)
+        fold(h ^ k1 ^ len, P2 ^ k0)
     }
 
     /// The hash of the key (namespace length, namespace, id) as the cache lays it out,
@@ -142,6 +146,35 @@ mod tests {
         assert_ne!(h.hash_parts(&long, b"id"), h.hash_parts(&long, b"ie"));
     }
 
+    const SEEDS: [(u64, u64); 4] = [(0, 0), (0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210), (u64::MAX, 1), (P2, P0)];
+
+    /// Keys built to cancel the seed in a first version (see `hash`): under every seed they
+    /// must hash apart like any others.
+    #[test]
+    fn no_key_cancels_the_seed() {
+        for (s0, s1) in SEEDS {
+            let h = KeyHasher::with_seed(s0, s1);
+            for len in [16usize, 24, 40] {
+                let mut seen = HashSet::new();
+                for first in [(len as u64).wrapping_mul(P2), (len as u64).wrapping_mul(P2) ^ 1] {
+                    for v in 0..64u64 {
+                        let mut k = vec![0u8; len];
+                        k[..8].copy_from_slice(&first.to_le_bytes());
+                        k[8..16].copy_from_slice(&v.to_le_bytes());
+                        assert!(seen.insert(h.hash(&k)), "seed {s0:x}, len {len}, {first:x}/{v} collides");
+                    }
+                }
+            }
+            // A 15-byte key, and the 16-byte key that feeds the same two factors to the
+            // first (and only) step.
+            let k15: Vec<u8> = (1..=15u8).collect();
+            let w0 = word(&k15[..8]) ^ 15u64.wrapping_mul(P2) ^ 16u64.wrapping_mul(P2);
+            let w1 = word(&k15[8..]) ^ P2;
+            let k16: Vec<u8> = [w0.to_le_bytes(), w1.to_le_bytes()].concat();
+            assert_ne!(h.hash(&k15), h.hash(&k16), "seed {s0:x}: 15 and 16 bytes collide");
+        }
+    }
+
     #[test]
     fn keys_that_differ_in_one_bit_or_in_length_hash_apart() {
         let h = KeyHasher::with_seed(0x9e37_79b9_7f4a_7c15, 0x2545_f491_4f6c_dd1d);
@@ -166,7 +199,7 @@ mod tests {
     #[test]
     fn sequential_ids_spread_evenly_over_buckets_and_tags() {
         // Fixed seeds (one of them zero), so the outcome does not depend on chance.
-        for (s0, s1) in [(0, 0), (0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210), (u64::MAX, 1), (P2, P0)] {
+        for (s0, s1) in SEEDS {
             let h = KeyHasher::with_seed(s0, s1);
             const N: usize = 1 << 16;
             const BUCKETS: usize = 1 << 10;
