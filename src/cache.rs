@@ -476,14 +476,21 @@ mod tests {
         assert_eq!(c.get(b"", &id(3), NOW + 50), Some(&b"y"[..]));
     }
 
-    #[test]
-    fn evicts_least_recently_used_at_the_byte_budget() {
+    /// A cache whose budget holds exactly three entries of `der`, holding ids 0, 1, 2 (stored
+    /// in that order, expiring at NOW + 100).
+    fn full_with_three() -> (Cache, [u8; 100]) {
         let der = [0u8; 100];
-        let cost = Cache::entry_cost(1 + 32, 100);
-        let mut c = Cache::new(cost * 3, 1024);
+        let mut c = Cache::new(Cache::entry_cost(1 + 32, der.len()) * 3, 1024);
         for i in 0..3 {
             c.put(b"", &id(i), &der, NOW + 100, NOW);
         }
+        (c, der)
+    }
+
+    #[test]
+    fn evicts_least_recently_used_at_the_byte_budget() {
+        let (mut c, der) = full_with_three();
+        let cost = Cache::entry_cost(1 + 32, der.len());
         assert!(c.get(b"", &id(0), NOW).is_some(), "touch 0 so 1 is the oldest");
         c.put(b"", &id(3), &der, NOW + 100, NOW);
         assert_eq!(c.len(), 3);
@@ -499,12 +506,7 @@ mod tests {
     /// must refresh recency as `lookup` does, and a miss there must leave everything as it was.
     #[test]
     fn a_first_try_lookup_refreshes_recency_on_a_hit_and_touches_nothing_on_a_miss() {
-        let der = [0u8; 100];
-        let cost = Cache::entry_cost(1 + 32, 100);
-        let mut c = Cache::new(cost * 3, 1024);
-        for i in 0..3 {
-            c.put(b"", &id(i), &der, NOW + 100, NOW);
-        }
+        let (mut c, der) = full_with_three();
         assert!(c.lookup_hit(b"", &id(0), NOW).is_some(), "touch 0 so 1 is the oldest");
         assert_eq!((c.counters().hits, c.counters().misses), (1, 0));
         assert!(c.lookup_hit(b"", &id(9), NOW).is_none());

@@ -924,7 +924,8 @@ impl Master {
                 wipe(buf);
                 continue;
             }
-            if self.answered_hit(idx, conns, &buf[..n], out) {
+            // A GET the cache answers now: one decode and one lookup, none of the catch-up below.
+            if self.handle_guarded(idx, conns, &buf[..n], out, true) {
                 wipe(&mut buf[..n]);
                 continue;
             }
@@ -939,7 +940,7 @@ impl Master {
                     // now that every channel has been read once.
                     for (o, frame) in sp.deferred.drain(..) {
                         if o < conns.len() {
-                            self.handle_guarded(o, conns, &frame, &mut sp.out);
+                            self.handle_guarded(o, conns, &frame, &mut sp.out, false);
                         }
                     }
                 }
@@ -950,7 +951,7 @@ impl Master {
                 }
                 _ => {}
             }
-            self.handle_guarded(idx, conns, &buf[..n], out);
+            self.handle_guarded(idx, conns, &buf[..n], out, false);
             wipe(&mut buf[..n]);
         }
         true
@@ -959,9 +960,12 @@ impl Master {
     /// Handle one frame from worker `idx`, then push an applied PUT or DEL to the replicas,
     /// or note that a reply went out. A bug in handling one frame must not end the cache
     /// thread for every worker: the frame is dropped and counted, the loop goes on.
-    fn handle_guarded(&self, idx: usize, conns: &mut [Conn], frame: &[u8], out: &mut Vec<u8>) {
+    ///
+    /// With `hit_only`, only a GET the cache can answer now is handled (see `handle`); false
+    /// for any other frame, with nothing sent or counted. Otherwise always true.
+    fn handle_guarded(&self, idx: usize, conns: &mut [Conn], frame: &[u8], out: &mut Vec<u8>, hit_only: bool) -> bool {
         let fd = conns[idx].raw();
-        let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(fd, frame, out)));
+        let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(fd, frame, out, hit_only)));
         if handled.is_err() {
             // `out` may hold a reply built half way (a session's DER), never sent.
             clear_wiped(out);
@@ -971,46 +975,15 @@ impl Master {
             conns[idx].note_sent(out.len());
         }
         match handled {
-            Ok(Handled::NoReply) if self.config.replica_bytes > 0 => self.queue_sync(idx, conns, frame, out),
-            Ok(Handled::Reply) => conns[idx].last_was_flush = false,
-            Ok(_) => {}
+            Ok(None) => return false,
+            Ok(Some(Handled::NoReply)) if self.config.replica_bytes > 0 => self.queue_sync(idx, conns, frame, out),
+            Ok(Some(Handled::Reply)) => conns[idx].last_was_flush = false,
+            Ok(Some(_)) => {}
             Err(_) => {
                 self.bad_frames.fetch_add(1, Relaxed);
             }
         }
-    }
-
-    /// Answer a GET the cache can answer now (true): one decode and one lookup, none of the
-    /// catch-up `serve` does for a GET that would miss. False, with nothing sent or counted,
-    /// for anything else, and while debug logging is on (`handle` logs every frame).
-    fn answered_hit(&self, idx: usize, conns: &mut [Conn], frame: &[u8], out: &mut Vec<u8>) -> bool {
-        if frame.get(1) != Some(&(Op::Get as u8)) || crate::log::enabled() {
-            return false;
-        }
-        let fd = conns[idx].raw();
-        let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let hit = answer_hit(&mut self.cache(), frame, now_secs(), out);
-            if hit {
-                self.send_reply(fd, out);
-                wipe(out);
-            }
-            hit
-        }));
-        match answered {
-            Ok(false) => false,
-            Ok(true) => {
-                // Sent what `out` holds (wiped, length kept).
-                conns[idx].note_sent(out.len());
-                conns[idx].last_was_flush = false;
-                true
-            }
-            Err(_) => {
-                // As in `handle_guarded`: the frame is dropped and counted, the loop goes on.
-                clear_wiped(out);
-                self.bad_frames.fetch_add(1, Relaxed);
-                true
-            }
-        }
+        true
     }
 
     /// True for a well-formed GET whose key is not in the cache now.
@@ -1120,8 +1093,18 @@ impl Master {
         out.clear();
     }
 
-    fn handle(&self, fd: RawFd, frame: &[u8], out: &mut Vec<u8>) -> Handled {
-        let handled = {
+    /// Handle one frame and send the reply, if any. With `hit_only`, the fast path for GETs:
+    /// `handler::answer_hit` answers one the cache can answer now, and anything else is left
+    /// (`None`, nothing sent or counted) for a call without it after the catch-up `serve`
+    /// does before a miss. The fast path is off while debug logging is on, so that every
+    /// frame is logged below.
+    fn handle(&self, fd: RawFd, frame: &[u8], out: &mut Vec<u8>, hit_only: bool) -> Option<Handled> {
+        let handled = if hit_only {
+            if crate::log::enabled() || !answer_hit(&mut self.cache(), frame, now_secs(), out) {
+                return None;
+            }
+            Handled::Reply
+        } else {
             let mut cache = self.cache();
             let max_lifetime = self.config.max_lifetime.as_secs();
             let info = |c: &Cache, op: Op| match op {
@@ -1158,7 +1141,7 @@ impl Master {
             self.send_reply(fd, out);
             wipe(out);
         }
-        handled
+        Some(handled)
     }
 
     fn send_reply(&self, fd: RawFd, out: &[u8]) {
