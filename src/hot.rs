@@ -55,11 +55,6 @@ pub struct Hot {
     next_stamp: u64,
 }
 
-/// The hash of (namespace, id), computed from the parts: a lookup allocates no key.
-fn hash_of(hasher: &KeyHasher, namespace: &[u8], id: &[u8]) -> u64 {
-    hasher.hash_parts(namespace, id)
-}
-
 impl Hot {
     /// At most `cap` decoded sessions (0: none are kept).
     pub fn new(cap: usize) -> Hot {
@@ -77,7 +72,7 @@ impl Hot {
         if self.table.is_empty() {
             return None;
         }
-        let h = hash_of(&self.hasher, namespace, id);
+        let h = self.hasher.hash_parts(namespace, id);
         self.table.find(h, |e| e.is(namespace, id)).map(|e| e.session.clone())
     }
 
@@ -94,7 +89,7 @@ impl Hot {
         if self.cap == 0 {
             return;
         }
-        let h = hash_of(&self.hasher, namespace, id);
+        let h = self.hasher.hash_parts(namespace, id);
         // The oldest entries go first; one whose replica entry is gone goes even under the cap.
         while let Some(&(oh, stamp)) = self.order.front() {
             let live = self.table.find(oh, |e| e.stamp == stamp).map(|e| {
@@ -125,7 +120,7 @@ impl Hot {
         let entry = Entry { key: key.into_boxed_slice(), session: session.to_owned(), stamp };
         self.table.insert_unique(h, entry, |e| {
             let (ns, id) = e.parts();
-            hash_of(hasher, ns, id)
+            hasher.hash_parts(ns, id)
         });
         self.order.push_back((h, stamp));
         // Items of removed entries pile up only until the queue is twice the table.
@@ -144,7 +139,7 @@ impl Hot {
     /// Drop the decoded copy of (namespace, id), if any.
     pub fn remove(&mut self, namespace: &[u8], id: &[u8]) {
         if !self.table.is_empty() {
-            self.remove_hashed(hash_of(&self.hasher, namespace, id), namespace, id);
+            self.remove_hashed(self.hasher.hash_parts(namespace, id), namespace, id);
         }
     }
 
