@@ -13,10 +13,11 @@ import json
 import statistics
 import sys
 
-VARIANTS = ["on", "off", "ideal", "nginx"]
+VARIANTS = ["on", "off", "pinned", "ideal", "nginx"]
 VARIANT_NAMES = {
     "on": "store on",
     "off": "store off",
+    "pinned": "store off, clients pinned",
     "ideal": "in-process ideal",
     "nginx": "nginx shared:SSL",
 }
@@ -24,6 +25,9 @@ PROTOS = ["tls12", "tls13"]
 PROTO_NAMES = {"tls12": "TLS 1.2 session ids", "tls13": "TLS 1.3 stateful"}
 NOT_RUN = "not run"
 ERROR = "error"
+# A cell a variant has by design no measurement for (the pinned layout control at N=1, where
+# it is the same server as "store off", and for full handshakes).
+NOT_APPLICABLE = "—"
 
 
 def stats(values):
@@ -123,6 +127,10 @@ class Data:
     def ran(self, variant):
         return variant != "nginx" or self.with_nginx
 
+    @staticmethod
+    def applies(variant, n, mode):
+        return variant != "pinned" or (n != 1 and mode == "resume")
+
     def per_rep(self, sec, variant, n, proto, mode, field):
         """rep -> value (None when that rep failed)."""
         out = {}
@@ -137,12 +145,16 @@ class Data:
     def value(self, sec, variant, n, proto, mode, field):
         if not self.ran(variant):
             return NOT_RUN
+        if not self.applies(variant, n, mode):
+            return NOT_APPLICABLE
         return stats(self.per_rep(sec, variant, n, proto, mode, field).values())
 
     def ratio(self, sec, a, b, n, proto, mode, field):
         """min/median/max over repetitions of a/b, paired by repetition."""
         if not (self.ran(a) and self.ran(b)):
             return NOT_RUN
+        if not (self.applies(a, n, mode) and self.applies(b, n, mode)):
+            return NOT_APPLICABLE
         pa = self.per_rep(sec, a, n, proto, mode, field)
         pb = self.per_rep(sec, b, n, proto, mode, field)
         vals = [pa[r] / pb[r] for r in pa if r in pb and pa[r] is not None and pb[r] and pb[r] > 0]
@@ -272,7 +284,11 @@ def build_md(D, targets):
         f"loadgen K={m.get('clients')} clients, one {m.get('warmup_ms')} ms warm-up turn per server first; s_time -reuse {m.get('s_time_s')} s, -new {m.get('s_time_new_s')} s, "
         f"{D.stime_reps} repetitions (-new: {D.stime_new_reps}); "
         f"channel bench `{m.get('channel_args')}`; servers with `--no-tickets` / `ssl_session_tickets off`; "
-        f"C example with {m.get('threads', '1')} accept loops per process (the ideal: all in one process). "
+        f"C example: {m.get('loops', '?')} accept loops in all, split evenly over the workers (N=2: "
+        f"{int(m.get('loops', '0')) // 2} each, N=4: {int(m.get('loops', '0')) // 4}); the ideal has them all in one process. "
+        f"Store off, clients pinned: the C example with `--no-share --sticky` and the same loops, each client "
+        f"(loadgen `--source-addrs`: its own loopback address, for every variant) steered to one worker, so "
+        f"OpenSSL's per-process cache resumes everything with no store: the layout of store on without the store. "
         f"Cells: median [min–max] over slices; ratios are paired per slice (the same stretch of time). "
         f"Wall time {float(m.get('wall_s', 'nan')):.0f} s."
     )
@@ -291,15 +307,16 @@ def build_md(D, targets):
             L.append("")
             L.append(f"### {PROTO_NAMES[p]}: {title}")
             L.append("")
-            hdr = ["N"] + [VARIANT_NAMES[v] for v in VARIANTS] + ["on / ideal", "on / off", "on / nginx"]
+            hdr = ["N"] + [VARIANT_NAMES[v] for v in VARIANTS] + ["on / ideal", "on / off", "on / nginx",
+                                                                  "on / pinned", "pinned / ideal"]
             rows = []
             for n in (1, 2, 4):
                 row = [n]
                 for v in VARIANTS:
                     row.append(fmt_stats(D.value("handshakes", v, n, p, mode, field), 0,
                                          reps=D.expected_reps("handshakes", n, mode)))
-                for b in ("ideal", "off", "nginx"):
-                    row.append(fmt_stats(D.ratio("handshakes", "on", b, n, p, mode, field), 3))
+                for a, b in (("on", "ideal"), ("on", "off"), ("on", "nginx"), ("on", "pinned"), ("pinned", "ideal")):
+                    row.append(fmt_stats(D.ratio("handshakes", a, b, n, p, mode, field), 3))
                 rows.append(row)
             L.append(md_table(hdr, rows))
             if mode == "resume":
@@ -327,10 +344,11 @@ def build_md(D, targets):
                     rows = []
                     for n in (1, 2, 4):
                         rows.append([n] + [fmt_stats(D.value("handshakes", v, n, p, mode, cf), digits) for v in VARIANTS]
-                                    + [fmt_stats(D.ratio("handshakes", "on", b, n, p, mode, cf), 3)
-                                       for b in ("ideal", "nginx")])
-                    L.append(md_table(["N"] + [VARIANT_NAMES[v] for v in VARIANTS] + ["on / ideal", "on / nginx"],
-                                      rows))
+                                    + [fmt_stats(D.ratio("handshakes", a, b, n, p, mode, cf), 3)
+                                       for a, b in (("on", "ideal"), ("on", "nginx"), ("on", "pinned"),
+                                                    ("pinned", "ideal"))])
+                    L.append(md_table(["N"] + [VARIANT_NAMES[v] for v in VARIANTS]
+                                      + ["on / ideal", "on / nginx", "on / pinned", "pinned / ideal"], rows))
     errs = []
     for (sec, v, n, p, mode), reps in sorted(D.runs.items(), key=str):
         for rep, d in sorted(reps.items()):
@@ -447,7 +465,7 @@ def esc(s):
 
 
 def build_svg(D):
-    colors = {"on": "#1f77b4", "off": "#aec7e8", "ideal": "#2ca02c", "nginx": "#ff7f0e"}
+    colors = {"on": "#1f77b4", "off": "#aec7e8", "pinned": "#9467bd", "ideal": "#2ca02c", "nginx": "#ff7f0e"}
     panels = [("resume", "resumed_per_s", "Resumed handshakes/s (K=%s clients)" % D.meta.get("clients")),
               ("full", "handshakes_per_s", "Full handshakes/s (reference)")]
     groups = [(p, n) for p in PROTOS for n in (1, 2, 4)]
@@ -498,7 +516,7 @@ def build_svg(D):
                     out.append(f'<line x1="{cx}" y1="{y1:.1f}" x2="{cx}" y2="{y2:.1f}" stroke="black"/>')
                     out.append(f'<text x="{cx}" y="{y2 - 4:.1f}" text-anchor="middle" font-size="9" '
                                f'transform="rotate(-90 {cx} {y2 - 4:.1f})" dx="14" dy="3">{s["median"]:.0f}</text>')
-                else:
+                elif s != NOT_APPLICABLE:
                     txt = "not run" if s == NOT_RUN else "error"
                     out.append(f'<text x="{x + 10}" y="{base - 4}" font-size="9" '
                                f'transform="rotate(-90 {x + 10} {base - 4})">{txt}</text>')
@@ -533,6 +551,8 @@ def main():
                 for n in (1, 2, 4):
                     for v in VARIANTS:
                         if not any(k[:5] == (sec, v, n, p, mode) for k in D.runs) and D.ran(v):
+                            continue
+                        if not D.applies(v, n, mode):
                             continue
                         row = {"variant": v, "n": n, "proto": p, "mode": mode}
                         for fld in fields:

@@ -27,11 +27,14 @@ done
 
 # ---- knobs (same for every row) --------------------------------------------------------
 CLIENTS=8
-# Accept loops per C example worker (--threads). The example serves a connection start to
-# finish on one thread, including waiting for the client's close after its close_notify: a
-# single loop per process idles through that round trip, which nginx's event loop does not.
-# Every variant gets the same loops per process; the ideal gets them all in one process.
-THREADS=4
+# Accept loops of the C example (--threads), LOOPS in all for every variant, split evenly over
+# its worker processes; the ideal has them all in one process. The example serves a connection
+# start to finish on one thread, including waiting for the client's close after its
+# close_notify, so it needs about one loop per client in flight. One loop per client is also
+# what suits one process best: measured interleaved, one process with 8 loops made 1.04-1.08x
+# the resumed handshakes/s of one with 16, and 4 loops 0.99-1.03x; so the ideal runs at its best.
+LOOPS=$CLIENTS
+loops_per() { local n=$1; echo $((LOOPS / n > 0 ? LOOPS / n : 1)); }
 WORKERS_LIST="1 2 4"
 STIME_WORKERS="2 4"
 # REPS slices per variant for resumed handshakes at N = 2 and 4 (the targets), REPS_MINOR for
@@ -41,7 +44,7 @@ if [ "$QUICK" = 1 ]; then
     REPS=2; REPS_MINOR=1; STIME_REPS=1; STIME_NEW_REPS=1; RESUME_MS=500; FULL_MS=300; WARMUP_MS=150; TURN_MS=100; STIME_S=1; STIME_NEW_S=1
     CHANNEL_ARGS=(--reps 1 --phase-ms 200)
 else
-    REPS=9; REPS_MINOR=4; STIME_REPS=12; STIME_NEW_REPS=2; RESUME_MS=700; FULL_MS=400; WARMUP_MS=150; TURN_MS=100; STIME_S=1; STIME_NEW_S=1
+    REPS=9; REPS_MINOR=4; STIME_REPS=10; STIME_NEW_REPS=2; RESUME_MS=700; FULL_MS=400; WARMUP_MS=150; TURN_MS=100; STIME_S=1; STIME_NEW_S=1
     CHANNEL_ARGS=(--reps 9 --phase-ms 200)
 fi
 
@@ -162,9 +165,11 @@ start_server() { # variant n ; sets SRV_PID, SRV_PORT; returns 1 on failure
     SRV_PID=""; SRV_PORT=""
     : >"$out"
     case "$variant" in
-        on)    "${WRAP[@]}" "$SERVER" "${C_EXTRA[@]}" --port 0 --workers "$n" --threads "$THREADS" --cert "$CERT" --key "$KEY" --no-tickets >"$out" 2>"$err" & ;;
-        off)   "${WRAP[@]}" "$SERVER" --port 0 --workers "$n" --threads "$THREADS" --cert "$CERT" --key "$KEY" --no-tickets --no-share >"$out" 2>"$err" & ;;
-        ideal) "${WRAP[@]}" "$SERVER" --port 0 --workers 1 --threads "$((n * THREADS))" --cert "$CERT" --key "$KEY" --no-tickets --no-share >"$out" 2>"$err" & ;;
+        on)    "${WRAP[@]}" "$SERVER" "${C_EXTRA[@]}" --port 0 --workers "$n" --threads "$(loops_per "$n")" --cert "$CERT" --key "$KEY" --no-tickets >"$out" 2>"$err" & ;;
+        off)   "${WRAP[@]}" "$SERVER" --port 0 --workers "$n" --threads "$(loops_per "$n")" --cert "$CERT" --key "$KEY" --no-tickets --no-share >"$out" 2>"$err" & ;;
+        # The layout control: store off, each client steered to one worker by its address.
+        pinned) "${WRAP[@]}" "$SERVER" --port 0 --workers "$n" --threads "$(loops_per "$n")" --cert "$CERT" --key "$KEY" --no-tickets --no-share --sticky >"$out" 2>"$err" & ;;
+        ideal) "${WRAP[@]}" "$SERVER" --port 0 --workers 1 --threads "$LOOPS" --cert "$CERT" --key "$KEY" --no-tickets --no-share >"$out" 2>"$err" & ;;
         nginx)
             SRV_PORT=$(free_port)
             local d="$TMP/nginx-$n"
@@ -220,14 +225,19 @@ EOF
 json_str() { python3 -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$1"; }
 
 run_loadgen() { # n proto mode slices: every variant in $up, interleaved in one loadgen run
-    local n=$1 proto=$2 mode=$3 slices=$4 ms v rep line nv
-    local args=(--clients "$CLIENTS" --warmup-ms "$WARMUP_MS" "--$proto" --label "N=$n" --slices "$slices" --turn-ms "$TURN_MS")
-    for v in $up; do args+=(--target "$v=${VPORT[$v]}:${VPID[$v]}"); done
+    local n=$1 proto=$2 mode=$3 slices=$4 ms v rep line nv vs=""
+    # Every client from its own loopback address, against every variant alike (the pinned
+    # control steers by it); the pinned control has nothing to add to full handshakes.
+    local args=(--clients "$CLIENTS" --source-addrs --warmup-ms "$WARMUP_MS" "--$proto" --label "N=$n" --slices "$slices" --turn-ms "$TURN_MS")
+    for v in $up; do
+        [ "$mode" = full ] && [ "$v" = pinned ] && continue
+        vs="$vs $v"; args+=(--target "$v=${VPORT[$v]}:${VPID[$v]}")
+    done
     if [ "$mode" = full ]; then args+=(--full); ms=$FULL_MS; else ms=$RESUME_MS; fi
     args+=(--duration-ms "$ms")
-    nv=$(wc -w <<<"$up")
+    nv=$(wc -w <<<"$vs")
     run_bounded $((slices * nv * ms * 3 / 1000 + 60)) "$TMP/loadgen.out" "$TMP/loadgen.err" "$LOADGEN" "${args[@]}" || true
-    for v in $up; do
+    for v in $vs; do
         for rep in $(seq "$slices"); do
             line=$(grep -F "\"target\":\"$v\",\"slice\":$rep," "$TMP/loadgen.out" | head -1 || true)
             [ -n "$line" ] || line="{\"bench\":\"loadgen\",\"error\":$(json_str "no output: $(tail -c 200 "$TMP/loadgen.err")")}"
@@ -274,7 +284,7 @@ else
 fi
 
 # ---- 2-4. handshakes, s_time, nginx (all variants up at once, measured in turn) ---------------
-VARIANTS="on off ideal"
+VARIANTS="on off pinned ideal"
 [ "$WITH_NGINX" = 1 ] && VARIANTS="$VARIANTS nginx"
 STIME_VARIANTS="on"
 [ "$WITH_NGINX" = 1 ] && STIME_VARIANTS="on nginx"
@@ -288,6 +298,8 @@ declare -A VPORT VPID
 for n in $WORKERS_LIST; do
     up=""
     for variant in $VARIANTS; do
+        # At N=1 the pinned control is the same server as store off.
+        [ "$variant" = pinned ] && [ "$n" = 1 ] && continue
         if start_server "$variant" "$n"; then
             VPORT[$variant]=$SRV_PORT; VPID[$variant]=$SRV_PID; up="$up $variant"
         else
@@ -402,7 +414,7 @@ log "report (wall so far ${WALL}s)"
 mkdir -p bench/results
 python3 bench/report.py --raw "$RAW" --out bench/results/latest \
     --meta "commit=$GIT_COMMIT" --meta "kernel=$KERNEL" --meta "openssl=$OSSL" --meta "nproc=$NPROC" \
-    --meta "cpu=$CPU" --meta "nginx=$NGINX_VERSION" --meta "reps=$REPS" --meta "reps_minor=$REPS_MINOR" --meta "stime_reps=$STIME_REPS" --meta "stime_new_reps=$STIME_NEW_REPS" --meta "clients=$CLIENTS" --meta "threads=$THREADS" \
+    --meta "cpu=$CPU" --meta "nginx=$NGINX_VERSION" --meta "reps=$REPS" --meta "reps_minor=$REPS_MINOR" --meta "stime_reps=$STIME_REPS" --meta "stime_new_reps=$STIME_NEW_REPS" --meta "clients=$CLIENTS" --meta "loops=$LOOPS" \
     --meta "quick=$QUICK" --meta "with_nginx=$WITH_NGINX" --meta "resume_ms=$RESUME_MS" \
     --meta "full_ms=$FULL_MS" --meta "warmup_ms=$WARMUP_MS" --meta "turn_ms=$TURN_MS" --meta "s_time_s=$STIME_S" \
     --meta "s_time_new_s=$STIME_NEW_S" --meta "channel_args=${CHANNEL_ARGS[*]}" \

@@ -3,12 +3,20 @@
  * through cluster-tls-store. Written only against include/cluster_tls_store.h.
  *
  *   prefork_server --port P --workers N --cert F --key F [--no-share] [--no-tickets]
- *                  [--tls12] [--ns NAME] [--get-timeout-us N] [--threads T]
+ *                  [--tls12] [--ns NAME] [--get-timeout-us N] [--threads T] [--sticky]
  *
  * The master reserves the port (a bound, non-listening SO_REUSEPORT socket; port 0 picks a
  * free one), sets up the shared cache, and forks N workers. Each worker opens its own
  * SO_REUSEPORT listening socket on that port, so the kernel spreads connections across the
  * workers: a client that resumes usually lands on a worker that did not make its session.
+ *
+ * --sticky (Linux, for benchmarks) steers each connection by its client's IPv4 address
+ * instead: a classic BPF program on the SO_REUSEPORT group picks listening socket
+ * `source address % N`, so every connection of one client reaches the same worker. With
+ * `--no-share` that is the layout control of bench/run.sh: N processes, each with OpenSSL's
+ * own cache, which resumes every session without any store (its clients connect from
+ * distinct loopback addresses, loadgen --source-addrs). A worker's index in the group is the
+ * order in which the workers began listening, so the mapping is fixed but not predictable.
  *
  * Each connection's writes are held and sent when the server turns to reading, and at the
  * end (struct conn_io): a resumed connection's reply and close_notify, and with TLS 1.3
@@ -47,6 +55,9 @@
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <netinet/in.h>
+#ifdef __linux__
+#include <linux/filter.h>
+#endif
 #include <netinet/tcp.h>
 #include <arpa/inet.h>
 #include <pthread.h>
@@ -75,6 +86,7 @@ struct options {
     int tickets;
     int tls12;
     int threads;
+    int sticky;
     long get_timeout_us; /* -1: library default */
 };
 
@@ -89,7 +101,7 @@ static void usage(const char *argv0)
 {
     fprintf(stderr,
             "usage: %s --port P --workers N --cert FILE --key FILE [--no-share] [--no-tickets]\n"
-            "          [--tls12] [--ns NAME] [--get-timeout-us N] [--threads T]\n",
+            "          [--tls12] [--ns NAME] [--get-timeout-us N] [--threads T] [--sticky]\n",
             argv0);
 }
 
@@ -123,6 +135,8 @@ static int parse_args(int argc, char **argv, struct options *o)
             o->tickets = 0;
         } else if (strcmp(a, "--tls12") == 0) {
             o->tls12 = 1;
+        } else if (strcmp(a, "--sticky") == 0) {
+            o->sticky = 1;
         } else if (next == NULL) {
             fprintf(stderr, "unknown option or missing value: %s\n", a);
             return -1;
@@ -555,6 +569,29 @@ static void *accept_loop(void *arg)
     return NULL;
 }
 
+/* --sticky: attach to the port's SO_REUSEPORT group (one program for the whole group; every
+ * worker attaches the same one) a classic BPF program that returns `IPv4 source address %
+ * workers`, the index of the listening socket to take the connection. SKF_NET_OFF + 12 is
+ * the source address in the IPv4 header; BPF_ABS loads it in host order. An index past the
+ * group's sockets (while workers are still starting) falls back to the kernel's hash. */
+static int steer_by_client_address(int lfd, int workers)
+{
+#if defined(__linux__) && defined(SO_ATTACH_REUSEPORT_CBPF)
+    struct sock_filter code[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, (uint32_t)(SKF_NET_OFF + 12)),
+        BPF_STMT(BPF_ALU | BPF_MOD | BPF_K, (uint32_t)workers),
+        BPF_STMT(BPF_RET | BPF_A, 0),
+    };
+    struct sock_fprog prog = {(unsigned short)(sizeof code / sizeof code[0]), code};
+    return setsockopt(lfd, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &prog, sizeof prog);
+#else
+    (void)lfd;
+    (void)workers;
+    errno = ENOTSUP;
+    return -1;
+#endif
+}
+
 static void worker_main(const struct options *o, int port, int ready_fd)
 {
 #ifdef __linux__
@@ -568,6 +605,10 @@ static void worker_main(const struct options *o, int port, int ready_fd)
     if (lfd < 0 || listen(lfd, LISTEN_BACKLOG) != 0) {
         if (lfd >= 0)
             perror("listen");
+        exit(1);
+    }
+    if (o->sticky && steer_by_client_address(lfd, o->workers) != 0) {
+        perror("--sticky: SO_ATTACH_REUSEPORT_CBPF");
         exit(1);
     }
     /* Set once here: on Linux an accepted socket inherits these from its listening socket,

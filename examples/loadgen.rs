@@ -10,8 +10,12 @@
 //! ```text
 //! cargo run --release --example loadgen -- (--port P [--host H] | --target NAME=PORT[:PID] ...)
 //!     [--clients 8] [--duration-ms 3000] [--slices 1] [--turn-ms MS] [--warmup-ms 300]
-//!     [--tls12 | --tls13] [--full] [--label TEXT]
+//!     [--tls12 | --tls13] [--full] [--source-addrs] [--label TEXT]
 //! ```
+//!
+//! `--source-addrs`: client c connects from 127.0.0.(2 + c) rather than 127.0.0.1, as distinct
+//! clients would. Every target sees the same clients; a server that steers connections by
+//! client address (the C example's `--sticky`) then gives each client one worker.
 //!
 //! With several `--target`s the servers are measured interleaved, so that a comparison
 //! between them is not skewed by the machine's speed changing under it (on a shared machine
@@ -54,13 +58,16 @@ pub struct Opts {
     warmup: Duration,
     tls12: bool,
     full: bool,
+    /// Client c connects from 127.0.0.(2 + c) (`--source-addrs`), so a server that steers by
+    /// source address (the C example's `--sticky`) always hands it the same worker.
+    source_addrs: bool,
     label: String,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: loadgen (--port P [--host H] | --target NAME=PORT[:PID] ...) [--clients K] [--duration-ms MS] \
-         [--slices S] [--turn-ms MS] [--warmup-ms MS] [--tls12|--tls13] [--full] [--label TEXT]"
+         [--slices S] [--turn-ms MS] [--warmup-ms MS] [--tls12|--tls13] [--full] [--source-addrs] [--label TEXT]"
     );
     std::process::exit(2)
 }
@@ -78,6 +85,7 @@ pub fn parse(args: &[String]) -> Opts {
         warmup: Duration::from_millis(300),
         tls12: false,
         full: false,
+        source_addrs: false,
         label: String::new(),
     };
     let mut i = 0;
@@ -87,6 +95,7 @@ pub fn parse(args: &[String]) -> Opts {
             "--tls12" => o.tls12 = true,
             "--tls13" => o.tls12 = false,
             "--full" => o.full = true,
+            "--source-addrs" => o.source_addrs = true,
             _ => {
                 let Some(v) = args.get(i + 1) else { usage() };
                 let num = || v.parse::<u64>().unwrap_or_else(|_| usage());
@@ -164,8 +173,13 @@ fn connect_once(
     connector: &SslConnector,
     addr: SocketAddr,
     session: Option<&SslSession>,
+    source: Option<std::net::Ipv4Addr>,
 ) -> Result<(bool, Option<SslSession>), String> {
-    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| format!("connect: {e}"))?;
+    let tcp = match source {
+        None => TcpStream::connect_timeout(&addr, Duration::from_secs(3)),
+        Some(src) => connect_from(src, addr),
+    }
+    .map_err(|e| format!("connect: {e}"))?;
     let _ = tcp.set_nodelay(true);
     let _ = tcp.set_read_timeout(Some(Duration::from_secs(3)));
     let _ = tcp.set_write_timeout(Some(Duration::from_secs(3)));
@@ -193,6 +207,48 @@ fn connect_once(
     Ok((resumed, newest))
 }
 
+/// A TCP connection to `addr` from `src` (any port), its connect bounded by 3 s.
+fn connect_from(src: std::net::Ipv4Addr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(dst) = addr else {
+        return Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "--source-addrs needs an IPv4 target"));
+    };
+    let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor this function owns (from its creation by
+    // `socket`, through `tcp`, which closes it on every return).
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let tcp = TcpStream::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        let timeout = libc::timeval { tv_sec: 3, tv_usec: 0 };
+        let (src, dst) = (sin(src, 0), sin(*dst.ip(), dst.port()));
+        if libc::setsockopt(fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, (&one as *const libc::c_int).cast(), 4)
+            != 0
+            || libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            ) != 0
+            || libc::bind(fd, (&src as *const libc::sockaddr_in).cast(), len) != 0
+            || libc::connect(fd, (&dst as *const libc::sockaddr_in).cast(), len) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(tcp)
+    }
+}
+
 /// The turn the coordinator has set up: which target, for how long (from the moment the
 /// start barrier lets the clients go); `None` ends the clients.
 type Turn = Option<(usize, Duration)>;
@@ -214,7 +270,8 @@ fn connector(tls12: bool) -> Result<SslConnector, String> {
     Ok(b.build())
 }
 
-fn client(o: Arc<Opts>, sh: Arc<Shared>) {
+fn client(o: Arc<Opts>, sh: Arc<Shared>, index: usize) {
+    let source = o.source_addrs.then(|| std::net::Ipv4Addr::new(127, 0, 0, 2 + (index % 250) as u8));
     let connector = connector(o.tls12);
     // The newest session from each target.
     let mut sessions: Vec<Option<SslSession>> = vec![None; o.targets.len()];
@@ -235,7 +292,7 @@ fn client(o: Arc<Opts>, sh: Arc<Shared>) {
                     let t0 = Instant::now();
                     let offer = if o.full { None } else { sessions[target].as_ref() };
                     let offered = offer.is_some();
-                    let r = connect_once(c, o.targets[target].addr, offer);
+                    let r = connect_once(c, o.targets[target].addr, offer, source);
                     let t1 = Instant::now();
                     match r {
                         Ok((resumed, newest)) => {
@@ -342,9 +399,9 @@ pub fn run(o: Opts) -> Vec<String> {
         tallies: Mutex::new(Vec::new()),
     });
     let handles: Vec<_> = (0..o.clients)
-        .map(|_| {
+        .map(|i| {
             let (o, sh) = (Arc::clone(&o), Arc::clone(&sh));
-            std::thread::spawn(move || client(o, sh))
+            std::thread::spawn(move || client(o, sh, i))
         })
         .collect();
     if !o.warmup.is_zero() {

@@ -11,6 +11,11 @@
 //! The harness is multi-threaded: nothing here forks the test process; every wait is bounded.
 
 mod common;
+// The benchmarks' load generator, compiled in (its `main` unused): `--source-addrs` is tested
+// against `--sticky` here.
+#[allow(dead_code)]
+#[path = "../examples/loadgen.rs"]
+mod loadgen;
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -429,6 +434,27 @@ fn resume_series(server: &Server, dir: &Scratch, n: usize) -> Series {
     Series { runs }
 }
 
+/// The remote IPv4 addresses of this host's TCP sockets whose local port is `port` (any
+/// state, TIME_WAIT included), from /proc/net/tcp.
+fn peers_of_port(port: u16) -> BTreeSet<[u8; 4]> {
+    let table = fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let addr = |field: &str| -> Option<([u8; 4], u16)> {
+        let (ip, p) = field.split_once(':')?;
+        // The address is printed as the u32 in host order (little endian here).
+        let ip = u32::from_str_radix(ip, 16).ok()?.to_le_bytes();
+        Some((ip, u16::from_str_radix(p, 16).ok()?))
+    };
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (local, remote) = (addr(f.get(1)?)?, addr(f.get(2)?)?);
+            (local.1 == port).then_some(remote.0)
+        })
+        .collect()
+}
+
 /// The stats line as key/value pairs.
 fn parse_stats(body: &str) -> Vec<(String, u64)> {
     body.split_whitespace()
@@ -492,6 +518,73 @@ fn openssl_cli_resumes_across_workers_tls12() {
     let series = resume_series(&alone, &fx.dir, 20);
     assert!(series.runs.iter().all(|r| r.body.is_some()), "every connection must be answered");
     assert!(series.new_handshakes() >= 1, "--no-share resumed everything: the test cannot tell sharing apart");
+}
+
+#[test]
+fn sticky_gives_each_client_address_one_worker() {
+    // --sticky is the benchmarks' layout control: the port's SO_REUSEPORT group steers by the
+    // client's IPv4 address (`address % workers`), so a client always meets the same worker,
+    // and OpenSSL's own per-process cache resumes its session without any store.
+    let fx = Fixture::new("sticky");
+    let server = fx.start(&["--tls12", "--no-tickets", "--no-share", "--sticky"]);
+    let mut seen: Vec<(String, BTreeSet<u32>)> = Vec::new();
+    for last in 2..=9 {
+        let from = format!("127.0.0.{last}:0");
+        let pids: BTreeSet<u32> =
+            (0..4).map(|_| server.s_client(HTTP_GET, &["-bind".as_ref(), from.as_ref()]).worker().0).collect();
+        assert_eq!(pids.len(), 1, "connections from {from} reached workers {pids:?}");
+        seen.push((from, pids));
+    }
+    let all: BTreeSet<u32> = seen.iter().flat_map(|(_, p)| p.iter().copied()).collect();
+    // Eight consecutive addresses cover every residue mod 4 twice.
+    assert_eq!(all.len(), WORKERS, "8 client addresses over {WORKERS} workers: {seen:?}");
+    assert!(all.iter().all(|p| server.workers.contains(p)), "{all:?} vs {:?}", server.workers);
+
+    // One client resumes every time with no shared cache at all.
+    let sess = fx.dir.path("sticky-session.pem");
+    let bind = ["-bind".as_ref(), "127.0.0.5:0".as_ref()];
+    let first = server.s_client(HTTP_GET, &[bind[0], bind[1], "-sess_out".as_ref(), sess.as_os_str()]);
+    assert_eq!(first.reused, Some(false), "{}", first.output);
+    for i in 0..6 {
+        let r = server.s_client(HTTP_GET, &[bind[0], bind[1], "-sess_in".as_ref(), sess.as_os_str()]);
+        assert_eq!(r.reused, Some(true), "run {i} from a pinned address did not resume:\n{}", r.output);
+        assert_eq!(r.worker(), (first.worker().0, true), "run {i}");
+    }
+
+    drop(server);
+
+    // The load generator's --source-addrs gives each client its own address: through a
+    // sticky server every session it offers resumes (unsteered, about 1 in 4 would). A fresh
+    // server, so that the port has seen no other client.
+    let server = fx.start(&["--tls12", "--no-tickets", "--no-share", "--sticky"]);
+    let args: Vec<String> =
+        format!("--port {} --clients 4 --warmup-ms 100 --duration-ms 300 --tls12 --source-addrs", server.port)
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+    let lines = loadgen::run(loadgen::parse(&args));
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let l = &lines[0];
+    let count = |key: &str| -> u64 {
+        let at = l.find(&format!("\"{key}\":")).unwrap_or_else(|| panic!("no {key} in {l}")) + key.len() + 3;
+        l[at..].split([',', '}']).next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{key} in {l}"))
+    };
+    assert_eq!(count("errors"), 0, "{l}");
+    assert!(count("offered") >= 8, "{l}");
+    assert_eq!(count("resumed"), count("offered"), "every pinned client resumes: {l}");
+    // And they came from 4 addresses (from 127.0.0.1 alone, all would meet one worker): the
+    // server's side of each closed connection (TIME_WAIT: it closes first) names the client.
+    let peers = peers_of_port(server.port);
+    for last in 2..=5 {
+        assert!(peers.contains(&[127, 0, 0, last]), "no connection from 127.0.0.{last}: {peers:?}");
+    }
+    drop(server);
+
+    // Without --sticky, one address's connections spread (all 12 on one of 4 workers: 4^-11).
+    let spread = fx.start(&["--tls12", "--no-tickets", "--no-share"]);
+    let pids: BTreeSet<u32> =
+        (0..12).map(|_| spread.s_client(HTTP_GET, &["-bind".as_ref(), "127.0.0.5:0".as_ref()]).worker().0).collect();
+    assert!(pids.len() >= 2, "without --sticky one address still reached only {pids:?}");
 }
 
 #[test]
