@@ -313,7 +313,8 @@ for n in $WORKERS_LIST; do
         reps=$REPS
         { [ "$mode" = full ] || [ "$n" = 1 ]; } && reps=$REPS_MINOR
         for proto in tls12 tls13; do
-            log "N=$n  $proto $mode: $reps slices of each of$up, interleaved"
+            shown=$up; [ "$mode" = full ] && shown=${up/ pinned/}
+            log "N=$n  $proto $mode: $reps slices of each of$shown, interleaved"
             run_loadgen "$n" "$proto" "$mode" "$reps"
         done
     done
