@@ -758,14 +758,17 @@ impl Channel {
             w.reader = true;
         }
         let role = ReaderRole(self);
-        self.recv_available(false, false);
         // Every push counted in an even `pushes` was on the socket before the read began, so
-        // it was read. (Two threads may store their counts out of order: the older one then
-        // only costs one more read.)
-        if let Some(p) = pushes {
-            self.pushes_seen.store(p, Relaxed);
+        // a read that went on until the socket was empty read it. (Two threads may store their
+        // counts out of order: the older one then only costs one more read.) A read that
+        // stopped before (the channel died, or no receive buffer) records nothing, so the
+        // next lookup reads again.
+        if self.recv_available(false, false) {
+            if let Some(p) = pushes {
+                self.pushes_seen.store(p, Relaxed);
+            }
+            self.drained_ms.store(now, Relaxed);
         }
-        self.drained_ms.store(now, Relaxed);
         drop(role);
     }
 
@@ -796,8 +799,9 @@ impl Channel {
 
     /// Receive and file the frames waiting on the socket: all of them, or with
     /// `until_reply` up to the first one that answers a waiting request. With `block_first`
-    /// the first `recv` waits (up to the socket's `SO_RCVTIMEO`).
-    fn recv_available(&self, until_reply: bool, block_first: bool) {
+    /// the first `recv` waits (up to the socket's `SO_RCVTIMEO`). True when it read until the
+    /// socket was empty.
+    fn recv_available(&self, until_reply: bool, block_first: bool) -> bool {
         let drain = |buf: &mut SecretBuf| {
             let v = buf.vec();
             if v.len() < MAX_FRAME_LEN + 1 {
@@ -807,32 +811,38 @@ impl Channel {
             loop {
                 // SAFETY: `v` is valid for `v.len()` bytes; MSG_TRUNC reports oversized frames.
                 let n = unsafe { libc::recv(self.fd, v.as_mut_ptr().cast(), v.len(), flags) };
-                flags = libc::MSG_DONTWAIT | libc::MSG_TRUNC;
                 if n == 0 {
                     self.mark_dead();
-                    return;
+                    return false;
                 }
                 if n < 0 {
                     match std::io::Error::last_os_error().raw_os_error() {
-                        Some(libc::EAGAIN) | Some(libc::EINTR) => return,
+                        Some(libc::EAGAIN) => return true,
+                        // A non-blocking read goes on until the socket is empty; a blocking
+                        // first wait that a signal cut short counts as a timeout, as before.
+                        Some(libc::EINTR) if flags & libc::MSG_DONTWAIT != 0 => continue,
+                        Some(libc::EINTR) => return false,
                         _ => {
                             self.mark_dead();
-                            return;
+                            return false;
                         }
                     }
                 }
+                flags = libc::MSG_DONTWAIT | libc::MSG_TRUNC;
                 let n = n as usize;
                 let answered = n <= v.len() && self.file_reply(&v[..n]);
                 wipe(&mut v[..n.min(MAX_FRAME_LEN + 1)]);
                 if until_reply && answered {
-                    return;
+                    return false;
                 }
             }
         };
-        let _ = RECV_BUF.try_with(|b| match b.try_borrow_mut() {
-            Ok(mut b) => drain(&mut b),
-            Err(_) => drain(&mut SecretBuf::default()),
-        });
+        RECV_BUF
+            .try_with(|b| match b.try_borrow_mut() {
+                Ok(mut b) => drain(&mut b),
+                Err(_) => drain(&mut SecretBuf::default()),
+            })
+            .unwrap_or(false)
     }
 
     /// Apply the stores and removals other workers made to the replica.
