@@ -440,8 +440,8 @@ fn peers_of_port(port: u16) -> BTreeSet<[u8; 4]> {
     let table = fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
     let addr = |field: &str| -> Option<([u8; 4], u16)> {
         let (ip, p) = field.split_once(':')?;
-        // The address is printed as the u32 in host order (little endian here).
-        let ip = u32::from_str_radix(ip, 16).ok()?.to_le_bytes();
+        // The kernel prints the address's four bytes as one u32 in the host's byte order.
+        let ip = u32::from_str_radix(ip, 16).ok()?.to_ne_bytes();
         Some((ip, u16::from_str_radix(p, 16).ok()?))
     };
     table
