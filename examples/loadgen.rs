@@ -229,10 +229,16 @@ fn connect_from(src: std::net::Ipv4Addr, addr: SocketAddr) -> std::io::Result<Tc
         }
         let tcp = TcpStream::from_raw_fd(fd);
         let one: libc::c_int = 1;
+        let int_len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         let timeout = libc::timeval { tv_sec: 3, tv_usec: 0 };
         let (src, dst) = (sin(src, 0), sin(*dst.ip(), dst.port()));
-        if libc::setsockopt(fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, (&one as *const libc::c_int).cast(), 4)
-            != 0
+        if libc::setsockopt(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            int_len,
+        ) != 0
             || libc::setsockopt(
                 fd,
                 libc::SOL_SOCKET,
