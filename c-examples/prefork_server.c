@@ -625,10 +625,11 @@ static void worker_main(const struct options *o, int port, int ready_fd)
     }
     /* Set once here: on Linux an accepted socket inherits these from its listening socket,
      * which saves five system calls per connection (three here, two before the linger).
-     * - Timeouts bound every step: the handshake, the request, the reply and the linger for
-     *   the client's close (2 s each). One client at a time per accept loop, so a silent
-     *   client must not hold it for long. On the listening socket itself the receive timeout
-     *   makes an idle accept4 return EAGAIN every 2 s, which accept_loop simply retries.
+     * - Timeouts bound every step: the handshake, the request, the reply and, when the
+     *   client sent something unread, the linger for its close (2 s each). One client at a
+     *   time per accept loop, so a silent client must not hold it for long. On the listening
+     *   socket itself the receive timeout makes an idle accept4 return EAGAIN every 2 s,
+     *   which accept_loop simply retries.
      * - The reply and the close_notify are separate small writes: without NODELAY, Nagle
      *   holds the second until the client's delayed ACK, 40 ms per connection. */
     int one = 1;
