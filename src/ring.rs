@@ -575,7 +575,11 @@ mod tests {
                 let mut cur = r.cursor_at_head();
                 let (mut seen, mut bad, mut dup) = (0u64, 0u64, 0u64);
                 let mut ids = std::collections::HashSet::new();
-                while !stop.load(Relaxed) {
+                // One more read after the writers stopped, so a reader that was not scheduled
+                // while they ran (a loaded machine) still reads the records left in the ring.
+                let mut last = false;
+                while !last {
+                    last = stop.load(Relaxed);
                     r.read(&mut cur, 0, 0, |b| {
                         let id = u64::from_le_bytes(b[..8].try_into().unwrap());
                         let whole = b.len() == 9 + (id % 480) as usize && b[8..].iter().all(|&x| x == (id % 251) as u8);
