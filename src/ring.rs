@@ -579,7 +579,7 @@ mod tests {
                 // while they ran (a loaded machine) still reads the records left in the ring.
                 let mut last = false;
                 while !last {
-                    last = stop.load(Relaxed);
+                    last = stop.load(Acquire);
                     r.read(&mut cur, 0, 0, |b| {
                         let id = u64::from_le_bytes(b[..8].try_into().unwrap());
                         let whole = b.len() == 9 + (id % 480) as usize && b[8..].iter().all(|&x| x == (id % 251) as u8);
@@ -605,7 +605,7 @@ mod tests {
             })
             .collect();
         writers.into_iter().for_each(|w| w.join().unwrap());
-        stop.store(true, Relaxed);
+        stop.store(true, Release);
         let (seen, bad, dup) = reader.join().unwrap();
         assert!(seen > 0);
         assert_eq!((bad, dup), (0, 0), "{seen} records read");
