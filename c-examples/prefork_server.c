@@ -630,12 +630,10 @@ static void worker_main(const struct options *o, int port, int ready_fd)
      *   time per accept loop, so a silent client must not hold it for long. On the listening
      *   socket itself the receive timeout makes an idle accept4 return EAGAIN every 2 s,
      *   which accept_loop simply retries.
-     * - NODELAY: each flight leaves in one send ("Coalesced writes" above), and Linux ACKs
-     *   a young connection's segments at once (quick-ACK mode), so Nagle has held nothing
-     *   here since: without it, s_time and loadgen (TLS 1.2 and 1.3, rate, p50 and p99)
-     *   read the same within their noise. It stays so that two small sends in a row (a
-     *   ticket, then the reply) are never held for a delayed ACK (40 ms), as nginx's
-     *   tcp_nodelay does. */
+     * - NODELAY: with each flight in one send ("Coalesced writes" above), a build without
+     *   it measured the same (s_time and loadgen, TLS 1.2 and 1.3, rate, p50 and p99). It
+     *   stays so that two small sends in a row (a ticket, then the reply) are never held
+     *   by Nagle for a delayed ACK (40 ms), as nginx's tcp_nodelay does. */
     int one = 1;
     if (set_timeouts(lfd, IO_TIMEOUT_MS) != 0 ||
         setsockopt(lfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0) {

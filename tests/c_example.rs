@@ -565,6 +565,14 @@ fn sticky_gives_each_client_address_one_worker() {
     // Which addresses the server's sockets see, sampled from /proc/net/tcp while the load
     // runs (the server closes a connection as soon as its reply and close_notify are out, so
     // a client's later close_notify meets a RST and leaves no TIME_WAIT entry to read after).
+    // The sampler is stopped by a guard, so a panicking load run ends the scope (which joins
+    // every thread) instead of leaving it waiting for the sampler forever.
+    struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (lines, peers) = std::thread::scope(|sc| {
         let sampler = sc.spawn(|| {
@@ -575,8 +583,10 @@ fn sticky_gives_each_client_address_one_worker() {
             }
             peers
         });
-        let lines = loadgen::run(loadgen::parse(&args));
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let lines = {
+            let _stop = StopOnDrop(&stop);
+            loadgen::run(loadgen::parse(&args))
+        };
         (lines, sampler.join().expect("sampler"))
     });
     assert_eq!(lines.len(), 1, "{lines:?}");
