@@ -5,22 +5,41 @@ use std::sync::atomic::{compiler_fence, Ordering};
 
 /// Overwrite `buf` with zeros in a way the optimiser may not remove as a dead store.
 pub fn wipe(buf: &mut [u8]) {
-    for b in buf.iter_mut() {
-        // SAFETY: `b` is a valid, exclusive reference to one byte of `buf`.
-        unsafe { std::ptr::write_volatile(b, 0) };
-    }
-    compiler_fence(Ordering::SeqCst);
+    // SAFETY: `buf` is valid for writes of its length.
+    unsafe { wipe_raw(buf.as_mut_ptr(), buf.len()) };
 }
 
 /// Overwrite `len` bytes at `p` with zeros, as `wipe` does, for memory that may hold no
 /// live value (a `Vec`'s spare capacity).
 ///
+/// Every store is volatile, so none may be removed as dead. They are made a word at a time:
+/// single bytes up to the first 8-byte boundary, aligned 8-byte words, then the tail. Every
+/// round trip to the master wipes its frames on both sides (the request, the 192-byte reply,
+/// the replica's copy); a byte at a time, that was about 450 of the round trip's
+/// instructions more (callgrind, channel bench, one worker: 3,131 → 2,850 per GET in the
+/// worker, 1,555 → 1,394 in the cache thread's `serve`).
+///
 /// # Safety
 /// `p` must be valid for writes of `len` bytes.
 unsafe fn wipe_raw(p: *mut u8, len: usize) {
-    for i in 0..len {
-        // SAFETY: the caller vouches for `len` writable bytes at `p`.
-        unsafe { std::ptr::write_volatile(p.add(i), 0) };
+    // At run time `align_offset` gives the real distance (`min` covers its "cannot" answer).
+    let head = p.align_offset(8).min(len);
+    let mut i = 0;
+    // SAFETY (all three loops): every store is inside the `len` bytes the caller vouches for;
+    // the word stores start at `p + head`, which is 8-aligned, and advance by 8.
+    unsafe {
+        while i < head {
+            std::ptr::write_volatile(p.add(i), 0);
+            i += 1;
+        }
+        while len - i >= 8 {
+            std::ptr::write_volatile(p.add(i).cast::<u64>(), 0);
+            i += 8;
+        }
+        while i < len {
+            std::ptr::write_volatile(p.add(i), 0);
+            i += 1;
+        }
     }
     compiler_fence(Ordering::SeqCst);
 }
@@ -137,6 +156,22 @@ mod tests {
         let mut v = vec![0xA5u8; 300];
         wipe(&mut v);
         assert!(v.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn wipe_zeroes_exactly_its_range_at_every_alignment() {
+        // Every start offset against the 8-byte word grid and every length up to three
+        // words and a half: the bytes inside are zero, the guard bytes around them are not.
+        for start in 0..8 {
+            for len in 0..=28 {
+                let mut v = [0xA5u8; 48];
+                wipe(&mut v[start..start + len]);
+                for (i, &b) in v.iter().enumerate() {
+                    let inside = i >= start && i < start + len;
+                    assert_eq!(b == 0, inside, "start {start} len {len} byte {i}");
+                }
+            }
+        }
     }
 
     #[test]
