@@ -50,6 +50,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <sys/types.h>
@@ -559,19 +560,47 @@ out:
     close(fd);
 }
 
+/* A worker's accept loops. With one, it blocks in accept4. With several, they wait in
+ * epoll_wait on one epoll instance that watches the (non-blocking) listening socket with
+ * EPOLLONESHOT: a connection wakes one loop, which accepts it and re-arms the watch (which
+ * wakes another loop at once if more connections wait) before serving. epoll wakes the loop
+ * that began waiting last, so the loop that just finished a connection takes the next one;
+ * loops blocked in accept4 are woken in the order they began waiting, each connection
+ * going to the loop idle longest. Measured with `openssl s_time -reuse` (one client, TLS
+ * 1.3, 2 workers of 4 loops, 16 rounds against nginx): 0.898 of nginx's connections/s in
+ * turn, 0.941 most-recent-first, 0.961 with one loop per worker. The loop a connection wakes
+ * has its memory and its CPU where the last connection left them. */
 struct accept_loop {
     SSL_CTX *ctx;
     int lfd;
+    int ep; /* the shared epoll instance, or -1 for one loop blocking in accept4 */
 };
 
 static void *accept_loop(void *arg)
 {
     const struct accept_loop *al = arg;
     for (;;) {
+        if (al->ep >= 0) {
+            struct epoll_event ev;
+            int n = epoll_wait(al->ep, &ev, 1, -1);
+            if (n <= 0)
+                continue; /* EINTR */
+        }
+        /* Blocking or not, accepted sockets are blocking (Linux does not pass O_NONBLOCK
+         * on) and inherit the listening socket's timeouts and TCP_NODELAY. */
         int cfd = accept4(al->lfd, NULL, NULL, SOCK_CLOEXEC);
+        int err = errno;
+        if (al->ep >= 0) {
+            struct epoll_event re = {.events = EPOLLIN | EPOLLONESHOT, .data.fd = al->lfd};
+            if (epoll_ctl(al->ep, EPOLL_CTL_MOD, al->lfd, &re) != 0) {
+                perror("epoll_ctl"); /* no loop would ever be woken again */
+                exit(1);
+            }
+        }
         if (cfd < 0) {
-            if (errno == EINTR || errno == ECONNABORTED || errno == EAGAIN)
+            if (err == EINTR || err == ECONNABORTED || err == EAGAIN)
                 continue;
+            errno = err;
             perror("accept");
             sleep(1); /* e.g. EMFILE: do not spin */
             continue;
@@ -579,6 +608,19 @@ static void *accept_loop(void *arg)
         serve_connection(al->ctx, cfd);
     }
     return NULL;
+}
+
+/* Sets up the shared wait of several accept loops (see struct accept_loop); 0 or -1. */
+static int accept_loops_share_epoll(struct accept_loop *al)
+{
+    int fl = fcntl(al->lfd, F_GETFL);
+    if (fl < 0 || fcntl(al->lfd, F_SETFL, fl | O_NONBLOCK) != 0)
+        return -1;
+    al->ep = epoll_create1(EPOLL_CLOEXEC);
+    if (al->ep < 0)
+        return -1;
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLONESHOT, .data.fd = al->lfd};
+    return epoll_ctl(al->ep, EPOLL_CTL_ADD, al->lfd, &ev);
 }
 
 /* --sticky: attach to the port's SO_REUSEPORT group (one program for the whole group; every
@@ -628,8 +670,8 @@ static void worker_main(const struct options *o, int port, int ready_fd)
      * - Timeouts bound every step: the handshake, the request, the reply and, when the
      *   client sent something unread, the linger for its close (2 s each). One client at a
      *   time per accept loop, so a silent client must not hold it for long. On the listening
-     *   socket itself the receive timeout makes an idle accept4 return EAGAIN every 2 s,
-     *   which accept_loop simply retries.
+     *   socket itself the receive timeout makes an idle blocking accept4 return EAGAIN every
+     *   2 s, which accept_loop simply retries.
      * - NODELAY: with each flight in one send ("Coalesced writes" above), a build without
      *   it measured the same (s_time and loadgen, TLS 1.2 and 1.3, rate, p50 and p99). It
      *   stays so that two small sends in a row (a ticket, then the reply) are never held
@@ -664,6 +706,11 @@ static void worker_main(const struct options *o, int port, int ready_fd)
     static struct accept_loop al;
     al.ctx = ctx;
     al.lfd = lfd;
+    al.ep = -1;
+    if (o->threads > 1 && accept_loops_share_epoll(&al) != 0) {
+        perror("epoll");
+        exit(1);
+    }
     for (int t = 1; t < o->threads; t++) {
         pthread_t tid;
         int err = pthread_create(&tid, NULL, accept_loop, &al);
