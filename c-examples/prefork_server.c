@@ -568,8 +568,7 @@ out:
  * loops blocked in accept4 are woken in the order they began waiting, each connection
  * going to the loop idle longest. Measured with `openssl s_time -reuse` (one client, TLS
  * 1.3, 2 workers of 4 loops, 16 rounds against nginx): 0.898 of nginx's connections/s in
- * turn, 0.941 most-recent-first, 0.961 with one loop per worker. The loop a connection wakes
- * has its memory and its CPU where the last connection left them. */
+ * turn, 0.941 most-recent-first, 0.961 with one loop per worker (docs/PERFORMANCE.md). */
 struct accept_loop {
     SSL_CTX *ctx;
     int lfd;
