@@ -640,11 +640,13 @@ impl Channel {
 
     /// May a lookup go to the master now? `Some(true)` for the single probe of a half-open
     /// breaker, `Some(false)` while it is closed, `None` while it is open.
-    fn admit(&self, now: u64) -> Option<bool> {
+    fn admit(&self) -> Option<bool> {
         let until = self.open_until_ms.load(SeqCst);
         if until == 0 {
             return Some(false);
         }
+        // The clock is read only with the breaker open (a closed one needs no time).
+        let now = mono_ms();
         if now < until {
             return None;
         }
@@ -680,7 +682,7 @@ impl Channel {
         if self.is_dead() {
             return None;
         }
-        let Some(was_probe) = self.admit(mono_ms()) else {
+        let Some(was_probe) = self.admit() else {
             bump(&WORKER.breaker_skips);
             return None;
         };

@@ -608,6 +608,12 @@ impl Master {
     /// would miss, and by in-process lookups; a few loads when nothing is new.
     pub(crate) fn read_ring(&self) {
         let Some(ring) = crate::ring::get() else { return };
+        // Nothing published since the last read ended: no lock taken (the cache thread asks
+        // on every wake-up). `ring_pos` is stored after each read, so an equal head means
+        // every record was read; a read under way leaves it behind, and the lock is taken.
+        if self.ring_pos.load(SeqCst) == ring.head() {
+            return;
+        }
         let mut reader = self.ring_reader.lock().unwrap_or_else(|e| e.into_inner());
         if reader.cursor.next == ring.head() {
             return;
