@@ -219,7 +219,8 @@ pub struct Master {
     local_sync: Mutex<LocalSync>,
     /// How far the master has read the session ring, and what it wipes there (`ring`).
     ring_reader: Mutex<RingReader>,
-    /// `ring_reader`'s position, for the `Sync` frames (see `Op::Sync`).
+    /// `ring_reader`'s position after its last read: for the `Sync` frames (see `Op::Sync`),
+    /// and for `read_ring` to see that nothing is new without taking `ring_reader`'s lock.
     ring_pos: AtomicU64,
     ring_records: AtomicU64,
     ring_lost: AtomicU64,
