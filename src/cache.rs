@@ -6,7 +6,8 @@
 //!   recency.
 //! - Expired entries are never returned. `sweep` removes them in expiry order through a
 //!   min-heap, so it never scans the whole table.
-//! - Every DER leaving the cache (evicted, expired, removed, overwritten, dropped) is wiped.
+//! - Every DER leaving the cache (evicted, expired, removed, overwritten, dropped) is wiped,
+//!   or overwritten in full by the next entry of the same size, which takes over its memory.
 //! - A lookup that misses allocates nothing: the key is assembled on the stack.
 //! - Memory per entry: one allocation holding key and DER, a 32-byte slab slot, a 4-byte slot
 //!   number in the hash index (hashbrown's `HashTable`, so the key is stored once) and an
@@ -205,8 +206,15 @@ impl Cache {
             self.unlink(slot);
             let entry = self.slots[slot as usize].as_mut().expect("indexed slot is occupied");
             let old_cost = Self::entry_cost(entry.key_len as usize, entry.der().len());
-            entry.wipe_der();
-            *entry = Self::make_entry(key, der, expiry);
+            if entry.der().len() == der.len() {
+                // Same key, same size: the new DER overwrites every byte of the old one.
+                let k = entry.key_len as usize;
+                entry.data[k..].copy_from_slice(der);
+                entry.expiry = secs32(expiry);
+            } else {
+                entry.wipe_der();
+                *entry = Self::make_entry(key, der, expiry);
+            }
             self.bytes = self.bytes - old_cost + cost;
             self.push_front(slot);
             self.expiries.push(Reverse((secs32(expiry), slot)));
@@ -215,11 +223,28 @@ impl Cache {
             self.compact_expiries();
             return PutOutcome::Replaced;
         }
-        // Make room first so the new entry is never its own victim.
+        // Make room first so the new entry is never its own victim. A full cache evicts on
+        // every store, and one server's sessions are mostly of one size: the first victim
+        // whose allocation fits the new entry exactly gives it its memory (overwritten in full
+        // right below, which wipes the victim's DER) instead of a free and a malloc.
+        let size = key.len() + der.len();
+        let mut spare = None;
         while self.bytes + cost > self.budget && self.tail != NIL {
-            self.evict_tail();
+            let victim = self.tail;
+            let want = if spare.is_none() { size } else { usize::MAX };
+            if let Some(data) = self.remove_slot_reusing(victim, want) {
+                spare = Some(data);
+            }
+            self.counters.evictions += 1;
         }
-        let entry = Self::make_entry(key, der, expiry);
+        let entry = match spare {
+            Some(mut data) => {
+                data[..key.len()].copy_from_slice(key);
+                data[key.len()..].copy_from_slice(der);
+                Entry { data, key_len: key.len() as u8, expiry: secs32(expiry), prev: NIL, next: NIL }
+            }
+            None => Self::make_entry(key, der, expiry),
+        };
         let slot = match self.free.pop() {
             Some(s) => {
                 self.slots[s as usize] = Some(entry);
@@ -359,17 +384,27 @@ impl Cache {
     }
 
     fn remove_slot(&mut self, slot: u32) {
+        self.remove_slot_reusing(slot, usize::MAX);
+    }
+
+    /// Remove `slot`'s entry. Its allocation is returned, not wiped, when it holds exactly
+    /// `want` bytes: the caller overwrites all of them at once. Otherwise its DER is wiped
+    /// and the memory freed.
+    fn remove_slot_reusing(&mut self, slot: u32, want: usize) -> Option<Box<[u8]>> {
         self.unlink(slot);
-        let Some(entry) = self.slots[slot as usize].as_ref() else { return };
+        let entry = self.slots[slot as usize].as_ref()?;
         let hash = self.hasher.hash(entry.key());
         if let Ok(found) = self.index.find_entry(hash, |&s| s == slot) {
             found.remove();
         }
-        if let Some(mut entry) = self.slots[slot as usize].take() {
-            self.bytes -= Self::entry_cost(entry.key_len as usize, entry.der().len());
-            entry.wipe_der();
-            self.free.push(slot);
+        let mut entry = self.slots[slot as usize].take()?;
+        self.bytes -= Self::entry_cost(entry.key_len as usize, entry.der().len());
+        self.free.push(slot);
+        if entry.data.len() == want {
+            return Some(entry.data);
         }
+        entry.wipe_der();
+        None
     }
 
     fn push_front(&mut self, slot: u32) {
@@ -500,6 +535,47 @@ mod tests {
         assert!(c.get(b"", &id(3), NOW).is_some());
         assert_eq!(c.counters().evictions, 1);
         assert!(c.bytes() <= cost * 3);
+    }
+
+    /// A full cache evicting for a new entry of the victim's size hands the victim's memory
+    /// to it (no free, no malloc); of another size, it does not. Either way the entries read
+    /// back exactly, and the victim is gone.
+    #[test]
+    fn a_victim_of_the_same_size_gives_the_new_entry_its_memory() {
+        let (mut c, _) = full_with_three();
+        let victim = c.get(b"", &id(0), NOW).map(|d| d.as_ptr()).expect("stored");
+        assert!(c.get(b"", &id(1), NOW).is_some() && c.get(b"", &id(2), NOW).is_some(), "0 is now the oldest");
+        let new = [7u8; 100];
+        c.put(b"", &id(3), &new, NOW + 100, NOW);
+        assert!(c.get(b"", &id(0), NOW).is_none(), "LRU entry evicted");
+        let got = c.get(b"", &id(3), NOW).expect("stored");
+        assert_eq!((got, got.as_ptr()), (&new[..], victim), "same size: the victim's memory, overwritten");
+        // Another size: the victim (1) is wiped and freed, not reused.
+        let small = [9u8; 60];
+        c.put(b"", &id(4), &small, NOW + 100, NOW);
+        assert_eq!(c.get(b"", &id(4), NOW), Some(&small[..]));
+        assert!(c.get(b"", &id(1), NOW).is_none());
+        assert_eq!(c.get(b"", &id(3), NOW), Some(&new[..]));
+        assert_eq!(c.bytes(), c.len() * Cache::entry_cost(33, 100) - 40);
+    }
+
+    /// Storing a key again with a DER of the same size overwrites it in place; of another
+    /// size, it takes a new allocation. Accounting and expiry follow the new value.
+    #[test]
+    fn a_store_over_the_same_key_overwrites_in_place_when_the_size_matches() {
+        let (mut c, der) = full_with_three();
+        let before = c.get(b"", &id(1), NOW).map(|d| d.as_ptr()).expect("stored");
+        let bytes = c.bytes();
+        let same = [5u8; 100];
+        assert_eq!(c.put(b"", &id(1), &same, NOW + 10, NOW), PutOutcome::Replaced);
+        let got = c.get(b"", &id(1), NOW).expect("stored");
+        assert_eq!((got, got.as_ptr()), (&same[..], before));
+        assert_eq!(c.bytes(), bytes);
+        assert!(c.get(b"", &id(1), NOW + 10).is_none(), "the new expiry applies");
+        let longer = [6u8; 101];
+        assert_eq!(c.put(b"", &id(2), &longer, NOW + 100, NOW), PutOutcome::Replaced);
+        assert_eq!(c.get(b"", &id(2), NOW), Some(&longer[..]));
+        assert_eq!(c.get(b"", &id(0), NOW), Some(&der[..]));
     }
 
     /// The master's GET fast path (`lookup_hit`) is where nearly every hit goes: a hit there

@@ -40,7 +40,11 @@ unsafe impl GlobalAlloc for Scanning {
 static ALLOC: Scanning = Scanning;
 
 fn secret_der(marker: u64, n: u8) -> Vec<u8> {
-    let mut v = vec![n; 200];
+    sized_secret_der(marker, n, 200)
+}
+
+fn sized_secret_der(marker: u64, n: u8, len: usize) -> Vec<u8> {
+    let mut v = vec![n; len];
     for chunk in v.chunks_mut(40) {
         chunk[..8].copy_from_slice(&marker.to_le_bytes());
     }
@@ -68,8 +72,15 @@ fn session_bytes_never_reach_freed_memory_from_the_cache() {
     let now = 1_700_000_000;
     let mut cache = Cache::new(64 * 1024, 4096);
     for i in 0..400u32 {
-        let der = secret_der(marker, i as u8);
+        // Sizes repeat and vary: an evicted entry either gives its memory to a new one of its
+        // size (overwritten in full) or is wiped and freed.
+        let der = sized_secret_der(marker, i as u8, 200 + (i as usize % 7) / 3 * 8);
         cache.put(b"ns", &i.to_le_bytes(), &der, now + 1 + u64::from(i % 5), now); // evicts
+        wipe_vec(der);
+    }
+    for i in 300..310u32 {
+        let der = sized_secret_der(marker, 3, 232);
+        cache.put(b"ns", &i.to_le_bytes(), &der, now + 100, now); // overwrites, another size
         wipe_vec(der);
     }
     for i in 300..350u32 {
