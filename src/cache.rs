@@ -75,6 +75,18 @@ struct Entry {
     next: u32,
 }
 
+/// A victim's memory on its way to the new entry (see `Cache::put`): wiped if anything
+/// unwinds before the new entry takes it (the cache thread survives panics).
+struct Spare(Option<Box<[u8]>>);
+
+impl Drop for Spare {
+    fn drop(&mut self) {
+        if let Some(data) = self.0.as_mut() {
+            wipe(data);
+        }
+    }
+}
+
 /// A byte-bounded LRU cache of TLS sessions with absolute expiry.
 pub struct Cache {
     budget: usize,
@@ -228,16 +240,16 @@ impl Cache {
         // whose allocation fits the new entry exactly gives it its memory (overwritten in full
         // right below, which wipes the victim's DER) instead of a free and a malloc.
         let size = key.len() + der.len();
-        let mut spare = None;
+        let mut spare = Spare(None);
         while self.bytes + cost > self.budget && self.tail != NIL {
             let victim = self.tail;
-            let want = if spare.is_none() { size } else { usize::MAX };
+            let want = if spare.0.is_none() { size } else { usize::MAX };
             if let Some(data) = self.remove_slot_reusing(victim, want) {
-                spare = Some(data);
+                spare.0 = Some(data);
             }
             self.counters.evictions += 1;
         }
-        let entry = match spare {
+        let entry = match spare.0.take() {
             Some(mut data) => {
                 data[..key.len()].copy_from_slice(key);
                 data[key.len()..].copy_from_slice(der);
