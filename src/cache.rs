@@ -177,11 +177,23 @@ impl Cache {
         self.index.find(hash, |&s| slots[s as usize].as_ref().is_some_and(|e| e.key() == key)).copied()
     }
 
-    fn make_entry(key: &[u8], der: &[u8], expiry: u64) -> Entry {
-        let mut data = Vec::with_capacity(key.len() + der.len());
-        data.extend_from_slice(key);
-        data.extend_from_slice(der);
-        Entry { data: data.into_boxed_slice(), key_len: key.len() as u8, expiry: secs32(expiry), prev: NIL, next: NIL }
+    /// An entry holding `key` then `der`: in `spare` (an evicted entry's memory of exactly
+    /// that size, overwritten in full here) or in a new allocation.
+    fn make_entry(key: &[u8], der: &[u8], expiry: u64, spare: Option<Box<[u8]>>) -> Entry {
+        let data = match spare {
+            Some(mut data) => {
+                data[..key.len()].copy_from_slice(key);
+                data[key.len()..].copy_from_slice(der);
+                data
+            }
+            None => {
+                let mut data = Vec::with_capacity(key.len() + der.len());
+                data.extend_from_slice(key);
+                data.extend_from_slice(der);
+                data.into_boxed_slice()
+            }
+        };
+        Entry { data, key_len: key.len() as u8, expiry: secs32(expiry), prev: NIL, next: NIL }
     }
 
     /// The counters so far.
@@ -225,7 +237,7 @@ impl Cache {
                 entry.expiry = secs32(expiry);
             } else {
                 entry.wipe_der();
-                *entry = Self::make_entry(key, der, expiry);
+                *entry = Self::make_entry(key, der, expiry, None);
             }
             self.bytes = self.bytes - old_cost + cost;
             self.push_front(slot);
@@ -242,21 +254,12 @@ impl Cache {
         let size = key.len() + der.len();
         let mut spare = Spare(None);
         while self.bytes + cost > self.budget && self.tail != NIL {
-            let victim = self.tail;
             let want = if spare.0.is_none() { size } else { usize::MAX };
-            if let Some(data) = self.remove_slot_reusing(victim, want) {
+            if let Some(data) = self.evict_tail(want) {
                 spare.0 = Some(data);
             }
-            self.counters.evictions += 1;
         }
-        let entry = match spare.0.take() {
-            Some(mut data) => {
-                data[..key.len()].copy_from_slice(key);
-                data[key.len()..].copy_from_slice(der);
-                Entry { data, key_len: key.len() as u8, expiry: secs32(expiry), prev: NIL, next: NIL }
-            }
-            None => Self::make_entry(key, der, expiry),
-        };
+        let entry = Self::make_entry(key, der, expiry, spare.0.take());
         let slot = match self.free.pop() {
             Some(s) => {
                 self.slots[s as usize] = Some(entry);
@@ -385,14 +388,15 @@ impl Cache {
 
     fn evict_to_budget(&mut self, keep: u32) {
         while self.bytes > self.budget && self.tail != NIL && self.tail != keep {
-            self.evict_tail();
+            self.evict_tail(usize::MAX);
         }
     }
 
-    fn evict_tail(&mut self) {
-        let victim = self.tail;
-        self.remove_slot(victim);
+    /// Evict the least recently used entry; its memory is returned if it holds exactly
+    /// `want` bytes (see `remove_slot_reusing`).
+    fn evict_tail(&mut self, want: usize) -> Option<Box<[u8]>> {
         self.counters.evictions += 1;
+        self.remove_slot_reusing(self.tail, want)
     }
 
     fn remove_slot(&mut self, slot: u32) {
