@@ -77,6 +77,18 @@ fn immediate_reconnections_find_the_session_just_made_on_another_worker() {
     let missed = out.iter().filter(|o| !o.reused).count();
     assert_eq!(missed, 0, "{missed} of 300 immediate reconnections missed their fresh session");
     assert!(distinct_pids(&out) >= 2);
+    // A TLS 1.3 session is resumed at most once, mostly on another worker: its maker keeps
+    // no decoded copy (a long-lived `SSL_SESSION` per new session cost more than the decode
+    // it saved), so every replica hit here was decoded.
+    let mut per_worker = std::collections::HashMap::new();
+    for _ in 0..40 {
+        let st = s.stats();
+        per_worker.insert(st["pid"], st);
+    }
+    let replica: u64 = per_worker.values().map(|st| st["w_replica_hits"]).sum();
+    let decoded: u64 = per_worker.values().map(|st| st["w_replica_decoded_hits"]).sum();
+    assert!(replica >= 150, "replica hits {replica} of 300 resumptions: {per_worker:?}");
+    assert_eq!(decoded, 0, "TLS 1.3 sessions kept decoded: {per_worker:?}");
 }
 
 #[test]
