@@ -256,6 +256,22 @@ unsafe extern "C" fn new_session_cb(ssl: *mut ffi::SSL, sess: *mut ffi::SSL_SESS
     })
 }
 
+/// Whether a worker keeps `sess` decoded beside its replica entry (`hot.rs`), when it stores
+/// it or decodes it for a hit: TLS 1.2 sessions, which clients resume again and again, yes.
+/// TLS 1.3 sessions, no: each resumption is issued a new ticket and clients offer the newest,
+/// so a session is resumed at most once, and with N workers on its maker only 1/N of the time.
+/// Kept, each stayed until the copies' bound pushed it out and was freed cold, long after its
+/// neighbours in the heap, which cost the workers more than the decode it saved (TLS 1.3 at
+/// N=4, interleaved: resumed handshakes/s +1.1 to +1.4 % without, worker CPU 253 to 246 µs
+/// per connection; at N=2 +0.9 %).
+///
+/// # Safety
+/// `sess` is a valid session.
+unsafe fn worth_keeping_decoded(sess: *const ffi::SSL_SESSION) -> bool {
+    // SAFETY: see the function's contract.
+    unsafe { ffi::SSL_SESSION_get_protocol_version(sess) < TLS1_3_VERSION }
+}
+
 /// # Safety
 /// `ssl` and `sess` must be valid.
 unsafe fn store_session(ssl: *mut ffi::SSL, sess: *mut ffi::SSL_SESSION) {
@@ -305,16 +321,11 @@ unsafe fn store_session(ssl: *mut ffi::SSL, sess: *mut ffi::SSL_SESSION) {
             true
         };
         match backend {
-            // A TLS 1.2 session is kept too, beside this worker's replica (a reference, as
-            // OpenSSL's own cache keeps): its resumptions here need no d2i. A TLS 1.3 session
-            // is not: it is resumed at most once (each resumption issues a new ticket), with
-            // N workers on this one only 1/N of the time, and a session held until the
-            // decoded copies' bound pushes it out is freed cold, long after its neighbours in
-            // the heap; that cost the workers more than the decode it saved (TLS 1.3 at N=4,
-            // interleaved: resumed handshakes/s +1.1 to +1.4 %, worker CPU 253 to 246 µs per
-            // connection; at N=2 +0.9 %).
+            // A session worth it (see `worth_keeping_decoded`) is kept too, beside this
+            // worker's replica (a reference, as OpenSSL's own cache keeps): its resumptions
+            // here need no d2i.
             Backend::Channel(ch) => {
-                let keep = ffi::SSL_SESSION_get_protocol_version(sess) < TLS1_3_VERSION;
+                let keep = worth_keeping_decoded(sess);
                 ch.put(&state.namespace, id, expiry, der_len, encode, keep.then(|| SslSessionRef::from_ptr(sess)))
             }
             Backend::InProcess(m) => {
@@ -364,10 +375,7 @@ unsafe fn lookup_session(
                     if s.is_null() {
                         return None;
                     }
-                    // TLS 1.3 sessions decoded from another worker's DER are worth no decoded
-                    // copy: each resumption is issued a new ticket, and clients offer the
-                    // newest, so a second hit is rare. (Nor are this worker's own: see `store_session`.)
-                    let keep = ffi::SSL_SESSION_get_protocol_version(s) < TLS1_3_VERSION;
+                    let keep = worth_keeping_decoded(s);
                     // SAFETY (of the enclosing block): a non-null session from d2i, whose one
                     // reference the SslSession takes over.
                     Some((SslSession::from_ptr(s), keep))

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{distinct_pids, resume_n, Client, Server};
+use common::{distinct_pids, resume_n, sum_over_workers, Client, Server};
 
 fn all_resumed_on_several_workers(server: &Server, tls12: bool, proto: &str) {
     let out = resume_n(server.addr(), tls12, 60);
@@ -45,12 +45,8 @@ fn replicas_answer_lookups_inside_the_worker() {
     all_resumed_on_several_workers(&s, true, "TLSv1.2");
     // Ask every worker (several /stats requests spread over them): together their replicas
     // answered most of the resumptions, and the master only a few.
-    let mut per_worker = std::collections::HashMap::new();
-    for _ in 0..40 {
-        let st = s.stats();
-        per_worker.insert(st["pid"], st);
-    }
-    let replica_hits: u64 = per_worker.values().map(|st| st["w_replica_hits"]).sum();
+    let per_worker = s.stats_per_worker();
+    let replica_hits = sum_over_workers(&per_worker, "w_replica_hits");
     let any = per_worker.values().next().expect("stats");
     assert!(replica_hits >= 30, "replica hits {replica_hits} over {} workers: {per_worker:?}", per_worker.len());
     assert!(any["hits"] < 60, "{any:?}");
@@ -80,13 +76,9 @@ fn immediate_reconnections_find_the_session_just_made_on_another_worker() {
     // A TLS 1.3 session is resumed at most once, mostly on another worker: its maker keeps
     // no decoded copy (a long-lived `SSL_SESSION` per new session cost more than the decode
     // it saved), so every replica hit here was decoded.
-    let mut per_worker = std::collections::HashMap::new();
-    for _ in 0..40 {
-        let st = s.stats();
-        per_worker.insert(st["pid"], st);
-    }
-    let replica: u64 = per_worker.values().map(|st| st["w_replica_hits"]).sum();
-    let decoded: u64 = per_worker.values().map(|st| st["w_replica_decoded_hits"]).sum();
+    let per_worker = s.stats_per_worker();
+    let replica = sum_over_workers(&per_worker, "w_replica_hits");
+    let decoded = sum_over_workers(&per_worker, "w_replica_decoded_hits");
     assert!(replica >= 150, "replica hits {replica} of 300 resumptions: {per_worker:?}");
     assert_eq!(decoded, 0, "TLS 1.3 sessions kept decoded: {per_worker:?}");
 }
@@ -395,13 +387,9 @@ fn decoded_replica_copies_serve_repeat_resumptions_and_die_with_the_session() {
     assert!(on.len() >= 2, "resumptions landed on {} worker(s) only", on.len());
     // Each worker decodes the session on its first replica hit and serves the rest from the
     // decoded copy: across the workers, at most one decode each.
-    let mut per_worker = std::collections::HashMap::new();
-    for _ in 0..40 {
-        let st = s.stats();
-        per_worker.insert(st["pid"], st);
-    }
-    let replica: u64 = per_worker.values().map(|st| st["w_replica_hits"]).sum();
-    let decoded: u64 = per_worker.values().map(|st| st["w_replica_decoded_hits"]).sum();
+    let per_worker = s.stats_per_worker();
+    let replica = sum_over_workers(&per_worker, "w_replica_hits");
+    let decoded = sum_over_workers(&per_worker, "w_replica_decoded_hits");
     assert!(decoded >= 30, "decoded hits {decoded} of {replica} replica hits: {per_worker:?}");
     assert!(replica - decoded <= per_worker.len() as u64, "one decode per worker: {per_worker:?}");
 
