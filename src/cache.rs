@@ -230,15 +230,14 @@ impl Cache {
             self.unlink(slot);
             let entry = self.slots[slot as usize].as_mut().expect("indexed slot is occupied");
             let old_cost = Self::entry_cost(entry.key_len as usize, entry.der().len());
-            if entry.der().len() == der.len() {
-                // Same key, same size: the new DER overwrites every byte of the old one.
-                let k = entry.key_len as usize;
-                entry.data[k..].copy_from_slice(der);
-                entry.expiry = secs32(expiry);
-            } else {
+            // Same key, same size: the new entry takes the old one's memory and overwrites
+            // every byte of it; another size: the old DER is wiped and freed.
+            let same_size = entry.data.len() == key.len() + der.len();
+            if !same_size {
                 entry.wipe_der();
-                *entry = Self::make_entry(key, der, expiry, None);
             }
+            let spare = same_size.then(|| std::mem::take(&mut entry.data));
+            *entry = Self::make_entry(key, der, expiry, spare);
             self.bytes = self.bytes - old_cost + cost;
             self.push_front(slot);
             self.expiries.push(Reverse((secs32(expiry), slot)));
