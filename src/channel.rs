@@ -289,11 +289,17 @@ fn blocking_with_timeout(fd: RawFd, timeout: Duration) -> Option<Duration> {
     Some(timeout)
 }
 
-fn mono_ms() -> u64 {
+/// Monotonic time in nanoseconds (`clock_gettime` itself: `Instant`'s checked arithmetic cost
+/// a request more than the clock, callgrind).
+fn mono_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+    (ts.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(ts.tv_nsec as u64)
+}
+
+fn mono_ms() -> u64 {
+    mono_ns() / 1_000_000
 }
 
 /// The reader's role (`Waiters::reader`), taken by the thread that reads the socket for
@@ -688,7 +694,8 @@ impl Channel {
         };
         let rid = self.next_id.fetch_add(1, Relaxed).wrapping_add(1);
         self.lock().slots.push(Slot { id: rid, reply: None });
-        let deadline = Instant::now() + Duration::from_micros(GET_TIMEOUT_US.load(Relaxed));
+        let timeout_ns = GET_TIMEOUT_US.load(Relaxed).saturating_mul(1000);
+        let deadline = mono_ns().saturating_add(timeout_ns);
         let sent = self.send_frame(|out| {
             protocol::encode(out, op, rid, 0, namespace, id, &[]);
             true
@@ -703,6 +710,8 @@ impl Channel {
             }
             return None;
         }
+        // The first pass reads no clock: the request was just sent, all of its time is left.
+        let mut left_ns = timeout_ns;
         loop {
             if let Some(i) = w.slots.iter().position(|s| s.id == rid && s.reply.is_some()) {
                 let reply = w.slots.swap_remove(i).reply;
@@ -710,8 +719,7 @@ impl Channel {
                 self.close_breaker();
                 return reply;
             }
-            let now = Instant::now();
-            if now >= deadline || self.is_dead() {
+            if left_ns == 0 || self.is_dead() {
                 w.slots.retain(|s| s.id != rid);
                 drop(w);
                 if !self.is_dead() {
@@ -726,14 +734,16 @@ impl Channel {
                 drop(w);
                 {
                     let _role = ReaderRole(self);
-                    self.read_replies(deadline - now);
+                    self.read_replies(Duration::from_nanos(left_ns));
                 }
                 w = self.lock();
             } else {
                 w.sleepers += 1;
-                w = self.cond.wait_timeout(w, deadline - now).map(|r| r.0).unwrap_or_else(|e| e.into_inner().0);
+                let wait = Duration::from_nanos(left_ns);
+                w = self.cond.wait_timeout(w, wait).map(|r| r.0).unwrap_or_else(|e| e.into_inner().0);
                 w.sleepers -= 1;
             }
+            left_ns = deadline.saturating_sub(mono_ns());
         }
     }
 

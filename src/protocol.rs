@@ -165,12 +165,12 @@ pub fn encode_header(out: &mut Vec<u8>, op: Op, request_id: u64, expiry: u64, na
     debug_assert!(namespace.len() <= MAX_NAMESPACE_LEN && id.len() <= MAX_ID_LEN);
     let namespace = &namespace[..namespace.len().min(MAX_NAMESPACE_LEN)];
     let id = &id[..id.len().min(MAX_ID_LEN)];
-    out.push(VERSION);
-    out.push(op as u8);
-    out.push(namespace.len() as u8);
-    out.push(id.len() as u8);
-    out.extend_from_slice(&request_id.to_le_bytes());
-    out.extend_from_slice(&expiry.to_le_bytes());
+    // Built whole and appended once: a push per field re-checks the capacity every time.
+    let mut head = [0u8; HEADER_LEN];
+    head[..4].copy_from_slice(&[VERSION, op as u8, namespace.len() as u8, id.len() as u8]);
+    head[4..12].copy_from_slice(&request_id.to_le_bytes());
+    head[12..].copy_from_slice(&expiry.to_le_bytes());
+    out.extend_from_slice(&head);
     out.extend_from_slice(namespace);
     out.extend_from_slice(id);
 }
