@@ -42,10 +42,10 @@ STIME_WORKERS="2 4"
 # of them also run -new).
 if [ "$QUICK" = 1 ]; then
     REPS=2; REPS_MINOR=1; STIME_REPS=1; STIME_NEW_REPS=1; RESUME_MS=500; FULL_MS=300; WARMUP_MS=150; TURN_MS=100; STIME_S=1; STIME_NEW_S=1
-    CHANNEL_ARGS=(--reps 1 --phase-ms 200)
+    CHANNEL_ARGS=(--reps 1 --phase-ms 200 --pin)
 else
     REPS=9; REPS_MINOR=4; STIME_REPS=10; STIME_NEW_REPS=2; RESUME_MS=700; FULL_MS=400; WARMUP_MS=150; TURN_MS=100; STIME_S=1; STIME_NEW_S=1
-    CHANNEL_ARGS=(--reps 9 --phase-ms 200)
+    CHANNEL_ARGS=(--reps 9 --phase-ms 200 --pin)
 fi
 
 T0=$(date +%s.%N)

@@ -10,7 +10,11 @@
 //!   timeout (the physical limit of this design). Both groups run through the same stretch of
 //!   time in alternating 10 ms turns, so the ratio of the two is not at the mercy of the
 //!   machine's speed of the moment (A/A, both groups asking the master, 7 reps of 1 s:
-//!   medians 0.97–1.04).
+//!   medians 0.97–1.04). With `--pin` both groups also get the same CPU layout: the master's
+//!   cache thread and the echo process on CPU 0, worker / client w on CPU w mod the CPUs.
+//!   Left to the scheduler, each repetition places the two groups' processes anew and apart
+//!   (five processes on two CPUs at W=4), and the per-repetition ratio of the two scattered
+//!   0.50–1.25 at W=4; pinned, 0.77–0.84.
 //! - `replica_get` / `store_put` (`store_phase`): GETs through the worker's replica (what the
 //!   get-session callback does); then PUTs, fire-and-forget, then a GET on the last id proves
 //!   the master read them all (one channel is FIFO), and the master's `stores` counter says
@@ -21,7 +25,8 @@
 //! Output: one JSON object per line (`{"bench":"channel",...}`) for every measurement and
 //! every summary, then a human table. Options: `--reps N` (5), `--phase-ms N` (400, the
 //! replica and hash phases), `--round-trip-ms N` (1000, the interleaved phase, half of it
-//! for each group), `--puts N` (20000 per worker), `--workers 1,2,4`. `cargo bench --bench channel` passes
+//! for each group), `--puts N` (20000 per worker), `--workers 1,2,4`, `--pin` (the same CPU
+//! layout for both groups of the round-trip phase, above). `cargo bench --bench channel` passes
 //! `--bench`, which is ignored.
 //!
 //! Latencies come from every request of every worker, merged in shared memory; hash
@@ -58,6 +63,7 @@ struct Opts {
     round_trip: Duration,
     puts: usize,
     workers: Vec<usize>,
+    pin: bool,
 }
 
 fn parse_opts() -> Opts {
@@ -67,6 +73,7 @@ fn parse_opts() -> Opts {
         round_trip: Duration::from_millis(1000),
         puts: 20_000,
         workers: vec![1, 2, 4],
+        pin: false,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -77,6 +84,11 @@ fn parse_opts() -> Opts {
             "--phase-ms" => o.phase = Duration::from_millis(val.parse().unwrap_or(400)),
             "--round-trip-ms" => o.round_trip = Duration::from_millis(val.parse().unwrap_or(1000)),
             "--puts" => o.puts = val.parse().unwrap_or(o.puts).max(1),
+            "--pin" => {
+                o.pin = true;
+                i += 1;
+                continue;
+            }
             "--workers" => o.workers = val.split(',').filter_map(|w| w.parse().ok()).filter(|&w| w > 0).collect(),
             _ => {
                 i += 1;
@@ -208,6 +220,25 @@ fn reap(pids: &[libc::pid_t], deadline: Duration) -> usize {
         std::thread::sleep(Duration::from_millis(2));
     }
     failed
+}
+
+/// Pin thread `tid` (0: the caller) to CPU `cpu` modulo the CPUs there are.
+fn pin(tid: libc::pid_t, cpu: usize) {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu % n, &mut set);
+        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// The cache thread's id (by its name), for `--pin`.
+fn cache_thread_tid() -> Option<libc::pid_t> {
+    std::fs::read_dir("/proc/self/task").ok()?.flatten().find_map(|e| {
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        (comm.trim() == "cts-cache").then(|| e.file_name().to_str()?.parse().ok()).flatten()
+    })
 }
 
 fn sleep_until(t: Instant) {
@@ -462,8 +493,12 @@ fn round_trip_phase(sh: &Shared, o: &Opts, workers: usize) -> (Phase, Phase, usi
     let start = Instant::now() + Duration::from_millis(60);
     let end = start + o.round_trip;
     let mut pids = Vec::new();
+    let pinned = o.pin;
     for w in 0..workers {
         pids.push(spawn(move || {
+            if pinned {
+                pin(0, w);
+            }
             turn_loop(sh, w, 0, start, end, |i| bench::get_from_master(NS, &hot_id(i % KEYS)).is_some());
             sh.counters(w)[C_OK].store(1, Ordering::Relaxed);
         }));
@@ -473,6 +508,9 @@ fn round_trip_phase(sh: &Shared, o: &Opts, workers: usize) -> (Phase, Phase, usi
     let server_fds: Vec<libc::c_int> = pairs.iter().map(|p| p[0]).collect();
     let client_fds: Vec<libc::c_int> = pairs.iter().map(|p| p[1]).collect();
     pids.push(spawn(|| {
+        if pinned {
+            pin(0, 0);
+        }
         for &fd in &client_fds {
             // SAFETY: closing this process's copies of the clients' ends.
             unsafe { libc::close(fd) };
@@ -523,6 +561,9 @@ fn round_trip_phase(sh: &Shared, o: &Opts, workers: usize) -> (Phase, Phase, usi
         let server_fds = &server_fds;
         let client_fds = &client_fds;
         pids.push(spawn(move || {
+            if pinned {
+                pin(0, w);
+            }
             for &other in server_fds.iter().chain(client_fds.iter()) {
                 if other != fd {
                     // SAFETY: closing this process's copies of descriptors it does not use.
@@ -635,6 +676,13 @@ fn main() {
     if let Err(e) = cluster_tls_store::master_setup(config) {
         eprintln!("master_setup: {e}");
         std::process::exit(1);
+    }
+    if o.pin {
+        // The cache thread on CPU 0, as the echo server: both groups get the same layout.
+        match cache_thread_tid() {
+            Some(tid) => pin(tid, 0),
+            None => eprintln!("--pin: no cache thread found"),
+        }
     }
     let max_w = o.workers.iter().copied().max().unwrap_or(4);
     // The round-trip phase runs W store workers and W echo clients at once.
