@@ -11,7 +11,8 @@
 //!   time in alternating 10 ms turns, so the ratio of the two is not at the mercy of the
 //!   machine's speed of the moment (A/A, both groups asking the master, 7 reps of 1 s:
 //!   medians 0.97–1.04). With `--pin` both groups also get the same CPU layout: the master's
-//!   cache thread and the echo process on CPU 0, worker / client w on CPU w mod the CPUs.
+//!   cache thread and the echo process on the first CPU this process may use, worker /
+//!   client w on the (w mod CPUs)-th.
 //!   Left to the scheduler, each repetition places the two groups' processes anew and apart
 //!   (five processes on two CPUs at W=4), and the per-repetition ratio of the two scattered
 //!   0.50–1.25 at W=4; pinned, 0.77–0.84.
@@ -222,14 +223,25 @@ fn reap(pids: &[libc::pid_t], deadline: Duration) -> usize {
     failed
 }
 
-/// Pin thread `tid` (0: the caller) to CPU `cpu` modulo the CPUs there are.
-fn pin(tid: libc::pid_t, cpu: usize) {
-    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays inside it.
+/// Pin thread `tid` (0: the caller) to the `k`-th CPU this process may run on (modulo their
+/// number). A refusal is reported, not fatal: that thread then stays where the scheduler puts it.
+fn pin(tid: libc::pid_t, k: usize) {
+    let set_size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the calls read and write only the sets
+    // passed with their size, and CPU_ISSET / CPU_SET stay inside them.
     unsafe {
+        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, set_size, &mut allowed) != 0 {
+            eprintln!("--pin: sched_getaffinity: {}", std::io::Error::last_os_error());
+            return;
+        }
+        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &allowed)).collect();
+        let Some(&cpu) = cpus.get(k % cpus.len().max(1)) else { return };
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu % n, &mut set);
-        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(tid, set_size, &set) != 0 {
+            eprintln!("--pin: sched_setaffinity to CPU {cpu}: {}", std::io::Error::last_os_error());
+        }
     }
 }
 
