@@ -12,48 +12,18 @@ pub fn wipe(buf: &mut [u8]) {
 /// Overwrite `len` bytes at `p` with zeros, as `wipe` does, for memory that may hold no
 /// live value (a `Vec`'s spare capacity).
 ///
-/// Where the C library has `explicit_bzero` (a `memset` the compiler may not drop as a dead
-/// store), that; elsewhere volatile stores, a word at a time. Every round trip to the master
-/// wipes its frames on both sides (the request, the 192-byte reply, the replica's copy): a
-/// byte at a time that was about 870 of the round trip's instructions (callgrind, channel
-/// bench, one worker, both ends), word stores about 420, `explicit_bzero` about 130.
+/// `explicit_bzero` (glibc 2.25 and later, musl): a `memset` the compiler may not drop as a
+/// dead store. Every round trip to the master wipes its frames on both ends (the request, the
+/// 192-byte reply, the replica's copy): volatile stores a byte at a time were about 870 of the
+/// round trip's instructions (callgrind, channel bench, one worker, both ends), a word at a
+/// time about 420, `explicit_bzero` about 130.
 ///
 /// # Safety
 /// `p` must be valid for writes of `len` bytes.
-#[cfg(any(target_os = "linux", target_os = "freebsd", target_os = "openbsd"))]
 unsafe fn wipe_raw(p: *mut u8, len: usize) {
     if len > 0 {
         // SAFETY: the caller vouches for `len` writable bytes at `p`.
         unsafe { libc::explicit_bzero(p.cast(), len) };
-    }
-    compiler_fence(Ordering::SeqCst);
-}
-
-/// See above: volatile stores, single bytes up to the first 8-byte boundary, aligned 8-byte
-/// words, then the tail.
-///
-/// # Safety
-/// `p` must be valid for writes of `len` bytes.
-#[cfg(not(any(target_os = "linux", target_os = "freebsd", target_os = "openbsd")))]
-unsafe fn wipe_raw(p: *mut u8, len: usize) {
-    // At run time `align_offset` gives the real distance (`min` covers its "cannot" answer).
-    let head = p.align_offset(8).min(len);
-    let mut i = 0;
-    // SAFETY (all three loops): every store is inside the `len` bytes the caller vouches for;
-    // the word stores start at `p + head`, which is 8-aligned, and advance by 8.
-    unsafe {
-        while i < head {
-            std::ptr::write_volatile(p.add(i), 0);
-            i += 1;
-        }
-        while len - i >= 8 {
-            std::ptr::write_volatile(p.add(i).cast::<u64>(), 0);
-            i += 8;
-        }
-        while i < len {
-            std::ptr::write_volatile(p.add(i), 0);
-            i += 1;
-        }
     }
     compiler_fence(Ordering::SeqCst);
 }
