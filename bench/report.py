@@ -384,6 +384,8 @@ def build_md(D, targets):
             ("get_ops_per_s", "GET/s round trip", 0), ("echo_ops_per_s", "echo/s", 0),
             ("replica_ops_per_s", "GET/s replica", 0), ("hash_ops_per_s", "hash/s", 0),
             ("put_send_per_s", "PUT sent/s", 0), ("put_stored_per_s", "PUT stored/s (master)", 0),
+            ("put_rt_p50_us", "PUT round trip p50 (µs)", 1), ("put_rt_p99_us", "PUT round trip p99 (µs)", 1),
+            ("put_rt_ops_per_s", "PUT round trips/s", 0),
             ("ratio_get_p50_vs_echo_p50", "GET p50 / echo p50", 3),
             ("ratio_get_tput_vs_echo_tput", "GET/s / echo/s", 3),
         ):

@@ -423,16 +423,20 @@ fn put_hot_ids() {
 }
 
 /// W forked workers: a GET phase through the replica (what the get-session callback does),
-/// then a PUT burst of new ids. Returns (replica, PUT, failed children).
-fn store_phase(sh: &Shared, o: &Opts, workers: usize, rep: usize) -> (Phase, PutResult, usize) {
+/// then a PUT burst of new ids, then PUT round trips (store a new id, ask the master for it).
+/// Returns (replica, PUT burst, PUT round trip, failed children).
+fn store_phase(sh: &Shared, o: &Opts, workers: usize, rep: usize) -> (Phase, PutResult, Phase, usize) {
     let expiry = unix_now() + 3600;
     put_hot_ids();
     let stores_before = cluster_tls_store::stats().master.stores;
     let puts = o.puts;
-    reset(sh, workers);
+    reset(sh, 2 * workers);
     let start = Instant::now() + Duration::from_millis(60);
     let end = start + o.phase;
     let put_start = end + Duration::from_millis(30);
+    // After the burst and its check (tens of ms): the PUT round trips, in slots W..2W.
+    let rt_start = put_start + Duration::from_millis(200);
+    let rt_end = rt_start + o.phase / 2;
     let mut pids = Vec::new();
     for w in 0..workers {
         pids.push(spawn(|| {
@@ -454,6 +458,16 @@ fn store_phase(sh: &Shared, o: &Opts, workers: usize, rep: usize) -> (Phase, Put
                 sample += 1;
                 found += u64::from(bench::get_from_master(NS, &put_id(w, rep, seq)).is_some());
             }
+            // A PUT's round trip: store a new session, then ask the master for it (the channel
+            // is FIFO and the master reads the session ring before serving, so the hit says the
+            // store reached the cache: what another worker's lookup could then find).
+            let mut next = puts;
+            timed_loop(sh, workers + w, rt_start, rt_end, |_| {
+                next += 1;
+                let id = put_id(w, rep, next);
+                bench::put(NS, &id, &payload, expiry);
+                bench::get_from_master(NS, &id).is_some()
+            });
             let st = cluster_tls_store::stats();
             c[C_PUT_SENT].store(puts as u64, Ordering::Relaxed);
             c[C_PUT_SEND_NS].store(ns(t_sent), Ordering::Relaxed);
@@ -480,7 +494,7 @@ fn store_phase(sh: &Shared, o: &Opts, workers: usize, rep: usize) -> (Phase, Put
         done_max = done_max.max(c[C_PUT_DONE_NS].load(Ordering::Relaxed));
     }
     pr.done_rate = pr.stored as f64 * 1e9 / done_max as f64;
-    (replica, pr, failed)
+    (replica, pr, merge(sh, workers..2 * workers), failed)
 }
 
 /// SOCK_SEQPACKET pair, both ends blocking, close-on-exec.
@@ -705,10 +719,12 @@ fn main() {
     for rep in 0..o.reps {
         for &w in &o.workers {
             let (get, echo, f1) = round_trip_phase(&sh, &o, w);
-            let (replica, put, f2) = store_phase(&sh, &o, w, rep);
+            let (replica, put, put_rt, f2) = store_phase(&sh, &o, w, rep);
             let hash = hash_phase(&o, w);
             failures += f1 + f2;
-            for (kind, p) in [("store_get", get), ("replica_get", replica), ("echo", echo), ("hash", hash)] {
+            for (kind, p) in
+                [("store_get", get), ("replica_get", replica), ("echo", echo), ("hash", hash), ("store_put_rt", put_rt)]
+            {
                 println!(
                     "{{\"bench\":\"channel\",\"kind\":\"{kind}\",\"workers\":{w},\"rep\":{rep},\"p50_us\":{},\
                      \"p99_us\":{},\"ops_per_s\":{},\"hit_ratio\":{}}}",
@@ -744,6 +760,10 @@ fn main() {
             add("put_send_per_s", put.send_rate);
             add("put_stored_per_s", put.done_rate);
             add("put_stored_ratio", put.stored as f64 / put.sent.max(1) as f64);
+            add("put_rt_p50_us", put_rt.p50_us);
+            add("put_rt_p99_us", put_rt.p99_us);
+            add("put_rt_ops_per_s", put_rt.ops_per_s);
+            add("put_rt_hit_ratio", put_rt.hit_ratio);
             add("ratio_get_p50_vs_echo_p50", get.p50_us / echo.p50_us);
             add("ratio_get_p99_vs_echo_p99", get.p99_us / echo.p99_us);
             add("ratio_get_tput_vs_echo_tput", get.ops_per_s / echo.ops_per_s);
@@ -767,6 +787,10 @@ fn main() {
         ("put_send_per_s", "PUT sent/s"),
         ("put_stored_per_s", "PUT stored/s (master)"),
         ("put_stored_ratio", "PUT stored/sent"),
+        ("put_rt_p50_us", "PUT round trip p50 (µs)"),
+        ("put_rt_p99_us", "PUT round trip p99 (µs)"),
+        ("put_rt_ops_per_s", "PUT round trips/s"),
+        ("put_rt_hit_ratio", "PUT round trip found"),
         ("ratio_get_p50_vs_echo_p50", "GET p50 / echo p50"),
         ("ratio_get_p99_vs_echo_p99", "GET p99 / echo p99"),
         ("ratio_get_tput_vs_echo_tput", "GET/s / echo/s"),
