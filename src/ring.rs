@@ -278,25 +278,18 @@ impl Ring {
             if cur >= writing(seq) {
                 return Published::No;
             }
-            // Held by the master's sweep for the few stores of its wipe (or by a writer a lap
-            // behind): wait a little rather than leave a hole, which readers wait for (see
-            // `read`); a writer still at it after that keeps the slot, and the record goes to
-            // the channel.
-            if cur & 1 == 1 {
-                spins += 1;
-                if spins > WIPE_SPINS {
-                    return Published::No;
-                }
-                std::hint::spin_loop();
-                continue;
-            }
-            if slot.state.compare_exchange(cur, writing(seq), Acquire, Relaxed).is_ok() {
+            // Free (even): claim it. Held (odd) by the master's sweep for the few stores of its
+            // wipe, or by a writer a lap behind: look again a little rather than leave a hole,
+            // which readers wait for (see `read`); still held after that, the slot stays with
+            // its holder and the record goes to the channel.
+            if cur & 1 == 0 && slot.state.compare_exchange(cur, writing(seq), Acquire, Relaxed).is_ok() {
                 break;
             }
             spins += 1;
             if spins > WIPE_SPINS {
                 return Published::No;
             }
+            std::hint::spin_loop();
         }
         // Readers that see any byte below also see the odd state when they check again.
         fence(Release);
@@ -352,7 +345,7 @@ impl Ring {
             let s1 = slot.state.load(Acquire);
             let not_yet_marked = s1 & 1 == 0 && s1 < writing(seq) && seq >= master_read;
             if s1 == writing(seq) || not_yet_marked {
-                // Being written for this very record.
+                // Being written, or about to be, for this very record.
                 let now = Instant::now();
                 let stalled = match cur.stall {
                     Some((at, since)) if at == seq => now.duration_since(since) >= STALL_LIMIT,
