@@ -378,6 +378,7 @@ static int write_all(SSL *ssl, const char *buf, size_t len)
 struct conn_io {
     int fd;
     int eof;    /* recv returned 0 */
+    int owe_ack; /* received since the last send: the peer's last segment may wait for our ACK */
     SSL *ssl;   /* whose writes these are (its state tells a ticket's flush), or NULL */
     size_t len; /* bytes held in out */
     unsigned char out[OUT_MAX];
@@ -404,6 +405,8 @@ static int send_all(int fd, const void *data, size_t len)
  * -1 on failure. */
 static int io_flush(struct conn_io *io)
 {
+    if (io->len > 0)
+        io->owe_ack = 0; /* the data carries it */
     int rc = send_all(io->fd, io->out, io->len);
     io->len = 0;
     return rc;
@@ -417,8 +420,10 @@ static int io_bio_write(BIO *b, const char *data, int len)
         return 0;
     if ((size_t)len > OUT_MAX - io->len && io_flush(io) != 0)
         return -1;
-    if ((size_t)len > OUT_MAX) /* larger than the buffer (nothing is held now): straight out */
+    if ((size_t)len > OUT_MAX) { /* larger than the buffer (nothing is held now): straight out */
+        io->owe_ack = 0;
         return send_all(io->fd, data, (size_t)len) == 0 ? len : -1;
+    }
     memcpy(io->out + io->len, data, (size_t)len);
     io->len += (size_t)len;
     return len;
@@ -433,7 +438,27 @@ static int io_bio_read(BIO *b, char *buf, int len)
     /* The peer answers only what it has: send what is held before waiting for it. */
     if (io_flush(io) != 0)
         return -1;
-    ssize_t n = recv(io->fd, buf, (size_t)len, 0);
+    ssize_t n = -1;
+#ifdef TCP_QUICKACK
+    if (io->owe_ack) {
+        /* We are about to wait with nothing sent since the peer's last segment: a resumed
+         * TLS 1.2 handshake, which ends with the client's Finished, or a request that came
+         * in pieces. Linux delays the ACK of that segment (up to 40 ms once our flight has
+         * put the connection in its interactive mode), and a client that writes with Nagle
+         * on (no TCP_NODELAY: Python's ssl, many libraries) holds its next segment, the
+         * request, until that ACK. Measured with such a client (Python's ssl, 4 processes,
+         * TLS 1.2 resumptions): 91 connections/s for this example and for nginx alike,
+         * 40 ms each. So when the wait would block, ACK now. Costs nothing when the data is
+         * already here (the one recv below), two system calls before a sleep otherwise. */
+        n = recv(io->fd, buf, (size_t)len, MSG_DONTWAIT);
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            int one = 1;
+            (void)setsockopt(io->fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof one);
+            n = recv(io->fd, buf, (size_t)len, 0);
+        }
+    } else
+#endif
+        n = recv(io->fd, buf, (size_t)len, 0);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
         /* SO_RCVTIMEO expired (or a signal): the caller sees SSL_ERROR_WANT_READ. */
         BIO_set_retry_read(b);
@@ -441,6 +466,8 @@ static int io_bio_read(BIO *b, char *buf, int len)
     }
     if (n == 0)
         io->eof = 1;
+    else if (n > 0)
+        io->owe_ack = 1;
     return (int)n;
 }
 
@@ -501,6 +528,7 @@ static void serve_connection(SSL_CTX *ctx, int fd)
     /* The socket's timeouts and TCP_NODELAY come from the listening socket (worker_main). */
     io.fd = fd;
     io.eof = 0;
+    io.owe_ack = 0;
     io.len = 0;
     SSL *ssl = SSL_new(ctx);
     io.ssl = ssl;

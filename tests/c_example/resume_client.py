@@ -10,7 +10,8 @@ offering it, and prints one JSON line:
 "resumed" counts SSLSocket.session_reused (the client's view), "body_reused" the server's
 own "reused 1" in the reply, "pids" the distinct worker pids that served a resumed
 connection, "max_data_segs_in" the most TCP segments with data the client received on one
-resumed connection (Linux TCP_INFO tcpi_data_segs_in; -1 where the kernel does not say).
+resumed connection (Linux TCP_INFO tcpi_data_segs_in; -1 where the kernel does not say),
+"median_ms" / "max_ms" the wall time of the resumed connections (connect to EOF).
 Certificates are not verified: the server uses a throwaway self-signed one.
 
 TLS 1.2 resumes by session id (tickets off on both sides). TLS 1.3 resumes by ticket: the
@@ -23,6 +24,7 @@ import json
 import re
 import socket
 import ssl
+import statistics
 import struct
 import sys
 import time
@@ -57,13 +59,15 @@ def data_segs_in(sock):
     return struct.unpack_from("=I", info, TCPI_DATA_SEGS_IN)[0]
 
 
-def fetch(ctx, port, session, timeout):
+def fetch(ctx, port, session, timeout, nagle):
     """One connection: request "/", read the reply to EOF. Returns (reply, session, reused,
     TCP segments with data received)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
-        # As curl does. Without it, on a resumed TLS 1.2 handshake Nagle holds the request
-        # behind the client's Finished until the server's delayed ACK: 40 ms a connection.
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not nagle:
+            # As curl does. With Nagle on, a resumed TLS 1.2 handshake's request waits
+            # behind the client's Finished until the server ACKs it (--nagle tests that the
+            # server does not delay that ACK).
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with ctx.wrap_socket(raw, session=session) as tls:
             tls.sendall(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
             chunks = []
@@ -84,10 +88,12 @@ def main():
     ap.add_argument("--timeout", type=float, default=5.0, help="per-connection socket timeout (s)")
     ap.add_argument("--pause-ms", type=float, default=0.0,
                     help="sleep before each reconnection (see tests/c_example.rs for why)")
+    ap.add_argument("--nagle", action="store_true",
+                    help="leave Nagle's algorithm on (no TCP_NODELAY), as many clients do")
     args = ap.parse_args()
 
     ctx = make_context(args.tls)
-    reply, session, _, _ = fetch(ctx, args.port, None, args.timeout)
+    reply, session, _, _ = fetch(ctx, args.port, None, args.timeout, args.nagle)
     m = BODY.search(reply)
     if m is None:
         print("first connection: unexpected reply %r" % reply, file=sys.stderr)
@@ -99,11 +105,14 @@ def main():
     failures = 0
     pids = set()
     max_segs = -1
+    times_ms = []
     for i in range(args.runs):
         if args.pause_ms > 0:
             time.sleep(args.pause_ms / 1000.0)
         try:
-            reply, new_session, reused, segs = fetch(ctx, args.port, session, args.timeout)
+            start = time.monotonic()
+            reply, new_session, reused, segs = fetch(ctx, args.port, session, args.timeout, args.nagle)
+            took_ms = (time.monotonic() - start) * 1000.0
         except (OSError, ssl.SSLError) as e:
             print("run %d: %s" % (i, e), file=sys.stderr)
             failures += 1
@@ -117,6 +126,7 @@ def main():
             resumed += 1
             pids.add(int(m.group(1)))
             max_segs = max(max_segs, segs)
+            times_ms.append(took_ms)
         if m.group(2) == b"1":
             body_reused += 1
         if new_session is not None:
@@ -131,6 +141,8 @@ def main():
         "pids": sorted(pids),
         "failures": failures,
         "max_data_segs_in": max_segs,
+        "median_ms": round(statistics.median(times_ms), 3) if times_ms else -1,
+        "max_ms": round(max(times_ms), 3) if times_ms else -1,
     }))
     sys.stdout.flush()
     return 0
