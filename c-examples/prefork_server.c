@@ -265,6 +265,15 @@ static SSL_CTX *make_ctx(const struct options *o)
     /* Read whole TLS records (and what follows them) in one read(2), instead of a header
      * and then a body: half the reads per handshake. nginx does the same. */
     SSL_CTX_set_read_ahead(ctx, 1);
+#ifdef SSL_OP_IGNORE_UNEXPECTED_EOF
+    /* A client that closes its socket without a close_notify (openssl s_time, many HTTP
+     * clients) is, for OpenSSL 3, a fatal "unexpected eof", and a fatal alert removes the
+     * session, here from every worker: such a client would never resume. Since TLS 1.1 an
+     * improper close no longer forbids resumption (RFC 5246, 7.2.1). With this option the
+     * EOF reads as a close_notify; the reply is framed by Content-Length, so a truncated
+     * one is still seen as truncated. */
+    SSL_CTX_set_options(ctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
+#endif
     if (!o->tickets) {
         /* TLS 1.2: session ids only. TLS 1.3: stateful tickets, whose state lives in the
          * (shared) session cache, so they resume on any worker. */
@@ -279,9 +288,10 @@ fail:
 }
 
 /* Reads the request up to the end of its headers. Returns 0 when the server should answer
- * (complete request, the client stopped sending, or nothing came within the receive
- * timeout: `openssl s_client` may send nothing and still wait for an answer), -1 when the
- * connection failed. */
+ * (complete request, the client stopped sending after a part of one, or nothing came within
+ * the receive timeout: `openssl s_client` may send nothing and still wait for an answer),
+ * 1 when the client closed without asking anything (`openssl s_time` without -www does,
+ * right after its handshake), -1 when the connection failed. */
 static int read_request(SSL *ssl, char *buf, size_t cap)
 {
     size_t len = 0;
@@ -296,10 +306,12 @@ static int read_request(SSL *ssl, char *buf, size_t cap)
             continue;
         }
         switch (SSL_get_error(ssl, n)) {
-        case SSL_ERROR_WANT_READ:   /* SO_RCVTIMEO expired */
-        case SSL_ERROR_ZERO_RETURN: /* close_notify: the client may still read */
+        case SSL_ERROR_WANT_READ: /* SO_RCVTIMEO expired */
             ERR_clear_error();
             return 0;
+        case SSL_ERROR_ZERO_RETURN: /* close_notify or EOF: with a request begun, it may still read */
+            ERR_clear_error();
+            return len > 0 ? 0 : 1;
         default:
             return -1;
         }
@@ -529,6 +541,7 @@ static void serve_connection(SSL_CTX *ctx, int fd)
     io.fd = fd;
     io.eof = 0;
     io.owe_ack = 0;
+    int handshake_done = 0;
     io.len = 0;
     SSL *ssl = SSL_new(ctx);
     io.ssl = ssl;
@@ -541,8 +554,15 @@ static void serve_connection(SSL_CTX *ctx, int fd)
     SSL_set_bio(ssl, bio, bio); /* the SSL owns the BIO now; `io` outlives both */
     if (SSL_accept(ssl) != 1)
         goto out; /* failed handshake: drop the connection (no session was kept) */
-    if (read_request(ssl, req, sizeof req) != 0)
-        goto out;
+    /* From here on the session is good whatever becomes of this connection (RFC 5246, 7.2.1:
+     * since TLS 1.1 an improper close does not forbid resumption; nginx keeps these sessions
+     * too). SSL_free removes the session of a connection not marked shut down, and with a
+     * shared cache that removal reaches every worker, so every way out marks it. A fatal
+     * alert (a forged record, say) still removes the session: OpenSSL does that itself. */
+    handshake_done = 1;
+    int asked = read_request(ssl, req, sizeof req);
+    if (asked != 0)
+        goto out; /* failed, or the client left without asking: nothing to answer */
 
     if (is_stats_request(req))
         stats_body(ctx, body, sizeof body);
@@ -556,22 +576,17 @@ static void serve_connection(SSL_CTX *ctx, int fd)
     if (rlen < 0 || (size_t)rlen >= sizeof resp || write_all(ssl, resp, (size_t)rlen) != 0)
         goto out;
 
-    /* Our close_notify. We do not wait for the client's (it may never send one); what
-     * matters for the session is that we sent ours before SSL_free. It is held with the
-     * reply (and often the TLS 1.3 ticket), and they leave here, in one send. If they
-     * cannot (SSL_shutdown fails only when a full buffer could not be sent), the exchange
-     * broke before the client had its reply: the connection counts as not shut down, so
-     * SSL_free drops the session. */
-    int shut = SSL_shutdown(ssl);
-    if (io_flush(&io) != 0 || shut < 0)
-        SSL_set_shutdown(ssl, 0);
+    /* Our close_notify. We do not wait for the client's (it may never send one). It is held
+     * with the reply (and often the TLS 1.3 ticket), and they leave together in the flush
+     * below. */
+    (void)SSL_shutdown(ssl);
 
 out:
-    /* On the error paths the connection was not shut down, so SSL_free lets OpenSSL drop
-     * the session (cluster-wide here): a connection that broke mid-way is not trusted, as in
-     * a single OpenSSL process. What is still held (an alert) goes out first. */
+    /* What is still held (the reply, or an alert) goes out first. */
     ERR_clear_error();
     (void)io_flush(&io);
+    if (handshake_done && ssl != NULL)
+        SSL_set_shutdown(ssl, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN); /* keeps the session */
     SSL_free(ssl);
     /* Closing with unread bytes in our receive buffer (a close_notify or data the client
      * sent before it read our reply) sends a RST, which can destroy the reply in flight.

@@ -59,9 +59,10 @@ def data_segs_in(sock):
     return struct.unpack_from("=I", info, TCPI_DATA_SEGS_IN)[0]
 
 
-def fetch(ctx, port, session, timeout, nagle):
+def fetch(ctx, port, session, timeout, nagle, ask=True):
     """One connection: request "/", read the reply to EOF. Returns (reply, session, reused,
-    TCP segments with data received)."""
+    TCP segments with data received). With ask=False: the handshake only, then close the
+    socket with no request and no close_notify (as `openssl s_time` without -www does)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
         if not nagle:
             # As curl does. With Nagle on, a resumed TLS 1.2 handshake's request waits
@@ -69,6 +70,9 @@ def fetch(ctx, port, session, timeout, nagle):
             # server does not delay that ACK).
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with ctx.wrap_socket(raw, session=session) as tls:
+            if not ask:
+                # close() sends no close_notify (only unwrap() would).
+                return b"", tls.session, tls.session_reused, data_segs_in(tls)
             tls.sendall(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
             chunks = []
             while True:
@@ -90,6 +94,9 @@ def main():
                     help="sleep before each reconnection (see tests/c_example.rs for why)")
     ap.add_argument("--nagle", action="store_true",
                     help="leave Nagle's algorithm on (no TCP_NODELAY), as many clients do")
+    ap.add_argument("--no-request", action="store_true",
+                    help="reconnections only shake hands and close, without close_notify "
+                         "(TLS 1.2: the session is known at the handshake)")
     args = ap.parse_args()
 
     ctx = make_context(args.tls)
@@ -111,11 +118,17 @@ def main():
             time.sleep(args.pause_ms / 1000.0)
         try:
             start = time.monotonic()
-            reply, new_session, reused, segs = fetch(ctx, args.port, session, args.timeout, args.nagle)
+            reply, new_session, reused, segs = fetch(ctx, args.port, session, args.timeout, args.nagle,
+                                                     not args.no_request)
             took_ms = (time.monotonic() - start) * 1000.0
         except (OSError, ssl.SSLError) as e:
             print("run %d: %s" % (i, e), file=sys.stderr)
             failures += 1
+            continue
+        if args.no_request:
+            resumed += 1 if reused else 0
+            if new_session is not None:
+                session = new_session
             continue
         m = BODY.search(reply)
         if m is None:
