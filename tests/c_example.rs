@@ -57,6 +57,21 @@ const FRESH_SESSION_PAUSE: Duration = Duration::from_millis(0);
 const HTTP_GET: &[u8] = b"GET / HTTP/1.0\r\n\r\n";
 const HTTP_STATS: &[u8] = b"GET /stats HTTP/1.0\r\n\r\n";
 
+/// The C example's accept loops per worker when `--threads` is not given: 4 per CPU this
+/// process may run on, in all, split over the workers (rounded up).
+fn default_loops(workers: usize) -> usize {
+    // SAFETY: sched_getaffinity fills the zeroed set it is given; CPU_COUNT only reads it.
+    let cpus = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+            usize::try_from(libc::CPU_COUNT(&set)).unwrap_or(1)
+        } else {
+            1
+        }
+    };
+    (4 * cpus.max(1)).div_ceil(workers).max(1)
+}
+
 fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -309,7 +324,16 @@ impl Server {
             if let Some(rest) = line.strip_prefix("ready port=") {
                 let port = rest.split_whitespace().next().unwrap_or("");
                 server.port = port.parse().unwrap_or_else(|_| panic!("bad ready line {line:?}"));
-                assert!(line.ends_with(&format!("workers={WORKERS}")), "bad ready line {line:?}");
+                let field = |key: &str| -> usize {
+                    line.split_whitespace()
+                        .find_map(|kv| kv.strip_prefix(key))
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or_else(|| panic!("no {key} in ready line {line:?}"))
+                };
+                assert_eq!(field("workers="), WORKERS, "bad ready line {line:?}");
+                if !flags.contains(&"--threads") {
+                    assert_eq!(field("loops="), default_loops(WORKERS), "default accept loops: {line:?}");
+                }
                 ready = true;
             } else if let Some(pid) = line.strip_prefix("worker pid=") {
                 server.workers.push(pid.trim().parse().unwrap_or_else(|_| panic!("bad worker line {line:?}")));
