@@ -27,13 +27,18 @@ done
 
 # ---- knobs (same for every row) --------------------------------------------------------
 CLIENTS=8
-# Accept loops of the C example (--threads), LOOPS in all for every variant, split evenly over
-# its worker processes; the ideal has them all in one process. The example serves a connection
-# start to finish on one thread, including waiting for the client's close after its
-# close_notify, so it needs about one loop per client in flight. One loop per client is also
-# what suits one process best: measured interleaved, one process with 8 loops made 1.04-1.08x
-# the resumed handshakes/s of one with 16, and 4 loops 0.99-1.03x; so the ideal runs at its best.
+# Accept loops of the C example (--threads), LOOPS in all for every multi-process variant,
+# split evenly over its worker processes. A loop serves one connection start to finish and
+# sleeps while its client computes; with connections landing at random, a worker whose loops
+# are all busy queues a connection while another worker idles, so those variants need about
+# one loop per client (measured at N=2: 4 loops per worker 1.04x the resumed handshakes/s of
+# 2 and 1.04x of 8; at N=4: 2 per worker 1.07x of 1, 1.01x of 4).
+# The in-process ideal runs at its own best, IDEAL_LOOPS: one process has one queue, and fewer
+# loops than clients keep them busy with the connections queued behind them. Measured
+# interleaved since the C example stopped waiting for the client's close (8 clients): 4 loops
+# 1.02-1.06x the resumed handshakes/s of 8, 6 loops 0.99-1.00x of 4, 3 loops 0.94-0.98x of 4.
 LOOPS=$CLIENTS
+IDEAL_LOOPS=$((CLIENTS / 2))
 loops_per() { local n=$1; echo $((LOOPS / n > 0 ? LOOPS / n : 1)); }
 WORKERS_LIST="1 2 4"
 STIME_WORKERS="2 4"
@@ -184,7 +189,7 @@ start_server() { # variant n ; sets SRV_PID, SRV_PORT; returns 1 on failure
         off)   "${WRAP[@]}" "$SERVER" --port 0 --workers "$n" --threads "$(loops_per "$n")" --cert "$CERT" --key "$KEY" --no-tickets --no-share >"$out" 2>"$err" & ;;
         # The layout control: store off, each client steered to one worker by its address.
         pinned) "${WRAP[@]}" "$SERVER" --port 0 --workers "$n" --threads "$(loops_per "$n")" --cert "$CERT" --key "$KEY" --no-tickets --no-share --sticky >"$out" 2>"$err" & ;;
-        ideal) "${WRAP[@]}" "$SERVER" --port 0 --workers 1 --threads "$LOOPS" --cert "$CERT" --key "$KEY" --no-tickets --no-share >"$out" 2>"$err" & ;;
+        ideal) "${WRAP[@]}" "$SERVER" --port 0 --workers 1 --threads "$IDEAL_LOOPS" --cert "$CERT" --key "$KEY" --no-tickets --no-share >"$out" 2>"$err" & ;;
         nginx)
             SRV_PORT=$(free_port)
             local d="$TMP/nginx-$n"
@@ -430,7 +435,7 @@ log "report (wall so far ${WALL}s)"
 mkdir -p bench/results
 python3 bench/report.py --raw "$RAW" --out bench/results/latest \
     --meta "commit=$GIT_COMMIT" --meta "kernel=$KERNEL" --meta "openssl=$OSSL" --meta "nproc=$NPROC" \
-    --meta "cpu=$CPU" --meta "nginx=$NGINX_VERSION" --meta "reps=$REPS" --meta "reps_minor=$REPS_MINOR" --meta "stime_reps=$STIME_REPS" --meta "stime_new_reps=$STIME_NEW_REPS" --meta "clients=$CLIENTS" --meta "loops=$LOOPS" \
+    --meta "cpu=$CPU" --meta "nginx=$NGINX_VERSION" --meta "reps=$REPS" --meta "reps_minor=$REPS_MINOR" --meta "stime_reps=$STIME_REPS" --meta "stime_new_reps=$STIME_NEW_REPS" --meta "clients=$CLIENTS" --meta "loops=$LOOPS" --meta "ideal_loops=$IDEAL_LOOPS" \
     --meta "quick=$QUICK" --meta "with_nginx=$WITH_NGINX" --meta "resume_ms=$RESUME_MS" \
     --meta "full_ms=$FULL_MS" --meta "warmup_ms=$WARMUP_MS" --meta "turn_ms=$TURN_MS" --meta "s_time_s=$STIME_S" \
     --meta "s_time_new_s=$STIME_NEW_S" --meta "channel_args=${CHANNEL_ARGS[*]}" \
