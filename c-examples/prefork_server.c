@@ -298,8 +298,10 @@ static SSL_CTX *make_ctx(const struct options *o)
      * clients) is, for OpenSSL 3, a fatal "unexpected eof", and a fatal alert removes the
      * session, here from every worker: such a client would never resume. Since TLS 1.1 an
      * improper close no longer forbids resumption (RFC 5246, 7.2.1). With this option the
-     * EOF reads as a close_notify; the reply is framed by Content-Length, so a truncated
-     * one is still seen as truncated. */
+     * EOF reads as a close_notify. That is safe here: the requests are GETs (a cut-off one
+     * cannot become a different request that does harm) and the replies carry
+     * Content-Length (a client sees a cut-off reply as cut off). A server whose requests
+     * carry bodies must treat an EOF inside one as an error. */
     SSL_CTX_set_options(ctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
 #endif
     if (!o->tickets) {
