@@ -846,6 +846,29 @@ fn a_client_that_closes_without_close_notify_keeps_its_session() {
     assert_eq!((r.failures, r.resumed), (0, 12), "{report}");
 }
 
+/// The other side of the test above: the example marks every connection whose handshake
+/// completed as shut down, but a fatal alert (here a forged record, answered with
+/// bad_record_mac) makes OpenSSL remove the session itself, and that removal reaches every
+/// worker: the session is not resumed anywhere after.
+#[test]
+fn a_forged_record_still_removes_the_session_everywhere() {
+    let fx = Fixture::new("forged-record");
+    let server = fx.start(&["--tls12", "--no-tickets"]);
+    let script = manifest_dir().join("tests/c_example/forged_record_client.py");
+    let done = run(
+        Command::new("python3").arg(&script).args(["--port", &server.port.to_string()]),
+        b"",
+        Duration::from_secs(60),
+    );
+    assert!(done.status.success(), "forged_record_client.py failed: {}\n{}{}", done.status, done.stdout, done.stderr);
+    let line = done.stdout.lines().last().unwrap_or_default().to_string();
+    let report = format!("{line}\n{}", done.stderr);
+    assert!(line.contains("\"resumed_before\": true"), "the session must resume first: {report}");
+    assert!(line.contains("\"forged_resumed\": true"), "the forged connection must be a resumption: {report}");
+    assert!(line.contains("BAD_RECORD_MAC") || line.contains("bad record mac"), "no fatal alert: {report}");
+    assert!(line.contains("\"resumed_after\": false"), "the session outlived a fatal alert: {report}");
+}
+
 #[test]
 fn stats_endpoint_reports_master_counters() {
     let fx = Fixture::new("stats");
