@@ -15,7 +15,7 @@ use std::os::fd::RawFd;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::cache::{Cache, PutOutcome};
 use crate::config::Config;
@@ -302,6 +302,12 @@ fn mono_ms() -> u64 {
     mono_ns() / 1_000_000
 }
 
+/// The lookup deadline, `get_timeout`, in nanoseconds: how long a request waits for its
+/// reply, and a removal for room on the socket.
+fn get_timeout_ns() -> u64 {
+    GET_TIMEOUT_US.load(Relaxed).saturating_mul(1000)
+}
+
 /// The reader's role (`Waiters::reader`), taken by the thread that reads the socket for
 /// all. Dropping it gives the role back and wakes the sleepers, also when a panic unwinds
 /// through the read, so the channel never stays with a reader that is gone.
@@ -394,13 +400,14 @@ impl Channel {
         self.send_frame_within(None, false, build)
     }
 
-    /// `send_frame`, but a full socket is waited on (for room, up to `deadline`) instead of
-    /// costing the message: for a removal, whose loss would let a dead session resume.
+    /// `send_frame`, but a full socket is waited on (for room, up to `deadline_ns`, a
+    /// `mono_ns` time) instead of costing the message: for a removal, whose loss would let a
+    /// dead session resume.
     ///
     /// With `ring`, the frame (a PUT) goes into the session ring instead when it fits there.
     fn send_frame_within(
         &self,
-        deadline: Option<Instant>,
+        deadline_ns: Option<u64>,
         ring: bool,
         build: impl FnOnce(&mut Vec<u8>) -> bool,
     ) -> bool {
@@ -421,7 +428,7 @@ impl Channel {
                     libc::send(self.fd, buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
                 };
                 let err = std::io::Error::last_os_error().raw_os_error();
-                let left = deadline.map(|d| d.saturating_duration_since(Instant::now())).unwrap_or_default();
+                let left = Duration::from_nanos(deadline_ns.map_or(0, |d| d.saturating_sub(mono_ns())));
                 if rc >= 0 || err != Some(libc::EAGAIN) || left.is_zero() {
                     break (rc, err);
                 }
@@ -533,8 +540,7 @@ impl Channel {
         if self.is_dead() {
             return;
         }
-        let deadline = Instant::now() + Duration::from_micros(GET_TIMEOUT_US.load(Relaxed));
-        if self.send_frame_within(Some(deadline), false, |out| {
+        if self.send_frame_within(Some(mono_ns().saturating_add(get_timeout_ns())), false, |out| {
             protocol::encode(out, Op::Del, 0, 0, namespace, id, &[]);
             true
         }) {
@@ -694,7 +700,7 @@ impl Channel {
         };
         let rid = self.next_id.fetch_add(1, Relaxed).wrapping_add(1);
         self.lock().slots.push(Slot { id: rid, reply: None });
-        let timeout_ns = GET_TIMEOUT_US.load(Relaxed).saturating_mul(1000);
+        let timeout_ns = get_timeout_ns();
         let deadline = mono_ns().saturating_add(timeout_ns);
         let sent = self.send_frame(|out| {
             protocol::encode(out, op, rid, 0, namespace, id, &[]);
