@@ -739,23 +739,15 @@ fn python_resumptions(server: &Server, tls: &str, runs: usize, extra: &[&str]) -
     let done = run(&mut cmd, b"", Duration::from_secs(60));
     assert!(done.status.success(), "resume_client.py failed: {}\n{}{}", done.status, done.stdout, done.stderr);
     let line = done.stdout.lines().last().unwrap_or_default().to_string();
-    let num = |key: &str| -> i64 {
-        let pat = format!("\"{key}\": ");
-        let at = line.find(&pat).unwrap_or_else(|| panic!("no {key} in {line:?}")) + pat.len();
-        let digits: String = line[at..]
-            .chars()
-            .enumerate()
-            .take_while(|&(i, c)| c.is_ascii_digit() || (i == 0 && c == '-'))
-            .map(|(_, c)| c)
-            .collect();
-        digits.parse().unwrap_or_else(|_| panic!("bad {key} in {line:?}"))
-    };
-    let float = |key: &str| -> f64 {
+    // A scalar value of the JSON line: from after `"key": ` to the next `,` or `}`.
+    let raw = |key: &str| -> &str {
         let pat = format!("\"{key}\": ");
         let at = line.find(&pat).unwrap_or_else(|| panic!("no {key} in {line:?}")) + pat.len();
         let end = line[at..].find([',', '}']).map_or(line.len(), |e| at + e);
-        line[at..end].trim().parse().unwrap_or_else(|_| panic!("bad {key} in {line:?}"))
+        line[at..end].trim()
     };
+    let num = |key: &str| -> i64 { raw(key).parse().unwrap_or_else(|_| panic!("bad {key} in {line:?}")) };
+    let float = |key: &str| -> f64 { raw(key).parse().unwrap_or_else(|_| panic!("bad {key} in {line:?}")) };
     let count = |key: &str| -> u64 { u64::try_from(num(key)).unwrap_or_else(|_| panic!("negative {key} in {line:?}")) };
     let pids_at = line.find("\"pids\": [").unwrap_or_else(|| panic!("no pids in {line:?}")) + "\"pids\": [".len();
     let pids_end = pids_at + line[pids_at..].find(']').expect("closing ]");
