@@ -722,9 +722,7 @@ impl Master {
         let Some(f) = guard.as_mut() else { return Vec::new() };
         // Keep the first key current for another window, so workers keep asking (and see a
         // reload) while the copies they hold stay usable if the master goes away.
-        if let Some(first) = f.set.keys.first_mut() {
-            first.encrypt_until = now + FILE_KEY_WINDOW;
-        }
+        f.set.keep_first_current(now, FILE_KEY_WINDOW);
         let mut out = Vec::with_capacity(f.set.keys.len() * crate::tickets::KEY_WIRE_LEN);
         f.set.encode(&mut out);
         out
@@ -740,13 +738,9 @@ impl Master {
             return self.file_ticket_keys(path);
         }
         let mut schedule = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
-        schedule.refresh(now_secs(), |b| {
-            // The OS random source through OpenSSL; a failure leaves zeros, so refuse to
-            // hand those out as keys.
-            if openssl::rand::rand_bytes(b).is_err() {
-                b.fill(0);
-            }
-        });
+        // The OS random source through OpenSSL. A key it cannot fill is not made (never one
+        // of zeros): workers keep the newest key that has begun, or issue no tickets.
+        schedule.refresh(now_secs(), |b| openssl::rand::rand_bytes(b).is_ok());
         let mut out = Vec::with_capacity(schedule.keys().keys.len() * crate::tickets::KEY_WIRE_LEN);
         schedule.keys().encode(&mut out);
         out

@@ -78,6 +78,18 @@ impl KeySet {
         self.keys.iter().find(|k| k.name == name && now < k.decrypt_until)
     }
 
+    /// Make the first key (an operator's file's encrypting key) current for `window` seconds
+    /// from `now`. Its window is what a worker's copy divides by two to know when to ask
+    /// again, so it starts at `now`: a window stretched from the file's load time on would
+    /// space the asks out to the ten-second cap, and a reload or a removed key would reach
+    /// the workers that much later.
+    pub fn keep_first_current(&mut self, now: u64, window: u64) {
+        if let Some(first) = self.keys.first_mut() {
+            first.encrypt_from = now;
+            first.encrypt_until = now + window;
+        }
+    }
+
     /// Append the wire form of every key to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         for k in &self.keys {
@@ -155,7 +167,9 @@ impl KeySchedule {
         &self.set
     }
 
-    fn make(&self, from: u64, random: &mut impl FnMut(&mut [u8])) -> TicketKey {
+    /// A fresh key for the window starting at `from`; `None` when the random source failed
+    /// (the partly filled key is wiped on drop).
+    fn make(&self, from: u64, random: &mut impl FnMut(&mut [u8]) -> bool) -> Option<TicketKey> {
         let mut k = TicketKey {
             name: [0; 16],
             aes: [0; 32],
@@ -166,10 +180,7 @@ impl KeySchedule {
             aes_len: 32,
             hmac_len: 32,
         };
-        random(&mut k.name);
-        random(&mut k.aes);
-        random(&mut k.hmac);
-        k
+        (random(&mut k.name) && random(&mut k.aes) && random(&mut k.hmac)).then_some(k)
     }
 
     /// Install a key agreed with other hosts (see `remote::tickets`). It goes ahead of the
@@ -186,22 +197,27 @@ impl KeySchedule {
     }
 
     /// Bring the set up to date at `now`: a current key, the next one made ahead, and no key
-    /// past its decrypt window (dropped keys are wiped).
-    pub fn refresh(&mut self, now: u64, mut random: impl FnMut(&mut [u8])) {
+    /// past its decrypt window (dropped keys are wiped). `random` fills a buffer and says
+    /// whether it could; a key it could not fill is not made (a later call tries again), so
+    /// the set never holds a guessable key: without a current key workers encrypt with the
+    /// newest one that has begun, or issue no ticket at all.
+    pub fn refresh(&mut self, now: u64, mut random: impl FnMut(&mut [u8]) -> bool) {
         self.set.keys.retain(|k| now < k.decrypt_until);
         wipe_spare(&mut self.set.keys);
         let current =
             |set: &KeySet| set.keys.iter().find(|k| k.encrypt_from <= now && now < k.encrypt_until).map(|k| k.name);
         if current(&self.set).is_none() {
-            let key = self.make(now, &mut random);
-            reserve_wiped(&mut self.set.keys, 1);
-            self.set.keys.push(key);
+            if let Some(key) = self.make(now, &mut random) {
+                reserve_wiped(&mut self.set.keys, 1);
+                self.set.keys.push(key);
+            }
         }
         let newest_until = self.set.keys.iter().map(|k| k.encrypt_until).max().unwrap_or(now);
         if newest_until <= now + self.rotation {
-            let key = self.make(newest_until, &mut random);
-            reserve_wiped(&mut self.set.keys, 1);
-            self.set.keys.push(key);
+            if let Some(key) = self.make(newest_until.max(now), &mut random) {
+                reserve_wiped(&mut self.set.keys, 1);
+                self.set.keys.push(key);
+            }
         }
         let now_current = current(&self.set);
         if self.last_current.is_some() && self.last_current != now_current {
@@ -270,12 +286,33 @@ pub fn parse_key_file(bytes: &[u8], now: u64, window: u64) -> Result<KeySet, Str
 mod tests {
     use super::*;
 
-    fn counter() -> impl FnMut(&mut [u8]) {
+    fn counter() -> impl FnMut(&mut [u8]) -> bool {
         let mut n = 0u8;
         move |b: &mut [u8]| {
             n = n.wrapping_add(1);
             b.fill(n);
+            true
         }
+    }
+
+    #[test]
+    fn a_failing_random_source_makes_no_key() {
+        let mut s = KeySchedule::new(10, 3);
+        s.refresh(1000, |b: &mut [u8]| {
+            b.fill(0);
+            false
+        });
+        assert!(s.keys().keys.is_empty(), "no key from a source that failed");
+        assert!(s.keys().encrypting(1000).is_none(), "so no ticket is issued");
+        s.refresh(1001, counter());
+        assert!(s.keys().encrypting(1001).is_some(), "made once the source works");
+        let next = s.keys().encrypting(1011).expect("and the next key ahead").name;
+        // The source fails from then on: past both windows no key is current and none is
+        // made; the newest key that has begun encrypts, and no key of zeros ever appears.
+        s.refresh(1025, |_: &mut [u8]| false);
+        assert_eq!(s.keys().keys.len(), 2, "nothing added");
+        assert_eq!(s.keys().encrypting(1025).map(|k| k.name), Some(next), "the newest begun key");
+        assert!(s.keys().keys.iter().all(|k| k.name != [0; 16] && k.aes != [0; 32] && k.hmac != [0; 32]));
     }
 
     #[test]
@@ -351,6 +388,17 @@ mod tests {
         assert!(set.opening(&set.keys[1].name, u64::MAX - 1).is_some(), "all keys open");
         assert!(parse_key_file(&[0u8; 50], 1000, 2).is_err());
         assert!(parse_key_file(b"bm90IGEga2V5\n", 1000, 2).is_err(), "a 9-byte key");
+    }
+
+    #[test]
+    fn a_key_files_first_key_stays_current_in_short_windows() {
+        let k80: Vec<u8> = (0..80u8).collect();
+        let mut set = parse_key_file(&k80, 1000, 2).expect("key");
+        for now in [1001, 1030, 5000] {
+            set.keep_first_current(now, 2);
+            let k = set.encrypting(now).expect("current");
+            assert_eq!((k.encrypt_from, k.encrypt_until), (now, now + 2), "at {now}");
+        }
     }
 
     #[test]
