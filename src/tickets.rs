@@ -106,7 +106,7 @@ impl KeySet {
 
     /// The inverse of `encode`; `None` for a payload that is not whole keys.
     pub fn decode(payload: &[u8]) -> Option<KeySet> {
-        if payload.is_empty() || payload.len() % KEY_WIRE_LEN != 0 {
+        if payload.is_empty() || !payload.len().is_multiple_of(KEY_WIRE_LEN) {
             return None;
         }
         let keys = payload

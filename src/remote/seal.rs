@@ -92,7 +92,7 @@ fn with_aead_key<T>(key: &[u8; 32], f: impl FnOnce(&LessSafeKey) -> T) -> Result
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     // Sized up front: the bytes are key material, and a growing Vec frees old copies unwiped.
