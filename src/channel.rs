@@ -222,6 +222,8 @@ struct Replica {
     hot: Hot,
     /// How far this worker has read the session ring (`None`: no ring in this process).
     ring: Option<crate::ring::Cursor>,
+    /// Removals the records still unread must not undo (see `ring::Tombstones`).
+    tombs: crate::ring::Tombstones,
 }
 
 impl Replica {
@@ -243,6 +245,7 @@ impl Replica {
         if let (Some(ring), Some(cur)) = (crate::ring::get(), self.ring.as_mut()) {
             cur.next = cur.next.max(ring.head());
         }
+        self.tombs.clear();
     }
 }
 
@@ -351,6 +354,7 @@ impl Channel {
                     // From the head on: what was written before this channel existed may
                     // have been removed since, and this worker would never hear of it.
                     ring: crate::ring::get().map(|r| r.cursor_at_head()),
+                    tombs: crate::ring::Tombstones::default(),
                 })),
             },
         }
@@ -609,14 +613,17 @@ impl Channel {
     fn read_ring(&self, r: &mut Replica, settled: u64, now: u64) {
         let (Some(ring), Some(cur)) = (crate::ring::get(), r.ring.as_mut()) else { return };
         let cap = now.saturating_add(MAX_LIFETIME_SECS.load(Relaxed));
-        let (cache, hot) = (&mut r.cache, &mut r.hot);
-        let n = ring.read(cur, settled, self.pid, |rec| match protocol::decode(rec) {
+        let (cache, hot, tombs) = (&mut r.cache, &mut r.hot, &mut r.tombs);
+        let n = ring.read(cur, settled, self.pid, |seq, rec| match protocol::decode(rec) {
+            // Stored before a removal this replica has applied already: stays removed.
+            Ok(m) if m.op == Op::Put && tombs.buries(m.namespace, m.id, seq) => {}
             Ok(m) if m.op == Op::Put => {
                 hot.remove(m.namespace, m.id);
                 cache.put(m.namespace, m.id, m.payload, m.expiry.min(cap), now);
             }
             _ => bump(&WORKER.decode_failures),
         });
+        tombs.forget_read(cur.next);
         if n.records > 0 {
             WORKER.replica_updates.fetch_add(n.records, Relaxed);
         }
@@ -880,6 +887,12 @@ impl Channel {
                 }
                 Ok(m) => {
                     r.remove(m.namespace, m.id);
+                    // A DEL's expiry field is the ring's head when the master pushed it: a
+                    // store of this session in the ring below that, still unread here, must
+                    // not bring it back (see `ring::Tombstones`).
+                    if let Some(cur) = &r.ring {
+                        r.tombs.note(m.namespace, m.id, m.expiry, cur.next);
+                    }
                 }
                 Err(_) => {
                     // A garbled push: what it might have removed is unknown, so trust nothing.
@@ -949,7 +962,12 @@ mod tests {
     use crate::hot::tests::session;
 
     fn replica() -> Replica {
-        Replica { cache: Cache::new(1 << 20, 16 << 10), hot: Hot::new(16), ring: None }
+        Replica {
+            cache: Cache::new(1 << 20, 16 << 10),
+            hot: Hot::new(16),
+            ring: None,
+            tombs: crate::ring::Tombstones::default(),
+        }
     }
 
     fn keep_decoded(r: &mut Replica, id: &[u8]) {
@@ -1026,6 +1044,31 @@ mod tests {
         // a removal of its own must not be undone by them).
         ring.publish(fork::pid(), &frame(Op::Put, 0, b"own", b"der"));
         assert!(!in_replica(&ch, b"own"));
+    }
+
+    /// A session stored in the ring behind a record another writer has not published yet,
+    /// then removed (a fatal alert on its connection): the master pushes the removal with how
+    /// far it could read, which stops short of the store. Once the stalled writer publishes,
+    /// the store is read, and must not bring the session back.
+    #[test]
+    fn a_removal_is_not_undone_by_its_store_read_later_from_the_ring() {
+        let (ch, _master, ring) = channel_with_ring();
+        let _ = in_replica(&ch, b"x"); // reads up to the head
+        let stalled = ring.claim_unpublished();
+        ring.publish(-7, &frame(Op::Put, 0, b"gone", b"der"));
+        assert!(!in_replica(&ch, b"gone"), "held behind the record being written");
+        let mut del = Vec::new();
+        protocol::encode(&mut del, Op::Del, 0, ring.head(), b"ns", b"gone", &[]);
+        let mut sync = Vec::new();
+        assert!(protocol::push_sync_record(&mut sync, &del));
+        ch.file_reply(&frame(Op::Sync, stalled, b"", &sync));
+        ring.publish_claimed(stalled, -8, &frame(Op::Put, 0, b"other", b"der"));
+        assert!(in_replica(&ch, b"other"), "the ring is read past the stall");
+        assert!(!in_replica(&ch, b"gone"), "the removed session came back from the ring");
+        assert_eq!(ch.replica().unwrap().tombs.len(), 0, "the note goes once read past");
+        // A store made after the removal is not buried.
+        ring.publish(-7, &frame(Op::Put, 0, b"gone", b"der2"));
+        assert!(in_replica(&ch, b"gone"));
     }
 
     #[test]

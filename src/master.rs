@@ -234,6 +234,8 @@ struct RingReader {
     read_at_last_sweep: u64,
     /// Records before this are wiped (or were overwritten).
     wiped_to: u64,
+    /// Removals the records still unread must not undo (see `ring::Tombstones`).
+    tombs: crate::ring::Tombstones,
 }
 
 /// See `Master::local_sync`.
@@ -391,6 +393,7 @@ pub fn setup(mut config: Config) -> Result<(), Error> {
             cursor: ring_cursor,
             read_at_last_sweep: ring_start,
             wiped_to: ring_start,
+            tombs: crate::ring::Tombstones::default(),
         }),
         ring_pos: AtomicU64::new(0),
         ring_records: AtomicU64::new(0),
@@ -549,6 +552,7 @@ impl Master {
         if let Some(r) = &self.remote {
             r.del(namespace, id);
         }
+        self.before_removal(namespace, id);
         self.cache().remove(namespace, id);
         self.push_local(Op::Del, namespace, id, 0, &[]);
     }
@@ -631,7 +635,10 @@ impl Master {
             let now = now_secs();
             let cap = now.saturating_add(self.config.max_lifetime.as_secs());
             let mut cache = self.cache();
-            let n = ring.read(&mut reader.cursor, 0, 0, |rec| match protocol::decode(rec) {
+            let RingReader { cursor, tombs, .. } = &mut *reader;
+            let n = ring.read(cursor, 0, 0, |seq, rec| match protocol::decode(rec) {
+                // Stored before a removal the master has applied already: stays removed.
+                Ok(m) if m.op == Op::Put && tombs.buries(m.namespace, m.id, seq) => {}
                 Ok(m) if m.op == Op::Put => {
                     let expiry = m.expiry.min(cap);
                     crate::log::debug!(
@@ -650,6 +657,7 @@ impl Master {
                 }
             });
             drop(cache);
+            tombs.forget_read(cursor.next);
             let again = ring.master_read_to(reader.cursor.next);
             self.ring_pos.store(reader.cursor.next, SeqCst);
             self.ring_records.fetch_add(n.records, Relaxed);
@@ -658,6 +666,18 @@ impl Master {
                 break;
             }
         }
+    }
+
+    /// Before a removal is applied: read what the ring holds, and if a record still unread
+    /// may be this session's store (a writer before it has not published yet), note the
+    /// removal so that reading the store later does not bring the session back (see
+    /// `ring::Tombstones`). Not with the cache locked (the ring's reader lock comes first).
+    fn before_removal(&self, namespace: &[u8], id: &[u8]) {
+        let Some(ring) = crate::ring::get() else { return };
+        self.read_ring();
+        let mut reader = self.ring_reader.lock().unwrap_or_else(|e| e.into_inner());
+        let read_to = reader.cursor.next;
+        reader.tombs.note(namespace, id, ring.head(), read_to);
     }
 
     /// Wipe the ring slots the master read at least a sweep ago (called once a second).
@@ -1027,6 +1047,12 @@ impl Master {
             _ => None,
         };
         let is_put = capped.is_some();
+        // A DEL goes out with the ring's head now, past every store of that session (see
+        // `ring::Tombstones`): a worker that has not read the ring that far yet skips them.
+        let removed_at = match (is_put, crate::ring::get()) {
+            (false, Some(ring)) => Some(ring.head()),
+            _ => None,
+        };
         for (j, c) in conns.iter_mut().enumerate() {
             // The sender has its own PUT already; its own DEL goes back to it too, in order
             // behind any push of the same session still queued for it (which would otherwise
@@ -1043,9 +1069,9 @@ impl Master {
             if !protocol::push_sync_record(c.sync.vec(), frame) {
                 continue;
             }
-            if let Some(expiry) = capped {
+            if let Some(stamp) = capped.or(removed_at) {
                 let at = c.sync.len() - frame.len() + protocol::EXPIRY_OFFSET;
-                c.sync[at..at + 8].copy_from_slice(&expiry.to_le_bytes());
+                c.sync[at..at + 8].copy_from_slice(&stamp.to_le_bytes());
             }
             self.sync_records.fetch_add(1, Relaxed);
         }
@@ -1113,6 +1139,11 @@ impl Master {
             }
             Handled::Reply
         } else {
+            if frame.get(1) == Some(&(Op::Del as u8)) {
+                if let Ok(m) = protocol::decode(frame) {
+                    self.before_removal(m.namespace, m.id);
+                }
+            }
             let mut cache = self.cache();
             let max_lifetime = self.config.max_lifetime.as_secs();
             let info = |c: &Cache, op: Op| match op {

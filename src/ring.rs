@@ -13,8 +13,10 @@
 //!
 //! Order with removals: a removal still goes to the master, which pushes it to the replicas
 //! with how far it had read the ring (`Op::Sync`'s request id); a worker reads the ring that
-//! far before applying it, so a store never lands after its own removal. A Flush (pushes were
-//! lost) also skips the ring to its head.
+//! far before applying it, so a store never lands after its own removal. A store the reads
+//! have not reached when its removal is applied (a writer ahead of it is still writing) is
+//! skipped when it is read later (`Tombstones`). A Flush (pushes were lost) also skips the
+//! ring to its head.
 //!
 //! Layout: one `MAP_SHARED | MAP_ANONYMOUS` mapping made by `master_setup` before any fork,
 //! so only the master and its workers have it (a worker's own children unmap it, and it does
@@ -184,6 +186,77 @@ impl Cursor {
     }
 }
 
+/// Removals that ring records not yet read must not undo.
+///
+/// A session put into the ring and removed soon after (a fatal alert on the connection that
+/// made it) can be removed before a reader has read its record: a writer that took an earlier
+/// sequence number and has not published it yet holds every reader there (see `Ring::read`),
+/// and a removal may also be applied between two reads. Read afterwards, the record would bring
+/// the removed session back, into the master's cache, Redis and every replica. So a reader
+/// that applies a removal while records are still unread notes the key with the ring's head at
+/// that moment; a record of that key below that position was stored before the removal and is
+/// skipped. (The writer took the record's sequence number before it sent the removal, so the
+/// head the removal is applied at is past it.) A note goes once the reader has read past it:
+/// notes live only while a reader waits on a half-written record, at most `STALL_LIMIT`, or
+/// between two reads. At most `MAX_TOMBSTONES` are kept, the oldest dropped first; filling
+/// them takes that many removals within one stall. Session ids are not secret (clients send
+/// them in the clear), so the notes are not wiped.
+#[derive(Debug, Default)]
+pub(crate) struct Tombstones {
+    /// (the head at the removal, namespace length, then namespace and id)
+    notes: Vec<(u64, Box<[u8]>)>,
+}
+
+/// See `Tombstones`.
+pub(crate) const MAX_TOMBSTONES: usize = 1024;
+
+fn tomb_key_eq(key: &[u8], namespace: &[u8], id: &[u8]) -> bool {
+    key.len() == 1 + namespace.len() + id.len()
+        && usize::from(key[0]) == namespace.len()
+        && &key[1..1 + namespace.len()] == namespace
+        && &key[1 + namespace.len()..] == id
+}
+
+impl Tombstones {
+    /// A removal of (`namespace`, `id`) applied when the ring's head was `before`, by a reader
+    /// that had read up to `read_to`; nothing to note when it had read everything.
+    pub(crate) fn note(&mut self, namespace: &[u8], id: &[u8], before: u64, read_to: u64) {
+        if read_to >= before || namespace.len() > usize::from(u8::MAX) {
+            return;
+        }
+        if self.notes.len() >= MAX_TOMBSTONES {
+            self.notes.remove(0);
+        }
+        let mut key = Vec::with_capacity(1 + namespace.len() + id.len());
+        key.push(namespace.len() as u8);
+        key.extend_from_slice(namespace);
+        key.extend_from_slice(id);
+        self.notes.push((before, key.into_boxed_slice()));
+    }
+
+    /// Whether the record at `seq` of (`namespace`, `id`) was stored before a removal of it.
+    pub(crate) fn buries(&self, namespace: &[u8], id: &[u8], seq: u64) -> bool {
+        self.notes.iter().any(|(before, key)| seq < *before && tomb_key_eq(key, namespace, id))
+    }
+
+    /// The reader has read (or skipped) every record before `read_to`.
+    pub(crate) fn forget_read(&mut self, read_to: u64) {
+        if !self.notes.is_empty() {
+            self.notes.retain(|(before, _)| *before > read_to);
+        }
+    }
+
+    /// Every note (a reader that jumps to the head).
+    pub(crate) fn clear(&mut self) {
+        self.notes.clear();
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.notes.len()
+    }
+}
+
 /// What one `Ring::read` saw.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct ReadCount {
@@ -291,6 +364,17 @@ impl Ring {
             }
             std::hint::spin_loop();
         }
+        self.write_claimed(seq, pid, record);
+        let unread = seq.wrapping_add(1).saturating_sub(h.master_cursor.load(Relaxed));
+        let due = unread >= self.slots / 4 || h.eager.load(Relaxed) != 0;
+        // SeqCst, paired with the master's swap in `master_read_to`: see there.
+        let nudge = due && h.nudged.swap(1, SeqCst) == 0;
+        Published::Yes { nudge }
+    }
+
+    /// Write `record` into the slot of `seq`, which this writer has claimed, and publish it.
+    fn write_claimed(&self, seq: u64, pid: i32, record: &[u8]) {
+        let slot = self.slot(seq);
         // Readers that see any byte below also see the odd state when they check again.
         fence(Release);
         slot.meta.store((pid as u32 as u64) | ((record.len() as u64) << 32), Relaxed);
@@ -300,18 +384,29 @@ impl Ring {
             w.store(u64::from_le_bytes(b), Relaxed);
         }
         slot.state.store(published(seq), Release);
-        let unread = seq.wrapping_add(1).saturating_sub(h.master_cursor.load(Relaxed));
-        let due = unread >= self.slots / 4 || h.eager.load(Relaxed) != 0;
-        // SeqCst, paired with the master's swap in `master_read_to`: see there.
-        let nudge = due && h.nudged.swap(1, SeqCst) == 0;
-        Published::Yes { nudge }
+    }
+
+    /// A writer that has taken a sequence number and claimed its slot but not written it yet
+    /// (as if descheduled there): for tests of what readers do meanwhile.
+    #[cfg(test)]
+    pub(crate) fn claim_unpublished(&self) -> u64 {
+        let seq = self.header().head.fetch_add(1, Relaxed);
+        self.slot(seq).state.store(writing(seq), Relaxed);
+        seq
+    }
+
+    /// The writer of `claim_unpublished` goes on: it writes `record` and publishes it.
+    #[cfg(test)]
+    pub(crate) fn publish_claimed(&self, seq: u64, pid: i32, record: &[u8]) {
+        self.write_claimed(seq, pid, record);
     }
 
     /// Hand `each` every record published from `cur` on, up to the head, except those
     /// written by `skip_pid`; `cur` moves past them. A record being written now ends the read
     /// (it is read next time), unless it is below `settled` (a position the master already
     /// read past), has been half written for `STALL_LIMIT`, or is half a lap behind the head:
-    /// then it is skipped. `each` gets the record in a buffer wiped right after.
+    /// then it is skipped. `each` gets the record's sequence number and the record, in a
+    /// buffer wiped right after.
     ///
     /// A record whose writer has taken its sequence number (the head is past it) but not yet
     /// marked its slot still shows the slot's older content (a record of an earlier lap, or
@@ -320,7 +415,13 @@ impl Ring {
     /// reached that reader: 0.1-1 % of stores at W=4 in the channel bench, where a writer
     /// descheduled between the two steps holds the window open.) Below the master's cursor
     /// the same content means the record was read and wiped, or overwritten: skipped.
-    pub(crate) fn read(&self, cur: &mut Cursor, settled: u64, skip_pid: i32, mut each: impl FnMut(&[u8])) -> ReadCount {
+    pub(crate) fn read(
+        &self,
+        cur: &mut Cursor,
+        settled: u64,
+        skip_pid: i32,
+        mut each: impl FnMut(u64, &[u8]),
+    ) -> ReadCount {
         let mut count = ReadCount::default();
         let head = self.head();
         if head < cur.next {
@@ -381,7 +482,7 @@ impl Ring {
             if slot.state.load(Relaxed) != s1 {
                 count.lost += 1;
             } else {
-                each(&buf[..len]);
+                each(seq, &buf[..len]);
                 count.records += 1;
             }
             crate::wipe::wipe(&mut buf[..len]);
@@ -431,8 +532,29 @@ mod tests {
 
     fn read_all(r: &Ring, cur: &mut Cursor, settled: u64, skip: i32) -> (Vec<Vec<u8>>, ReadCount) {
         let mut got = Vec::new();
-        let n = r.read(cur, settled, skip, |b| got.push(b.to_vec()));
+        let n = r.read(cur, settled, skip, |_, b| got.push(b.to_vec()));
         (got, n)
+    }
+
+    #[test]
+    fn tombstones_bury_only_older_records_of_their_key_until_read_past() {
+        let mut t = Tombstones::default();
+        t.note(b"ns", b"id", 10, 10);
+        assert_eq!(t.len(), 0, "everything before the removal was read: nothing to note");
+        t.note(b"ns", b"id", 10, 7);
+        assert!(t.buries(b"ns", b"id", 9), "stored before the removal");
+        assert!(!t.buries(b"ns", b"id", 10), "stored after it");
+        assert!(!t.buries(b"ns", b"other", 9) && !t.buries(b"n", b"sid", 9), "another key");
+        t.forget_read(9);
+        assert_eq!(t.len(), 1, "record 9 not read yet");
+        t.forget_read(10);
+        assert_eq!(t.len(), 0, "read past it");
+        for i in 0..MAX_TOMBSTONES as u64 + 5 {
+            t.note(b"ns", &i.to_le_bytes(), 100, 0);
+        }
+        assert_eq!(t.len(), MAX_TOMBSTONES, "bounded");
+        assert!(!t.buries(b"ns", &0u64.to_le_bytes(), 1), "the oldest went first");
+        assert!(t.buries(b"ns", &(MAX_TOMBSTONES as u64 + 4).to_le_bytes(), 1));
     }
 
     #[test]
@@ -479,19 +601,12 @@ mod tests {
         assert_eq!(n, ReadCount { records: 8, lost: 12 });
     }
 
-    /// A writer that has claimed a slot but not published it yet (as if descheduled).
-    fn claim_without_publishing(r: &Ring) -> u64 {
-        let seq = r.header().head.fetch_add(1, Relaxed);
-        r.slot(seq).state.store(writing(seq), Relaxed);
-        seq
-    }
-
     #[test]
     fn a_half_written_record_is_waited_for_then_skipped() {
         let r = Ring::map(16).unwrap();
         let mut cur = r.cursor_at_head();
         r.publish(1, &rec(0, 30));
-        let stuck = claim_without_publishing(&r);
+        let stuck = r.claim_unpublished();
         r.publish(1, &rec(2, 30));
         // The read stops at the record being written...
         let (got, n) = read_all(&r, &mut cur, 0, 0);
@@ -503,7 +618,7 @@ mod tests {
         r.slot(stuck).state.store(published(stuck), Release);
         assert_eq!(read_all(&r, &mut cur2, 0, 0).0, vec![vec![1, 2, 3], rec(2, 30)]);
         // ...or skips it: below what the master had read when it sent a push,
-        let stuck = claim_without_publishing(&r);
+        let stuck = r.claim_unpublished();
         r.publish(1, &rec(4, 30));
         let mut c = Cursor { next: stuck, stall: None };
         assert_eq!(read_all(&r, &mut c, stuck + 1, 0), (vec![rec(4, 30)], ReadCount { records: 1, lost: 1 }));
@@ -568,7 +683,7 @@ mod tests {
     #[test]
     fn a_writer_never_takes_a_slot_still_being_written_a_lap_behind() {
         let r = Ring::map(4).unwrap();
-        let stuck = claim_without_publishing(&r);
+        let stuck = r.claim_unpublished();
         for n in 1..4u8 {
             assert!(matches!(r.publish(1, &rec(n, 8)), Published::Yes { .. }));
         }
@@ -660,7 +775,7 @@ mod tests {
                 let mut last = false;
                 while !last {
                     last = stop.load(Acquire);
-                    r.read(&mut cur, 0, 0, |b| {
+                    r.read(&mut cur, 0, 0, |_, b| {
                         let id = u64::from_le_bytes(b[..8].try_into().unwrap());
                         let whole = b.len() == 9 + (id % 480) as usize && b[8..].iter().all(|&x| x == (id % 251) as u8);
                         bad += u64::from(!whole);
