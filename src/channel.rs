@@ -516,6 +516,9 @@ impl Channel {
         if self.is_dead() {
             return;
         }
+        // Capped now, where the session is made: a worker reading the record from the ring
+        // later caps by its own clock, and would stretch the session's life by the delay.
+        let expiry = expiry.min(crate::master::now_secs().saturating_add(MAX_LIFETIME_SECS.load(Relaxed)));
         let sent = self.send_frame_within(None, true, |out| {
             out.reserve(protocol::frame_len(namespace, id, der_len));
             protocol::encode_header(out, Op::Put, 0, expiry, namespace, id);
@@ -1069,6 +1072,30 @@ mod tests {
         // A store made after the removal is not buried.
         ring.publish(-7, &frame(Op::Put, 0, b"gone", b"der2"));
         assert!(in_replica(&ch, b"gone"));
+    }
+
+    /// A record read from the ring seconds after it was made (lookups read it lazily) must
+    /// not live `max_lifetime` from that read: the writer caps it.
+    #[test]
+    fn a_stored_sessions_expiry_is_capped_where_it_is_made() {
+        let (ch, _master, ring) = channel_with_ring();
+        let mut cur = ring.cursor_at_head();
+        let der = |out: &mut Vec<u8>| {
+            out.extend_from_slice(b"der");
+            true
+        };
+        ch.put(b"ns", b"long-lived", u64::MAX - 1, 3, der, None);
+        let mut expiry = None;
+        ring.read(&mut cur, 0, 0, |_, rec| {
+            if let Ok(m) = protocol::decode(rec) {
+                if m.id == b"long-lived" {
+                    expiry = Some(m.expiry);
+                }
+            }
+        });
+        let cap = crate::master::now_secs() + MAX_LIFETIME_SECS.load(Relaxed);
+        let e = expiry.expect("the store went through the ring");
+        assert!(e <= cap && e + 60 >= cap, "expiry {e}, cap {cap}");
     }
 
     #[test]
