@@ -4,6 +4,7 @@
  *
  *   prefork_server --port P --workers N --cert F --key F [--no-share] [--no-tickets]
  *                  [--tls12] [--ns NAME] [--get-timeout-us N] [--threads T] [--sticky]
+ *                  [--deadline-ms MS]
  *
  * The master reserves the port (a bound, non-listening SO_REUSEPORT socket; port 0 picks a
  * free one), sets up the shared cache, and forks N workers. Each worker opens its own
@@ -56,6 +57,7 @@
 #include <sys/time.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <netinet/in.h>
 #ifdef __linux__
 #include <linux/filter.h>
@@ -79,6 +81,14 @@
 #define REQUEST_MAX 8192
 #define LISTEN_BACKLOG 128
 
+/* Each connection's whole budget, from its accept to its close (--deadline-ms). The timeouts
+ * above bound one wait each, so a client that sends a byte every second or so would hold an
+ * accept loop for as long as it likes (its handshake, a request of up to REQUEST_MAX bytes,
+ * the linger), and a few such clients would stop a worker. Past the deadline the next read
+ * fails and the connection is dropped: a loop is held at most the deadline plus one
+ * IO_TIMEOUT_MS. */
+#define CONN_DEADLINE_MS 10000
+
 struct options {
     int port;
     int workers;
@@ -91,6 +101,7 @@ struct options {
     int threads;
     int sticky;
     long get_timeout_us; /* -1: library default */
+    long deadline_ms;
 };
 
 static volatile sig_atomic_t stop_signal = 0;
@@ -104,7 +115,8 @@ static void usage(const char *argv0)
 {
     fprintf(stderr,
             "usage: %s --port P --workers N --cert FILE --key FILE [--no-share] [--no-tickets]\n"
-            "          [--tls12] [--ns NAME] [--get-timeout-us N] [--threads T] [--sticky]\n",
+            "          [--tls12] [--ns NAME] [--get-timeout-us N] [--threads T] [--sticky]\n"
+            "          [--deadline-ms MS]\n",
             argv0);
 }
 
@@ -153,6 +165,7 @@ static int parse_args(int argc, char **argv, struct options *o)
     o->tickets = 1;
     o->threads = 0; /* not given: default_loops() */
     o->get_timeout_us = -1;
+    o->deadline_ms = CONN_DEADLINE_MS;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *next = i + 1 < argc ? argv[i + 1] : NULL;
@@ -194,6 +207,13 @@ static int parse_args(int argc, char **argv, struct options *o)
                 return -1;
             }
             o->get_timeout_us = v;
+            i++;
+        } else if (strcmp(a, "--deadline-ms") == 0) {
+            if (parse_long(next, 1, 3600000L, &v) != 0) {
+                fprintf(stderr, "bad --deadline-ms (1..3600000): %s\n", next);
+                return -1;
+            }
+            o->deadline_ms = v;
             i++;
         } else if (strcmp(a, "--cert") == 0) {
             o->cert = next;
@@ -267,6 +287,16 @@ static int bound_port(int fd)
 
 /* Receive and send timeout of every connection (set on the listening socket, inherited). */
 #define IO_TIMEOUT_MS 2000
+
+static long conn_deadline_ms = CONN_DEADLINE_MS; /* --deadline-ms */
+
+/* Milliseconds on a coarse monotonic clock (no system call: the vDSO, a few ns). */
+static long long mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
 
 static int set_timeouts(int fd, long ms)
 {
@@ -419,6 +449,7 @@ static int write_all(SSL *ssl, const char *buf, size_t len)
 
 struct conn_io {
     int fd;
+    long long deadline; /* mono_ms() past which reads fail (conn_deadline_ms from the accept) */
     int eof;    /* recv returned 0 */
     int owe_ack; /* received since the last send: the peer's last segment may wait for our ACK */
     SSL *ssl;   /* whose writes these are (its state tells a ticket's flush), or NULL */
@@ -477,6 +508,10 @@ static int io_bio_read(BIO *b, char *buf, int len)
     BIO_clear_retry_flags(b);
     if (len <= 0)
         return 0;
+    if (mono_ms() > io->deadline) {
+        errno = ETIMEDOUT; /* not a retry: the connection fails (see CONN_DEADLINE_MS) */
+        return -1;
+    }
     /* The peer answers only what it has: send what is held before waiting for it. */
     if (io_flush(io) != 0)
         return -1;
@@ -569,6 +604,7 @@ static void serve_connection(SSL_CTX *ctx, int fd)
 
     /* The socket's timeouts and TCP_NODELAY come from the listening socket (worker_main). */
     io.fd = fd;
+    io.deadline = mono_ms() + conn_deadline_ms;
     io.eof = 0;
     io.owe_ack = 0;
     int handshake_done = 0;
@@ -640,7 +676,7 @@ out:
                 break;
             flags = 0;
             total += (size_t)n;
-            if (total > 65536)
+            if (total > 65536 || mono_ms() > io.deadline)
                 break;
         }
     }
@@ -822,6 +858,8 @@ int main(int argc, char **argv)
         usage(argv[0]);
         return 2;
     }
+
+    conn_deadline_ms = o.deadline_ms;
 
     /* Own process group, so a supervisor (or a test) can signal master and workers at once. */
     (void)setpgid(0, 0);

@@ -861,6 +861,48 @@ fn a_forged_record_still_removes_the_session_everywhere() {
     assert!(line.contains("\"resumed_after\": false"), "the session outlived a fatal alert: {report}");
 }
 
+/// A client that trickles its ClientHello a byte at a time, each byte well inside the
+/// per-read timeout, is cut off at the connection's deadline (`--deadline-ms`), not served
+/// for as long as it keeps sending; meanwhile and afterwards the server serves others.
+#[test]
+fn a_client_that_trickles_bytes_is_cut_off_at_the_connection_deadline() {
+    let fx = Fixture::new("deadline");
+    let server = fx.start(&["--tls12", "--no-tickets", "--threads", "1", "--deadline-ms", "1500"]);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    // A handshake record header announcing 255 bytes, then its body one byte at a time.
+    s.write_all(&[0x16, 0x03, 0x01, 0x00, 0xff]).expect("header");
+    let start = Instant::now();
+    let cap = Duration::from_secs(8);
+    let mut closed_after = None;
+    let mut buf = [0u8; 256];
+    while start.elapsed() < cap {
+        if s.write_all(&[0x01]).is_err() {
+            closed_after = Some(start.elapsed());
+            break;
+        }
+        match s.read(&mut buf) {
+            Ok(_) => {
+                // EOF, or the server's alert before it: either way it gave up on us.
+                closed_after = Some(start.elapsed());
+                break;
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => {
+                closed_after = Some(start.elapsed());
+                break;
+            }
+        }
+    }
+    let log = server.log_text();
+    let t = closed_after.unwrap_or_else(|| panic!("still served after {cap:?} of trickling; log:\n{log}"));
+    assert!(t >= Duration::from_millis(1000), "cut off after {t:?}, before the 1.5 s deadline");
+    assert!(t < Duration::from_millis(4500), "cut off only after {t:?}");
+    let c = server.s_client(HTTP_GET, &["-tls1_2".as_ref()]);
+    let output = &c.output;
+    assert!(c.body.is_some_and(|b| b.contains("reused")), "a normal client after it was not served: {output}");
+}
+
 #[test]
 fn stats_endpoint_reports_master_counters() {
     let fx = Fixture::new("stats");
