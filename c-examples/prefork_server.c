@@ -789,9 +789,10 @@ static void worker_main(const struct options *o, int port, int ready_fd)
     }
     /* Set once here: on Linux an accepted socket inherits these from its listening socket,
      * which saves five system calls per connection (three here, two before the linger).
-     * - Timeouts bound every step: the handshake, the request, the reply and, when the
-     *   client sent something unread, the linger for its close (2 s each). One client at a
-     *   time per accept loop, so a silent client must not hold it for long. On the listening
+     * - Timeouts bound every wait: in the handshake, the request, the reply and, when the
+     *   client sent something unread, the linger for its close (2 s each; the connection's
+     *   deadline, CONN_DEADLINE_MS, bounds them all together). One client at a time per
+     *   accept loop, so a silent or slow client must not hold it for long. On the listening
      *   socket itself the receive timeout makes an idle blocking accept4 return EAGAIN every
      *   2 s, which accept_loop simply retries.
      * - NODELAY: with each flight in one send ("Coalesced writes" above), a build without
