@@ -722,6 +722,15 @@ struct PythonRuns {
 
 /// Runs tests/c_example/resume_client.py.
 /// `extra`: more of the script's flags (`--nagle`, `--no-request`, a later `--pause-ms`).
+/// A scalar value of a helper script's one-line JSON report: from after `"key": ` to the
+/// next `,` or `}`.
+fn json_scalar<'a>(line: &'a str, key: &str) -> &'a str {
+    let pat = format!("\"{key}\": ");
+    let at = line.find(&pat).unwrap_or_else(|| panic!("no {key} in {line:?}")) + pat.len();
+    let end = line[at..].find([',', '}']).map_or(line.len(), |e| at + e);
+    line[at..end].trim()
+}
+
 fn python_resumptions(server: &Server, tls: &str, runs: usize, extra: &[&str]) -> PythonRuns {
     let script = manifest_dir().join("tests/c_example/resume_client.py");
     let mut cmd = Command::new("python3");
@@ -739,13 +748,7 @@ fn python_resumptions(server: &Server, tls: &str, runs: usize, extra: &[&str]) -
     let done = run(&mut cmd, b"", Duration::from_secs(60));
     assert!(done.status.success(), "resume_client.py failed: {}\n{}{}", done.status, done.stdout, done.stderr);
     let line = done.stdout.lines().last().unwrap_or_default().to_string();
-    // A scalar value of the JSON line: from after `"key": ` to the next `,` or `}`.
-    let raw = |key: &str| -> &str {
-        let pat = format!("\"{key}\": ");
-        let at = line.find(&pat).unwrap_or_else(|| panic!("no {key} in {line:?}")) + pat.len();
-        let end = line[at..].find([',', '}']).map_or(line.len(), |e| at + e);
-        line[at..end].trim()
-    };
+    let raw = |key: &str| -> &str { json_scalar(&line, key) };
     let num = |key: &str| -> i64 { raw(key).parse().unwrap_or_else(|_| panic!("bad {key} in {line:?}")) };
     let float = |key: &str| -> f64 { raw(key).parse().unwrap_or_else(|_| panic!("bad {key} in {line:?}")) };
     let count = |key: &str| -> u64 { u64::try_from(num(key)).unwrap_or_else(|_| panic!("negative {key} in {line:?}")) };
@@ -859,6 +862,10 @@ fn a_forged_record_still_removes_the_session_everywhere() {
     assert!(line.contains("\"forged_resumed\": true"), "the forged connection must be a resumption: {report}");
     assert!(line.contains("BAD_RECORD_MAC") || line.contains("bad record mac"), "no fatal alert: {report}");
     assert!(line.contains("\"resumed_after\": false"), "the session outlived a fatal alert: {report}");
+    // Eight offers after it reached at least two workers, so at least one that did not see
+    // the alert itself: the removal reached it.
+    let reached: usize = json_scalar(&line, "after_workers").parse().expect("after_workers");
+    assert!(reached >= 2, "the offers after the alert reached {reached} worker(s): {report}");
 }
 
 /// A client that trickles its ClientHello a byte at a time, each byte well inside the
