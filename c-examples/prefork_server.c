@@ -52,6 +52,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/time.h>
@@ -80,6 +81,8 @@
 #define MAX_THREADS 256
 #define REQUEST_MAX 8192
 #define LISTEN_BACKLOG 128
+/* How long the master waits for every worker to listen. */
+#define READY_TIMEOUT_MS 30000
 
 /* Each connection's whole budget, from its accept to its close (--deadline-ms). The timeouts
  * above bound one wait each, so a client that sends a byte every second or so would hold an
@@ -938,9 +941,20 @@ int main(int argc, char **argv)
     }
     close(ready[1]);
 
-    /* Wait until every worker listens (one byte each); EOF first means one failed. */
+    /* Wait until every worker listens (one byte each); EOF first means one failed, and a
+     * worker that is not up within READY_TIMEOUT_MS (stuck before it listens) counts as
+     * failed too: the stop signals are blocked until the loop below, so the master must not
+     * wait for it for ever. */
     int up = 0;
+    long long ready_by = mono_ms() + READY_TIMEOUT_MS;
     while (up < alive) {
+        long long left = ready_by - mono_ms();
+        struct pollfd pfd = {.fd = ready[0], .events = POLLIN};
+        int p = left > 0 ? poll(&pfd, 1, (int)left) : 0;
+        if (p < 0 && errno == EINTR)
+            continue;
+        if (p <= 0)
+            break;
         char c;
         ssize_t n = read(ready[0], &c, 1);
         if (n == 1)
@@ -964,7 +978,8 @@ int main(int argc, char **argv)
         status = 1;
     }
 
-    /* Supervise: reap workers (no respawn), forward SIGTERM/SIGINT, exit when all are gone. */
+    /* Supervise: reap workers (no respawn), forward SIGTERM/SIGINT, exit when all are gone
+     * (with status 1 if they went without being asked: a supervisor should see it). */
     int forwarded = 0;
     for (;;) {
         int st;
@@ -990,8 +1005,13 @@ int main(int argc, char **argv)
                 kill(pids[i], stop_signal == SIGINT ? SIGINT : SIGTERM);
             forwarded = 1;
         }
-        if (stop_signal && alive == 0)
+        if (alive == 0) {
+            if (!stop_signal) {
+                fprintf(stderr, "every worker is gone; the master stops\n");
+                status = 1;
+            }
             break;
+        }
         sigsuspend(&orig);
     }
     close(reserve);

@@ -910,6 +910,29 @@ fn a_client_that_trickles_bytes_is_cut_off_at_the_connection_deadline() {
     assert!(c.body.is_some_and(|b| b.contains("reused")), "a normal client after it was not served: {output}");
 }
 
+/// Workers are not respawned, so once every one of them is gone the master has nothing left
+/// to serve with: it exits with status 1 (a supervisor sees the failure) instead of holding
+/// the port with no listener behind it.
+#[test]
+fn the_master_exits_with_an_error_once_every_worker_is_gone() {
+    let fx = Fixture::new("workers-gone");
+    let mut server = fx.start(&["--tls12"]);
+    for &pid in &server.workers {
+        // SAFETY: kill() on a worker of the server this test started; no memory is involved.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(st) = server.child.try_wait().expect("wait for the master") {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the master is still up 5 s after its last worker died");
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1), "{status:?}; log:\n{}", server.log_text());
+    assert!(server.log_text().contains("every worker is gone"), "{}", server.log_text());
+}
+
 #[test]
 fn stats_endpoint_reports_master_counters() {
     let fx = Fixture::new("stats");
