@@ -29,9 +29,26 @@ struct Run {
     workers_seen: usize,
 }
 
+/// Stops and reaps the workers however a run ends, an error included (they have no
+/// parent-death signal and would go on listening after the demo exits).
+struct StopOnDrop(Vec<libc::pid_t>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            // SAFETY: signalling and reaping our own children.
+            unsafe {
+                libc::kill(*pid, libc::SIGTERM);
+                libc::waitpid(*pid, std::ptr::null_mut(), 0);
+            }
+        }
+    }
+}
+
 fn run(opts: &ServerOpts, title: &str) -> Result<Run, Box<dyn std::error::Error>> {
     let reserved = server::reserve(0)?;
     let w = server::fork_workers(WORKERS, opts, &reserved, None);
+    let workers = StopOnDrop(w.pids.clone());
     let addr = server::addr(w.port);
     for _ in 0..300 {
         if std::net::TcpStream::connect(addr).is_ok() {
@@ -54,13 +71,7 @@ fn run(opts: &ServerOpts, title: &str) -> Result<Run, Box<dyn std::error::Error>
             resumed += 1;
         }
     }
-    for pid in &w.pids {
-        // SAFETY: signalling and reaping our own children.
-        unsafe {
-            libc::kill(*pid, libc::SIGTERM);
-            libc::waitpid(*pid, std::ptr::null_mut(), 0);
-        }
-    }
+    drop(workers);
     println!("\n== {title} ==");
     println!("  {:>10}  {:>11}  {:>8}", "worker pid", "connections", "resumed");
     for (pid, (n, r)) in &per {
