@@ -112,8 +112,11 @@ emit() { printf '%s\n' "$1" >>"$RAW"; }
 log "building (release lib, loadgen, benches, C example)"
 cargo build --release --lib --example loadgen >&2
 cargo bench --no-run --bench channel --bench memory >"$TMP/bench-build.log" 2>&1 || { cat "$TMP/bench-build.log" >&2; exit 1; }
-make -s -C c-examples >&2
-LOADGEN="$ROOT/target/release/examples/loadgen"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+# Always rebuilt against the release library: a binary left by `make PROFILE=debug` (whose
+# rpath points at the debug library) would otherwise be measured.
+make -s -B -C c-examples PROFILE=release TARGET_DIR="$TARGET_DIR" >&2
+LOADGEN="$TARGET_DIR/release/examples/loadgen"
 SERVER="$ROOT/c-examples/prefork_server"
 
 # ---- machine header ------------------------------------------------------------------------
