@@ -9,11 +9,47 @@ use std::time::Duration;
 
 use common::Server;
 
+/// How long a scenario may run before it is taken for hung (the longest takes a few seconds).
+const SCENARIO_TIMEOUT: Duration = Duration::from_secs(120);
+
 fn scenario(args: &[&str]) -> HashMap<String, f64> {
-    let out = Command::new(env!("CARGO_BIN_EXE_cts-test-helper")).args(args).output().expect("run cts-test-helper");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    // Its own process group, so a hung scenario is stopped with every child it forked.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cts-test-helper"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("run cts-test-helper");
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            String::from_utf8_lossy(&v).into_owned()
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = drain(Box::new(child.stderr.take().expect("stderr")));
+    let deadline = std::time::Instant::now() + SCENARIO_TIMEOUT;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait for cts-test-helper") {
+            break Some(st);
+        }
+        if std::time::Instant::now() >= deadline {
+            // SAFETY: kill() on the process group of the child started above.
+            unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = stdout.join().unwrap_or_default();
+    let err = stderr.join().unwrap_or_default();
     println!("cts-test-helper {}:\n{text}", args.join(" "));
-    assert!(out.status.success(), "scenario failed: {}", String::from_utf8_lossy(&out.stderr));
+    let status = status.unwrap_or_else(|| panic!("scenario hung for {SCENARIO_TIMEOUT:?}: {text}{err}"));
+    assert!(status.success(), "scenario failed: {err}");
     text.lines().filter_map(|l| l.split_once('=')).filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?))).collect()
 }
 
