@@ -218,6 +218,31 @@ fn a_removed_session_does_not_come_back_from_redis() {
     assert!(st["remote_misses"] >= 1, "the lookups did reach redis: {st:?}");
 }
 
+/// A removal whose DEL does not reach redis (refused here, as when redis is down or the
+/// breaker is open) is sent again once redis takes it: the session does not stay in redis for
+/// its whole TTL, to come back to this host once it forgets the removal (after 30 s), or to
+/// every other host at once.
+#[test]
+fn a_removal_that_did_not_reach_redis_is_sent_again() {
+    let redis = Redis::start();
+    let (a, mut c, key, _) = session_in_redis(&redis);
+    let saved = c.session.clone();
+    let acl = |rule: &str| {
+        let _: () = redis::cmd("ACL").arg("SETUSER").arg("default").arg(rule).query(&mut redis.con()).expect("ACL");
+    };
+    acl("-del");
+    c.session = saved.clone();
+    assert!(c.request(a.addr(), "/forget").expect("forget").reused);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(wait_for_key(&redis, &key, true).is_some(), "the DEL was refused, the key stays meanwhile");
+    c.session = saved.clone();
+    assert!(!c.request(a.addr(), "/").expect("handshake").reused, "resumed from redis meanwhile");
+    acl("+del");
+    assert!(wait_for_key(&redis, &key, false).is_none(), "the removal reached redis once it could");
+    let st = a.stats();
+    assert!(st["remote_errors"] >= 1, "the refused DEL was counted: {st:?}");
+}
+
 /// The master answers a forwarded lookup itself after half the worker's deadline, so a
 /// worker times out only when the machine does not run the master for the other half (5 ms
 /// here; this machine is shared and runs the other tests at the same time). Without the

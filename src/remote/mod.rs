@@ -230,6 +230,10 @@ impl Breaker {
 const REMOVED_WINDOW: Duration = Duration::from_secs(30);
 /// Removals remembered at most; past that every remote hit is refused for a window.
 const REMOVED_MAX: usize = 16 * 1024;
+/// Removals whose DEL has not reached Redis, kept at most (see `Removed::unconfirmed`).
+const UNCONFIRMED_MAX: usize = 16 * 1024;
+/// DELs the write thread sends again per round, at most.
+const RETRY_BATCH: usize = 512;
 
 /// Keys removed within `REMOVED_WINDOW` (used by the cache thread only).
 #[derive(Default)]
@@ -241,6 +245,12 @@ struct Removed {
     /// More than `REMOVED_MAX` removals came within a window: until then, no remote hit is
     /// trusted (a full handshake instead).
     refuse_all_until: Option<Instant>,
+    /// Removals whose DEL never reached Redis (the breaker was open, the queue full, or the
+    /// pipeline failed): Redis may hold the session for as long as its TTL, so the key stays
+    /// removed here until the write thread's retry of its DEL succeeds, not just for
+    /// `REMOVED_WINDOW`. Past `UNCONFIRMED_MAX`, every remote hit is refused for the longest
+    /// a session stored before can live in Redis (`max_lifetime`).
+    unconfirmed: std::collections::HashSet<Vec<u8>>,
 }
 
 impl Removed {
@@ -265,7 +275,8 @@ impl Removed {
         if self.order.len() >= REMOVED_MAX {
             self.order.clear();
             self.latest.clear();
-            self.refuse_all_until = Some(now + REMOVED_WINDOW);
+            let until = now + REMOVED_WINDOW;
+            self.refuse_all_until = Some(self.refuse_all_until.map_or(until, |t| t.max(until)));
             return;
         }
         self.latest.insert(key.clone(), now);
@@ -274,7 +285,17 @@ impl Removed {
 
     fn lately(&mut self, key: &[u8], now: Instant) -> bool {
         self.forget_old(now);
-        self.refuse_all_until.is_some() || self.latest.contains_key(key)
+        self.refuse_all_until.is_some() || self.latest.contains_key(key) || self.unconfirmed.contains(key)
+    }
+
+    /// The DEL of `key` did not reach Redis.
+    fn unconfirmed(&mut self, key: Vec<u8>, now: Instant, max_lifetime: Duration) {
+        if self.unconfirmed.len() >= UNCONFIRMED_MAX {
+            let until = now + max_lifetime;
+            self.refuse_all_until = Some(self.refuse_all_until.map_or(until, |t| t.max(until)));
+            return;
+        }
+        self.unconfirmed.insert(key);
     }
 }
 
@@ -298,6 +319,8 @@ pub struct Tier {
     breaker: Breaker,
     /// The GET thread holds a live connection (lookups are forwarded only then).
     get_ready: AtomicBool,
+    /// The longest a session stays in Redis (its TTL is capped by it).
+    max_lifetime: Duration,
     tickets: Option<tickets::Agreement>,
 }
 
@@ -391,6 +414,7 @@ impl Tier {
             next_token: AtomicU64::new(1),
             counters: Counters::default(),
             get_ready: AtomicBool::new(false),
+            max_lifetime: config.max_lifetime,
             breaker: Breaker {
                 start: Instant::now(),
                 down_until: AtomicU64::new(0),
@@ -548,7 +572,8 @@ impl Tier {
         self.queue_write(WriteJob::Put { namespace: namespace.to_vec(), id: id.to_vec(), der, expiry });
     }
 
-    /// Queue a removal, and remember it for `REMOVED_WINDOW` (see `take_replies`).
+    /// Queue a removal, and remember it for `REMOVED_WINDOW`, or until its DEL reaches Redis
+    /// if it cannot be queued (see `take_replies`).
     pub fn del(&self, namespace: &[u8], id: &[u8]) {
         let key = self.key(namespace, id);
         self.removed.lock().unwrap_or_else(|e| e.into_inner()).note(key, Instant::now());
@@ -558,14 +583,47 @@ impl Tier {
     fn queue_write(&self, job: WriteJob) {
         if !self.breaker.allows() {
             self.counters.skips.fetch_add(1, Relaxed);
+            self.lost_del(&job);
             return;
         }
         match self.put_tx.try_send(job) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            Err(TrySendError::Full(job)) | Err(TrySendError::Disconnected(job)) => {
                 self.counters.queue_drops.fetch_add(1, Relaxed);
+                self.lost_del(&job);
             }
         }
+    }
+
+    /// A write that will not reach Redis: if it is a DEL, keep its key removed here until
+    /// the write thread's retry succeeds (`retry_dels`).
+    fn lost_del(&self, job: &WriteJob) {
+        if let WriteJob::Del { namespace, id } = job {
+            let key = self.key(namespace, id);
+            self.removed.lock().unwrap_or_else(|e| e.into_inner()).unconfirmed(key, Instant::now(), self.max_lifetime);
+        }
+    }
+
+    /// Send again the DELs that did not reach Redis (up to `RETRY_BATCH` a round); each one
+    /// that does is forgotten.
+    fn retry_dels(&self, c: &mut redis::Connection) -> redis::RedisResult<()> {
+        let keys: Vec<Vec<u8>> = {
+            let removed = self.removed.lock().unwrap_or_else(|e| e.into_inner());
+            removed.unconfirmed.iter().take(RETRY_BATCH).cloned().collect()
+        };
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.cmd("DEL").arg(key.as_slice()).ignore();
+        }
+        pipe.query::<()>(c)?;
+        let mut removed = self.removed.lock().unwrap_or_else(|e| e.into_inner());
+        for key in &keys {
+            removed.unconfirmed.remove(key);
+        }
+        Ok(())
     }
 
     /// Take the answers ready for the cache thread. A hit for a session removed here within
@@ -708,6 +766,7 @@ impl Tier {
             }
             if !self.breaker.allows() {
                 self.counters.skips.fetch_add(batch.len() as u64, Relaxed);
+                batch.iter().for_each(|job| self.lost_del(job));
                 batch.clear();
                 continue;
             }
@@ -723,6 +782,7 @@ impl Tier {
                     let stores = self.write_batch(c, &batch, &mut value)?;
                     self.counters.stores.fetch_add(stores, Relaxed);
                 }
+                self.retry_dels(c)?;
                 if tick {
                     if let Some(t) = &self.tickets {
                         t.sync(self, c, crate::master::now_secs(), &install)?;
@@ -730,6 +790,10 @@ impl Tier {
                 }
                 Ok(())
             })();
+            if r.is_err() {
+                // What this pipeline held may not have reached Redis: its DELs are kept.
+                batch.iter().for_each(|job| self.lost_del(job));
+            }
             batch.clear();
             match r {
                 Ok(()) => self.breaker.ok(),
@@ -830,6 +894,29 @@ mod tests {
         assert!(r.order.len() <= REMOVED_MAX && r.latest.len() <= REMOVED_MAX);
         assert!(r.lately(b"never removed", t0 + Duration::from_secs(1)), "every hit refused");
         assert!(!r.lately(b"never removed", t0 + REMOVED_WINDOW), "until the window ends");
+    }
+
+    #[test]
+    fn a_removal_whose_del_was_lost_stays_until_confirmed_in_bounded_memory() {
+        let t0 = Instant::now();
+        let life = Duration::from_secs(3600);
+        let mut r = Removed::default();
+        r.note(b"k".to_vec(), t0);
+        r.unconfirmed(b"k".to_vec(), t0, life);
+        assert!(r.lately(b"k", t0 + 10 * REMOVED_WINDOW), "past the window, still removed");
+        r.unconfirmed.remove(b"k".as_slice());
+        assert!(!r.lately(b"k", t0 + 10 * REMOVED_WINDOW), "forgotten once its DEL went through");
+        for i in 0..=UNCONFIRMED_MAX {
+            r.unconfirmed(i.to_le_bytes().to_vec(), t0, life);
+        }
+        assert_eq!(r.unconfirmed.len(), UNCONFIRMED_MAX, "bounded");
+        assert!(r.lately(b"never removed", t0 + life / 2), "past the bound every hit is refused");
+        // A flood of removals meanwhile does not shorten that refusal to its own window.
+        for i in 0..=REMOVED_MAX {
+            r.note(i.to_le_bytes().to_vec(), t0 + Duration::from_secs(1));
+        }
+        assert!(r.lately(b"never removed", t0 + life / 2));
+        assert!(!r.lately(b"never removed", t0 + life + Duration::from_secs(2)), "until the refusal ends");
     }
 
     #[test]
