@@ -618,7 +618,16 @@ impl Tier {
         for key in &keys {
             pipe.cmd("DEL").arg(key.as_slice()).ignore();
         }
-        pipe.query::<()>(c)?;
+        if let Err(e) = pipe.query::<()>(c) {
+            if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
+                return Err(e);
+            }
+            // Redis answered, and refused: counted, and tried again next round, but the
+            // connection is fine and the other writes go on.
+            self.counters.errors.fetch_add(1, Relaxed);
+            crate::log::debug!("remote {}: DEL refused: {e}", self.url.redacted());
+            return Ok(());
+        }
         let mut removed = self.removed.lock().unwrap_or_else(|e| e.into_inner());
         for key in &keys {
             removed.unconfirmed.remove(key);
