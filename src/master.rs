@@ -232,8 +232,6 @@ struct RingReader {
     /// Where the cursor was at the last sweep: the records before it were read at least a
     /// sweep ago, and are wiped at the next one.
     read_at_last_sweep: u64,
-    /// Records before this are wiped (or were overwritten).
-    wiped_to: u64,
     /// Removals the records still unread must not undo (see `ring::Tombstones`).
     tombs: crate::ring::Tombstones,
 }
@@ -392,7 +390,6 @@ pub fn setup(mut config: Config) -> Result<(), Error> {
         ring_reader: Mutex::new(RingReader {
             cursor: ring_cursor,
             read_at_last_sweep: ring_start,
-            wiped_to: ring_start,
             tombs: crate::ring::Tombstones::default(),
         }),
         ring_pos: AtomicU64::new(0),
@@ -684,8 +681,10 @@ impl Master {
     fn wipe_ring(&self) {
         let Some(ring) = crate::ring::get() else { return };
         let mut reader = self.ring_reader.lock().unwrap_or_else(|e| e.into_inner());
-        ring.wipe_range(reader.wiped_to, reader.read_at_last_sweep);
-        reader.wiped_to = reader.read_at_last_sweep;
+        // The whole last lap before that point, not just what is new since the last sweep: a
+        // record published late (its writer was descheduled, and the reads went past it) is
+        // wiped by the next sweep. Slots already wiped cost one load each.
+        ring.wipe_range(0, reader.read_at_last_sweep);
         reader.read_at_last_sweep = reader.cursor.next;
     }
 

@@ -507,7 +507,11 @@ impl Ring {
         let mut wiped = 0;
         for seq in from..to {
             let slot = self.slot(seq);
-            if slot.state.compare_exchange(published(seq), writing(seq), Acquire, Relaxed).is_err() {
+            // A plain load first: most slots of the range are wiped already or hold a newer
+            // record, and a failed compare-exchange is still a locked instruction.
+            if slot.state.load(Relaxed) != published(seq)
+                || slot.state.compare_exchange(published(seq), writing(seq), Acquire, Relaxed).is_err()
+            {
                 continue;
             }
             fence(Release);
@@ -716,6 +720,22 @@ mod tests {
         }
         assert_eq!(r.wipe_range(0, 4), 0);
         assert!(matches!(r.publish(1, &rec(0, 16)), Published::Yes { .. }));
+    }
+
+    /// A record whose writer published it only after the master had read past it (and after
+    /// the sweep that covered it) is wiped by a later sweep, which goes over the whole last
+    /// lap, not left in shared memory until the ring comes round again.
+    #[test]
+    fn a_record_published_after_its_sweep_is_wiped_by_the_next() {
+        let r = Ring::map(8).unwrap();
+        let late = r.claim_unpublished();
+        r.publish(1, &rec(1, 16));
+        r.master_read_to(2);
+        assert_eq!(r.wipe_range(0, 2), 1, "the late record is not published yet");
+        r.publish_claimed(late, 1, &rec(2, 16));
+        assert_eq!(r.wipe_range(0, 2), 1, "wiped when the sweep goes over the lap again");
+        assert_eq!(r.slot(late).state.load(Relaxed), 0);
+        assert!(r.slot(late).data.iter().all(|w| w.load(Relaxed) == 0));
     }
 
     #[test]
