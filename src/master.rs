@@ -1143,14 +1143,21 @@ impl Master {
                     self.before_removal(m.namespace, m.id);
                 }
             }
+            // The ticket keys before the cache lock: with a key file they may mean a stat and
+            // a read of it, which must not hold up every worker's lookups.
+            let mut keys = (frame.get(1) == Some(&(Op::TicketKeys as u8))).then(|| self.ticket_keys());
             let mut cache = self.cache();
             let max_lifetime = self.config.max_lifetime.as_secs();
             let info = |c: &Cache, op: Op| match op {
-                Op::TicketKeys => self.ticket_keys(),
+                Op::TicketKeys => keys.take().unwrap_or_else(|| self.ticket_keys()),
                 _ => self.stats_with(c).encode().to_vec(),
             };
             let handled = handle_frame(&mut cache, frame, now_secs(), max_lifetime, info, out);
             drop(cache);
+            if let Some(mut unused) = keys.take() {
+                // Fetched for a frame that did not decode: key material, wiped.
+                wipe(&mut unused);
+            }
             if let Some(r) = &self.remote {
                 // Stores and removals go to Redis too; a GET that missed is forwarded there
                 // and answered later (`answer_remote`), so nothing is sent now.
