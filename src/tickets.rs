@@ -65,12 +65,14 @@ pub struct KeySet {
 }
 
 impl KeySet {
-    /// The key that encrypts at `now`; if none is current (the set is stale), the newest key.
+    /// The key that encrypts at `now`; if none is current (the set is stale), the newest key
+    /// that has begun and still opens tickets. None past every key's decrypt window: a ticket
+    /// made with a retired key would be refused by every worker, and the key is retired so
+    /// that it stops being used.
     pub fn encrypting(&self, now: u64) -> Option<&TicketKey> {
-        self.keys
-            .iter()
-            .find(|k| k.encrypt_from <= now && now < k.encrypt_until)
-            .or_else(|| self.keys.iter().filter(|k| k.encrypt_from <= now).max_by_key(|k| k.encrypt_from))
+        self.keys.iter().find(|k| k.encrypt_from <= now && now < k.encrypt_until).or_else(|| {
+            self.keys.iter().filter(|k| k.encrypt_from <= now && now < k.decrypt_until).max_by_key(|k| k.encrypt_from)
+        })
     }
 
     /// The key named `name`, if it may still open tickets at `now`.
@@ -388,6 +390,16 @@ mod tests {
         assert!(set.opening(&set.keys[1].name, u64::MAX - 1).is_some(), "all keys open");
         assert!(parse_key_file(&[0u8; 50], 1000, 2).is_err());
         assert!(parse_key_file(b"bm90IGEga2V5\n", 1000, 2).is_err(), "a 9-byte key");
+    }
+
+    #[test]
+    fn a_stale_set_encrypts_with_no_retired_key() {
+        let mut s = KeySchedule::new(10, 2);
+        s.refresh(1000, counter());
+        let copy = s.keys().clone(); // what a worker holds when the master goes away
+        let last = copy.keys.iter().max_by_key(|k| k.encrypt_from).expect("keys").clone();
+        assert_eq!(copy.encrypting(last.encrypt_until + 1).map(|k| k.name), Some(last.name), "stale but open");
+        assert!(copy.encrypting(last.decrypt_until).is_none(), "no key past every decrypt window");
     }
 
     #[test]
