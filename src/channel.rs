@@ -463,8 +463,12 @@ impl Channel {
         let mut send = Some(send);
         let mut result = None;
         let _ = SEND_BUF.try_with(|cell| {
-            if let (Ok(mut b), Some(f)) = (cell.try_borrow_mut(), send.take()) {
-                result = Some(f(&mut b));
+            // The closure is taken only once the buffer is ours: a busy buffer leaves it for
+            // the fallback below.
+            if let Ok(mut b) = cell.try_borrow_mut() {
+                if let Some(f) = send.take() {
+                    result = Some(f(&mut b));
+                }
             }
         });
         match (result, send) {
@@ -1072,6 +1076,33 @@ mod tests {
         // A store made after the removal is not buried.
         ring.publish(-7, &frame(Op::Put, 0, b"gone", b"der2"));
         assert!(in_replica(&ch, b"gone"));
+    }
+
+    /// A send made while this thread's send buffer is in use (a re-entrant call) goes out
+    /// through a fresh buffer, not silently dropped.
+    #[test]
+    fn a_reentrant_send_is_not_dropped() {
+        use std::os::fd::AsRawFd;
+        let (ch, master, _ring) = channel_with_ring();
+        let mut inner = false;
+        let outer = ch.send_frame_within(None, false, |out| {
+            inner = ch.send_frame_within(None, false, |o| {
+                protocol::encode(o, Op::Del, 0, 0, b"ns", b"inner", &[]);
+                true
+            });
+            protocol::encode(out, Op::Del, 0, 0, b"ns", b"outer", &[]);
+            true
+        });
+        assert!(outer && inner, "outer {outer}, inner {inner}");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 512];
+        for _ in 0..2 {
+            // SAFETY: reads into a valid buffer from our own socket.
+            let n = unsafe { libc::recv(master.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            assert!(n > 0, "a frame is missing");
+            got.push(protocol::decode(&buf[..n as usize]).expect("frame").id.to_vec());
+        }
+        assert_eq!(got, vec![b"inner".to_vec(), b"outer".to_vec()]);
     }
 
     /// A record read from the ring seconds after it was made (lookups read it lazily) must
