@@ -84,12 +84,12 @@
 /* How long the master waits for every worker to listen. */
 #define READY_TIMEOUT_MS 30000
 
-/* Each connection's whole budget, from its accept to its close (--deadline-ms). The timeouts
- * above bound one wait each, so a client that sends a byte every second or so would hold an
- * accept loop for as long as it likes (its handshake, a request of up to REQUEST_MAX bytes,
- * the linger), and a few such clients would stop a worker. Past the deadline the next read
- * fails and the connection is dropped: a loop is held at most the deadline plus one
- * IO_TIMEOUT_MS. */
+/* Each connection's whole budget, from its accept to its close (--deadline-ms). The sockets'
+ * timeouts (IO_TIMEOUT_MS) bound one wait each, so a client that sends a byte every second
+ * or so would hold an accept loop for as long as it likes (its handshake, a request of up to
+ * REQUEST_MAX bytes, the linger), and a few such clients would stop a worker. Past the
+ * deadline the next read fails and the connection is dropped: a loop is held at most the
+ * deadline plus one IO_TIMEOUT_MS. */
 #define CONN_DEADLINE_MS 10000
 
 struct options {
