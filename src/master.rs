@@ -665,6 +665,35 @@ impl Master {
         }
     }
 
+    /// Store the session (`namespace`, `id`) if the ring holds it past where the master's
+    /// in-order read stopped: a writer descheduled between taking its sequence number and
+    /// publishing holds that read, for as long as it is off the CPU, and a lookup of any
+    /// session stored after it would miss meanwhile. Only that key is taken (the in-order
+    /// read takes the rest later, and stores this one again, the same); a key removed since
+    /// its store stays removed (`Tombstones`). Called only for a lookup that would miss.
+    fn read_ring_ahead_for(&self, namespace: &[u8], id: &[u8]) {
+        let Some(ring) = crate::ring::get() else { return };
+        let reader = self.ring_reader.lock().unwrap_or_else(|e| e.into_inner());
+        if reader.cursor.next >= ring.head() {
+            return;
+        }
+        let now = now_secs();
+        let cap = now.saturating_add(self.config.max_lifetime.as_secs());
+        let mut cache = self.cache();
+        ring.read_ahead(reader.cursor.next, |seq, rec| match protocol::decode(rec) {
+            // Not one stored before a removal the master has applied (`Tombstones`).
+            Ok(m)
+                if m.op == Op::Put
+                    && m.namespace == namespace
+                    && m.id == id
+                    && !reader.tombs.buries(m.namespace, m.id, seq) =>
+            {
+                cache.put(m.namespace, m.id, m.payload, m.expiry.min(cap), now);
+            }
+            _ => {}
+        });
+    }
+
     /// Before a removal is applied: read what the ring holds, and if a record still unread
     /// may be this session's store (a writer before it has not published yet), note the
     /// removal so that reading the store later does not bring the session back (see
@@ -1022,11 +1051,17 @@ impl Master {
         match protocol::decode(frame) {
             Ok(m) if m.op == Op::Get => {
                 let missing = || !self.cache().contains(m.namespace, m.id, now_secs());
-                // A store still in the session ring counts: read it first.
-                missing() && {
-                    self.read_ring();
-                    missing()
-                }
+                // A store still in the session ring counts: read it first, and if the read
+                // stopped at a record still being written, look for this one behind it.
+                missing()
+                    && {
+                        self.read_ring();
+                        missing()
+                    }
+                    && {
+                        self.read_ring_ahead_for(m.namespace, m.id);
+                        missing()
+                    }
             }
             _ => false,
         }

@@ -257,6 +257,16 @@ impl Tombstones {
     }
 }
 
+/// What `Ring::copy_published` found in a slot.
+enum Copied {
+    /// The record, this many bytes of the buffer.
+    Record(usize),
+    /// Written by the process asked to be skipped.
+    Skipped,
+    /// Overwritten or wiped while it was copied.
+    Changed,
+}
+
 /// What one `Ring::read` saw.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct ReadCount {
@@ -468,26 +478,63 @@ impl Ring {
                 count.lost += 1;
                 continue;
             }
-            let meta = slot.meta.load(Relaxed);
-            let pid = meta as u32 as i32;
-            let len = ((meta >> 32) as usize).min(MAX_RECORD);
-            if pid == skip_pid {
-                continue;
+            match self.copy_published(seq, s1, skip_pid, &mut buf) {
+                Copied::Record(len) => {
+                    each(seq, &buf[..len]);
+                    count.records += 1;
+                    crate::wipe::wipe(&mut buf[..len]);
+                }
+                Copied::Skipped => {}
+                Copied::Changed => count.lost += 1,
             }
-            for (w, chunk) in slot.data.iter().zip(buf[..len].chunks_mut(8)) {
-                let b = w.load(Relaxed).to_le_bytes();
-                chunk.copy_from_slice(&b[..chunk.len()]);
-            }
-            fence(Acquire);
-            if slot.state.load(Relaxed) != s1 {
-                count.lost += 1;
-            } else {
-                each(seq, &buf[..len]);
-                count.records += 1;
-            }
-            crate::wipe::wipe(&mut buf[..len]);
         }
         count
+    }
+
+    /// Copy the record of `seq`, whose slot state was `s1 == published(seq)`, into `buf`
+    /// under the slot's sequence lock (`buf` is wiped again if the record changed meanwhile).
+    fn copy_published(&self, seq: u64, s1: u64, skip_pid: i32, buf: &mut [u8; MAX_RECORD]) -> Copied {
+        let slot = self.slot(seq);
+        let meta = slot.meta.load(Relaxed);
+        let pid = meta as u32 as i32;
+        let len = ((meta >> 32) as usize).min(MAX_RECORD);
+        if pid == skip_pid {
+            return Copied::Skipped;
+        }
+        for (w, chunk) in slot.data.iter().zip(buf[..len].chunks_mut(8)) {
+            let b = w.load(Relaxed).to_le_bytes();
+            chunk.copy_from_slice(&b[..chunk.len()]);
+        }
+        fence(Acquire);
+        if slot.state.load(Relaxed) != s1 {
+            crate::wipe::wipe(&mut buf[..len]);
+            return Copied::Changed;
+        }
+        Copied::Record(len)
+    }
+
+    /// Hand `each` every record published from `from` up to the head, without a cursor and
+    /// without stopping at a record still being written: for a reader whose in-order read
+    /// stops at such a record (a writer descheduled between taking its sequence number and
+    /// publishing holds every reader there) and that needs one record behind it now. Records
+    /// not published yet are passed over; the in-order read gets them later. Returns how
+    /// many records `each` got.
+    pub(crate) fn read_ahead(&self, from: u64, mut each: impl FnMut(u64, &[u8])) -> u64 {
+        let head = self.head();
+        let mut buf = [0u8; MAX_RECORD];
+        let mut n = 0;
+        for seq in from.max(head.saturating_sub(self.slots))..head {
+            let s1 = self.slot(seq).state.load(Acquire);
+            if s1 != published(seq) {
+                continue;
+            }
+            if let Copied::Record(len) = self.copy_published(seq, s1, 0, &mut buf) {
+                each(seq, &buf[..len]);
+                n += 1;
+                crate::wipe::wipe(&mut buf[..len]);
+            }
+        }
+        n
     }
 
     /// The master read up to `next`: clear the nudge, so the next quarter ring of stores
@@ -559,6 +606,22 @@ mod tests {
         assert_eq!(t.len(), MAX_TOMBSTONES, "bounded");
         assert!(!t.buries(b"ns", &0u64.to_le_bytes(), 1), "the oldest went first");
         assert!(t.buries(b"ns", &(MAX_TOMBSTONES as u64 + 4).to_le_bytes(), 1));
+    }
+
+    #[test]
+    fn read_ahead_gets_the_records_behind_a_half_written_one_and_moves_nothing() {
+        let r = Ring::map(16).unwrap();
+        let mut cur = r.cursor_at_head();
+        let stalled = r.claim_unpublished();
+        r.publish(1, &rec(1, 20));
+        r.publish(2, &rec(2, 20));
+        assert!(read_all(&r, &mut cur, 0, 0).0.is_empty(), "the in-order read waits");
+        let mut got = Vec::new();
+        assert_eq!(r.read_ahead(cur.next, |seq, b| got.push((seq, b.to_vec()))), 2);
+        assert_eq!(got, vec![(stalled + 1, rec(1, 20)), (stalled + 2, rec(2, 20))]);
+        assert_eq!(cur.next, stalled, "no cursor moved");
+        r.publish_claimed(stalled, 3, &rec(0, 20));
+        assert_eq!(read_all(&r, &mut cur, 0, 0).0, vec![rec(0, 20), rec(1, 20), rec(2, 20)], "then in order");
     }
 
     #[test]
