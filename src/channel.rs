@@ -37,6 +37,11 @@ static SHARE_TICKETS: AtomicBool = AtomicBool::new(true);
 static REPLICA_BYTES: AtomicU64 = AtomicU64::new(4 << 20);
 static MAX_LIFETIME_SECS: AtomicU64 = AtomicU64::new(24 * 3600);
 
+/// The latest expiry a session may have at `now`: `max_lifetime` from then.
+fn lifetime_cap(now: u64) -> u64 {
+    now.saturating_add(MAX_LIFETIME_SECS.load(Relaxed))
+}
+
 /// Whether shared contexts get the cluster-wide ticket keys.
 pub(crate) fn share_tickets() -> bool {
     SHARE_TICKETS.load(Relaxed)
@@ -375,11 +380,17 @@ impl Channel {
 
     /// Store in the replica, with the lifetime cap the master applies, and keep `decoded`
     /// (the session the DER was made from) as its decoded copy.
-    fn replica_put(&self, namespace: &[u8], id: &[u8], der: &[u8], expiry: u64, decoded: Option<&SslSessionRef>) {
+    fn replica_put(
+        &self,
+        namespace: &[u8],
+        id: &[u8],
+        der: &[u8],
+        expiry: u64,
+        now: u64,
+        decoded: Option<&SslSessionRef>,
+    ) {
         if let Some(mut r) = self.replica() {
-            let now = crate::master::now_secs();
-            let cap = now.saturating_add(MAX_LIFETIME_SECS.load(Relaxed));
-            let outcome = r.put(namespace, id, der, expiry.min(cap), now);
+            let outcome = r.put(namespace, id, der, expiry.min(lifetime_cap(now)), now);
             // Only beside an entry the replica took (not one refused as expired or too big).
             let taken = matches!(outcome, PutOutcome::Stored | PutOutcome::Replaced);
             if let Some(s) = decoded.filter(|_| taken) {
@@ -522,7 +533,8 @@ impl Channel {
         }
         // Capped now, where the session is made: a worker reading the record from the ring
         // later caps by its own clock, and would stretch the session's life by the delay.
-        let expiry = expiry.min(crate::master::now_secs().saturating_add(MAX_LIFETIME_SECS.load(Relaxed)));
+        let now = crate::master::now_secs();
+        let expiry = expiry.min(lifetime_cap(now));
         let sent = self.send_frame_within(None, true, |out| {
             out.reserve(protocol::frame_len(namespace, id, der_len));
             protocol::encode_header(out, Op::Put, 0, expiry, namespace, id);
@@ -532,7 +544,7 @@ impl Channel {
             }
             // Our own sessions go to our replica too: a client that comes back to this worker
             // resumes without a round trip.
-            self.replica_put(namespace, id, &out[start..], expiry, decoded);
+            self.replica_put(namespace, id, &out[start..], expiry, now, decoded);
             true
         });
         if sent {
@@ -619,7 +631,7 @@ impl Channel {
     /// read (a few loads when there are none). `settled`: see `ring::Ring::read`.
     fn read_ring(&self, r: &mut Replica, settled: u64, now: u64) {
         let (Some(ring), Some(cur)) = (crate::ring::get(), r.ring.as_mut()) else { return };
-        let cap = now.saturating_add(MAX_LIFETIME_SECS.load(Relaxed));
+        let cap = lifetime_cap(now);
         let (cache, hot, tombs) = (&mut r.cache, &mut r.hot, &mut r.tombs);
         let n = ring.read(cur, settled, self.pid, |seq, rec| match protocol::decode(rec) {
             // Stored before a removal this replica has applied already: stays removed.
@@ -886,7 +898,7 @@ impl Channel {
         let r = &mut *r;
         let now = crate::master::now_secs();
         self.read_ring(r, ring_pos, now);
-        let cap = now.saturating_add(MAX_LIFETIME_SECS.load(Relaxed));
+        let cap = lifetime_cap(now);
         for rec in protocol::sync_records(payload) {
             match rec {
                 Ok(m) if m.op == Op::Put => {
@@ -932,7 +944,7 @@ impl Channel {
             Op::Hit => {
                 // Into the replica here, in the order the socket delivers frames: a removal
                 // the master pushed after this reply is applied after it, never before.
-                self.replica_put(msg.namespace, msg.id, msg.payload, msg.expiry, None);
+                self.replica_put(msg.namespace, msg.id, msg.payload, msg.expiry, crate::master::now_secs(), None);
                 Reply::Hit(SecretBuf::from_slice(msg.payload))
             }
             Op::Miss => Reply::Miss,
@@ -1124,7 +1136,7 @@ mod tests {
                 }
             }
         });
-        let cap = crate::master::now_secs() + MAX_LIFETIME_SECS.load(Relaxed);
+        let cap = lifetime_cap(crate::master::now_secs());
         let e = expiry.expect("the store went through the ring");
         assert!(e <= cap && e + 60 >= cap, "expiry {e}, cap {cap}");
     }
