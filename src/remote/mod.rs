@@ -275,8 +275,7 @@ impl Removed {
         if self.order.len() >= REMOVED_MAX {
             self.order.clear();
             self.latest.clear();
-            let until = now + REMOVED_WINDOW;
-            self.refuse_all_until = Some(self.refuse_all_until.map_or(until, |t| t.max(until)));
+            self.refuse_all(now + REMOVED_WINDOW);
             return;
         }
         self.latest.insert(key.clone(), now);
@@ -288,11 +287,15 @@ impl Removed {
         self.refuse_all_until.is_some() || self.latest.contains_key(key) || self.unconfirmed.contains(key)
     }
 
+    /// Refuse every remote hit until `until` (a refusal already longer stands).
+    fn refuse_all(&mut self, until: Instant) {
+        self.refuse_all_until = Some(self.refuse_all_until.map_or(until, |t| t.max(until)));
+    }
+
     /// The DEL of `key` did not reach Redis.
-    fn unconfirmed(&mut self, key: Vec<u8>, now: Instant, max_lifetime: Duration) {
+    fn note_unconfirmed(&mut self, key: Vec<u8>, now: Instant, max_lifetime: Duration) {
         if self.unconfirmed.len() >= UNCONFIRMED_MAX {
-            let until = now + max_lifetime;
-            self.refuse_all_until = Some(self.refuse_all_until.map_or(until, |t| t.max(until)));
+            self.refuse_all(now + max_lifetime);
             return;
         }
         self.unconfirmed.insert(key);
@@ -600,7 +603,11 @@ impl Tier {
     fn lost_del(&self, job: &WriteJob) {
         if let WriteJob::Del { namespace, id } = job {
             let key = self.key(namespace, id);
-            self.removed.lock().unwrap_or_else(|e| e.into_inner()).unconfirmed(key, Instant::now(), self.max_lifetime);
+            self.removed.lock().unwrap_or_else(|e| e.into_inner()).note_unconfirmed(
+                key,
+                Instant::now(),
+                self.max_lifetime,
+            );
         }
     }
 
@@ -911,12 +918,12 @@ mod tests {
         let life = Duration::from_secs(3600);
         let mut r = Removed::default();
         r.note(b"k".to_vec(), t0);
-        r.unconfirmed(b"k".to_vec(), t0, life);
+        r.note_unconfirmed(b"k".to_vec(), t0, life);
         assert!(r.lately(b"k", t0 + 10 * REMOVED_WINDOW), "past the window, still removed");
         r.unconfirmed.remove(b"k".as_slice());
         assert!(!r.lately(b"k", t0 + 10 * REMOVED_WINDOW), "forgotten once its DEL went through");
         for i in 0..=UNCONFIRMED_MAX {
-            r.unconfirmed(i.to_le_bytes().to_vec(), t0, life);
+            r.note_unconfirmed(i.to_le_bytes().to_vec(), t0, life);
         }
         assert_eq!(r.unconfirmed.len(), UNCONFIRMED_MAX, "bounded");
         assert!(r.lately(b"never removed", t0 + life / 2), "past the bound every hit is refused");
