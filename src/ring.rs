@@ -680,9 +680,7 @@ mod tests {
         assert_eq!((got, n.records, cur.next), (vec![rec(0, 30)], 1, stuck));
         // ...and goes on once it is published...
         let mut cur2 = Cursor { next: stuck, stall: None };
-        r.slot(stuck).meta.store(1 | (3 << 32), Relaxed);
-        r.slot(stuck).data[0].store(0x03_0201, Relaxed);
-        r.slot(stuck).state.store(published(stuck), Release);
+        r.publish_claimed(stuck, 1, &[1, 2, 3]);
         assert_eq!(read_all(&r, &mut cur2, 0, 0).0, vec![vec![1, 2, 3], rec(2, 30)]);
         // ...or skips it: below what the master had read when it sent a push,
         let stuck = r.claim_unpublished();
