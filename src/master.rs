@@ -532,7 +532,7 @@ impl Master {
     /// with workers, it goes to their replicas too.
     pub(crate) fn put(&self, namespace: &[u8], id: &[u8], der: &[u8], expiry: u64) -> PutOutcome {
         let now = now_secs();
-        let cap = now.saturating_add(self.config.max_lifetime.as_secs());
+        let cap = self.lifetime_cap(now);
         if let Some(r) = &self.remote {
             r.put(namespace, id, der, expiry.min(cap), now);
         }
@@ -630,7 +630,7 @@ impl Master {
         // Twice at most: a store published while the nudge was being cleared sent no nudge.
         for _ in 0..2 {
             let now = now_secs();
-            let cap = now.saturating_add(self.config.max_lifetime.as_secs());
+            let cap = self.lifetime_cap(now);
             let mut cache = self.cache();
             let RingReader { cursor, tombs, .. } = &mut *reader;
             let n = ring.read(cursor, 0, 0, |seq, rec| match protocol::decode(rec) {
@@ -678,7 +678,7 @@ impl Master {
             return;
         }
         let now = now_secs();
-        let cap = now.saturating_add(self.config.max_lifetime.as_secs());
+        let cap = self.lifetime_cap(now);
         let mut cache = self.cache();
         ring.read_ahead(reader.cursor.next, |seq, rec| match protocol::decode(rec) {
             // Not one stored before a removal the master has applied (`Tombstones`).
@@ -692,6 +692,11 @@ impl Master {
             }
             _ => {}
         });
+    }
+
+    /// The latest expiry a session may have at `now`: `max_lifetime` from then.
+    fn lifetime_cap(&self, now: u64) -> u64 {
+        now.saturating_add(self.config.max_lifetime.as_secs())
     }
 
     /// Before a removal is applied: read what the ring holds, and if a record still unread
@@ -938,7 +943,7 @@ impl Master {
     /// Store a session the remote tier found; returns the expiry applied (capped).
     fn put_local(&self, namespace: &[u8], id: &[u8], der: &[u8], expiry: u64) -> u64 {
         let now = now_secs();
-        let expiry = expiry.min(now.saturating_add(self.config.max_lifetime.as_secs()));
+        let expiry = expiry.min(self.lifetime_cap(now));
         self.cache().put(namespace, id, der, expiry, now);
         expiry
     }
@@ -1075,9 +1080,7 @@ impl Master {
         // A PUT goes out with the expiry the cache applied (capped by max_lifetime now), so
         // a worker that reads it late cannot stretch the session's life.
         let capped = match protocol::decode(frame) {
-            Ok(m) if m.op == Op::Put => {
-                Some(m.expiry.min(now_secs().saturating_add(self.config.max_lifetime.as_secs())))
-            }
+            Ok(m) if m.op == Op::Put => Some(m.expiry.min(self.lifetime_cap(now_secs()))),
             _ => None,
         };
         let is_put = capped.is_some();
