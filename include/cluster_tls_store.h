@@ -244,7 +244,8 @@ typedef struct cts_config {
   uint32_t remote_timeout_ms;
   /**
    * Length of each queue to the remote threads (lookups; stores and removals). Work that
-   * finds its queue full is dropped and counted (`remote_queue_drops`). Default 1024.
+   * finds its queue full is dropped and counted (`remote_queue_drops`), except a removal:
+   * it is kept and sent again until Redis takes it. Default 1024.
    */
   uint32_t remote_queue_len;
 } cts_config;

@@ -144,7 +144,8 @@ pub struct cts_config {
     /// 0.5 s), then goes on without it. Default 50; allowed 1..=10000.
     pub remote_timeout_ms: u32,
     /// Length of each queue to the remote threads (lookups; stores and removals). Work that
-    /// finds its queue full is dropped and counted (`remote_queue_drops`). Default 1024.
+    /// finds its queue full is dropped and counted (`remote_queue_drops`), except a removal:
+    /// it is kept and sent again until Redis takes it. Default 1024.
     pub remote_queue_len: u32,
 }
 

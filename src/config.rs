@@ -65,7 +65,8 @@ pub struct Config {
     /// on without it. Default 50 ms.
     pub remote_timeout: Duration,
     /// Length of each of the two queues to the remote threads (lookups; stores and removals);
-    /// work that finds its queue full is dropped and counted. Default 1024.
+    /// work that finds its queue full is dropped and counted, except a removal, which is kept
+    /// and sent again until Redis takes it. Default 1024.
     pub remote_queue_len: usize,
 }
 
