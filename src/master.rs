@@ -81,6 +81,8 @@ struct Conn {
     /// for it (`datagram_charge`; the worker's reads only lower the real figure). While it
     /// leaves room, a push needs no measurement (see `room_for`).
     unread_bound: usize,
+    /// A send found the channel broken (`Sent::Broken`): the loop closes it.
+    broken: bool,
 }
 
 /// At least what the kernel charges a socket (SIOCOUTQ counts skb truesize) for a datagram
@@ -135,6 +137,7 @@ impl Conn {
             sync_room,
             watch_out: false,
             unread_bound: 0,
+            broken: false,
         }
     }
 
@@ -165,17 +168,38 @@ impl Conn {
     }
 }
 
-/// Send one frame to a worker without blocking; false if it was not sent.
-fn send_nonblocking(fd: RawFd, frame: &[u8]) -> bool {
+/// What a send to a worker came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sent {
+    Yes,
+    /// Not sent, for now: the worker's socket is full (or memory is short).
+    Lost,
+    /// Not sent, and no frame ever will be: the worker shut its end for reading, or the
+    /// channel is otherwise broken. Such a socket can stay "writable" and never report EOF,
+    /// so the loop closes the channel rather than keep trying (and keep waking for it).
+    Broken,
+}
+
+/// Send one frame to a worker without blocking.
+fn send_nonblocking(fd: RawFd, frame: &[u8]) -> Sent {
     // SAFETY: `frame` is valid for its length. Non-blocking and no SIGPIPE: a full or closed
     // worker socket costs that frame, nothing else.
-    unsafe { libc::send(fd, frame.as_ptr().cast(), frame.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) >= 0 }
+    let n = unsafe { libc::send(fd, frame.as_ptr().cast(), frame.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    if n >= 0 {
+        return Sent::Yes;
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN | libc::ESHUTDOWN | libc::EBADF | libc::ENOTSOCK) => {
+            Sent::Broken
+        }
+        _ => Sent::Lost,
+    }
 }
 
 /// Send a push (`Op::Sync`, `Op::Flush`) to a worker, counted in the session ring: a worker
 /// reads its socket at a lookup only when the count moved since its last read, or while a
 /// push is being sent (see `ring::Ring::counted_push` and `Channel::drain_now`).
-fn send_push(fd: RawFd, frame: &[u8]) -> bool {
+fn send_push(fd: RawFd, frame: &[u8]) -> Sent {
     match crate::ring::get() {
         Some(ring) => ring.counted_push(|| send_nonblocking(fd, frame)),
         None => send_nonblocking(fd, frame),
@@ -217,6 +241,9 @@ pub struct Master {
     /// Stores and removals this process made itself (a master serving TLS while it has
     /// workers), waiting for the cache thread to push them to the workers' replicas.
     local_sync: Mutex<LocalSync>,
+    /// Channels a reply found broken (`Sent::Broken`) this round: the loop closes them at
+    /// its end. (Pushes mark their `Conn` instead.)
+    broken: Mutex<Vec<RawFd>>,
     /// How far the master has read the session ring, and what it wipes there (`ring`).
     ring_reader: Mutex<RingReader>,
     /// `ring_reader`'s position after its last read: for the `Sync` frames (see `Op::Sync`),
@@ -387,6 +414,7 @@ pub fn setup(mut config: Config) -> Result<(), Error> {
         key_file: Mutex::new(None),
         remote,
         local_sync: Mutex::new(LocalSync::default()),
+        broken: Mutex::new(Vec::new()),
         ring_reader: Mutex::new(RingReader {
             cursor: ring_cursor,
             read_at_last_sweep: ring_start,
@@ -876,15 +904,7 @@ impl Master {
             // there and tells whether the channel lives on (EOF and hard errors end it).
             let Some(i) = conns.iter().position(|c| c.raw() as u64 == ev.u64) else { continue };
             if !self.serve(i, conns, main, Some(spare)) {
-                let conn = conns.swap_remove(i);
-                // Out of the set before the close: a copy of the descriptor still open
-                // elsewhere (a child mid-fork) would otherwise keep reporting it.
-                epoll_ctl(ep, libc::EPOLL_CTL_DEL, conn.raw(), false);
-                if let Some(r) = &self.remote {
-                    r.conn_closed(conn.raw());
-                }
-                fork::untrack_master_fd(conn.raw());
-                drop(conn);
+                self.close_conn(ep, conns.swap_remove(i));
             }
         }
         for c in conns.iter_mut() {
@@ -892,6 +912,16 @@ impl Master {
             // A worker that owes a Flush is watched for room to send it.
             if c.watch_out != c.flush_due && epoll_ctl(ep, libc::EPOLL_CTL_MOD, c.raw(), c.flush_due) {
                 c.watch_out = c.flush_due;
+            }
+        }
+        // Channels a send found broken: closed like those at EOF (the worker's lookups miss).
+        let broken = std::mem::take(&mut *self.broken.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut i = 0;
+        while i < conns.len() {
+            if conns[i].broken || broken.contains(&conns[i].raw()) {
+                self.close_conn(ep, conns.swap_remove(i));
+            } else {
+                i += 1;
             }
         }
         self.workers.store(conns.len() as u64, Relaxed);
@@ -904,6 +934,18 @@ impl Master {
             let mut retired = self.ticket_keys();
             wipe(&mut retired);
         }
+    }
+
+    /// Close a worker's channel, which `epoll` watches (EOF, or found broken).
+    fn close_conn(&self, ep: RawFd, conn: Conn) {
+        // Out of the set before the close: a copy of the descriptor still open elsewhere (a
+        // child mid-fork) would otherwise keep reporting it.
+        epoll_ctl(ep, libc::EPOLL_CTL_DEL, conn.raw(), false);
+        if let Some(r) = &self.remote {
+            r.conn_closed(conn.raw());
+        }
+        fork::untrack_master_fd(conn.raw());
+        drop(conn);
     }
 
     /// Answer the lookups the remote tier finished: a hit is stored here first (and, with
@@ -1133,10 +1175,12 @@ impl Master {
             out.clear();
             protocol::encode(out, Op::Sync, self.ring_pos.load(SeqCst), 0, b"", b"", &c.sync);
             let fits = c.room_for(out.len());
-            let sent = fits && send_push(c.raw(), out);
+            let sent = if fits { send_push(c.raw(), out) } else { Sent::Lost };
             let len = out.len();
             clear_wiped(out);
-            if sent {
+            if sent == Sent::Broken {
+                c.broken = true;
+            } else if sent == Sent::Yes {
                 c.note_sent(len);
                 c.last_was_flush = false;
             } else {
@@ -1156,10 +1200,19 @@ impl Master {
     fn send_flush(&self, c: &mut Conn, out: &mut Vec<u8>) {
         out.clear();
         protocol::encode(out, Op::Flush, 0, 0, b"", b"", &[]);
-        if send_push(c.raw(), out) {
-            c.note_sent(out.len());
-            c.flush_due = false;
-            c.last_was_flush = true;
+        match send_push(c.raw(), out) {
+            Sent::Yes => {
+                c.note_sent(out.len());
+                c.flush_due = false;
+                c.last_was_flush = true;
+            }
+            // Owed no longer: the channel is closed at the end of this round, and nothing
+            // must keep the loop watching it for room meanwhile.
+            Sent::Broken => {
+                c.broken = true;
+                c.flush_due = false;
+            }
+            Sent::Lost => {}
         }
         out.clear();
     }
@@ -1228,8 +1281,19 @@ impl Master {
     }
 
     fn send_reply(&self, fd: RawFd, out: &[u8]) {
-        if !send_nonblocking(fd, out) {
-            self.reply_drops.fetch_add(1, Relaxed);
+        match send_nonblocking(fd, out) {
+            Sent::Yes => {}
+            Sent::Lost => {
+                self.reply_drops.fetch_add(1, Relaxed);
+            }
+            Sent::Broken => {
+                self.reply_drops.fetch_add(1, Relaxed);
+                let mut broken = self.broken.lock().unwrap_or_else(|e| e.into_inner());
+                // One entry per channel at most, and drained every round.
+                if !broken.contains(&fd) {
+                    broken.push(fd);
+                }
+            }
         }
     }
 }
@@ -1260,7 +1324,7 @@ mod tests {
             let mut sent = 0;
             while c.room_for(frame.len()) {
                 let before = unread_bytes(c.raw());
-                assert!(send_nonblocking(c.raw(), &frame), "{len}: the socket filled before sync_room");
+                assert_eq!(send_nonblocking(c.raw(), &frame), Sent::Yes, "{len}: the socket filled before sync_room");
                 c.note_sent(frame.len());
                 sent += 1;
                 let after = unread_bytes(c.raw());

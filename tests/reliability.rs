@@ -241,3 +241,14 @@ fn a_master_serving_tls_itself_pushes_its_stores_and_removals_to_the_replicas() 
     assert_eq!(r["worker_store_was_pushed"], 1.0, "the master's own store reached the replica");
     assert_eq!(r["worker_found_removed"], 0.0, "a session the master removed resumed from a replica");
 }
+
+#[test]
+fn a_worker_that_shuts_its_channel_for_reading_is_closed_not_spun_on() {
+    // Such a socket stays writable and never reads EOF: the master used to keep its Flush owed
+    // and wake for it on every round, a whole CPU for as long as the worker lived.
+    let r = scenario(&["shut-read"]);
+    assert_eq!(r["pushed_exit"], 0.0);
+    assert_eq!(r["asker_exit"], 0.0);
+    assert_eq!(r["workers_open"], 0.0, "both half-shut channels were closed: {r:?}");
+    assert!(r["cache_thread_ticks_per_s"] < 20.0, "the cache thread spins: {r:?}");
+}

@@ -8,6 +8,7 @@
 //! cts-test-helper exec           a worker re-execs itself and adopts its channel by env var
 //! cts-test-helper hostile SECS   one worker writes garbage while another does PUT/GET
 //! cts-test-helper soak SECS MB   workers store distinct sessions through a small budget
+//! cts-test-helper shut-read     workers shut their channel for reading and keep it open
 //! cts-test-helper remote-forks MS fork workers for MS ms while the remote threads keep
 //!                                reconnecting to a rediss:// server that never answers
 //! ```
@@ -340,6 +341,68 @@ fn hostile(secs: u64) {
     println!("bad_frames={}", st.master.bad_frames);
 }
 
+/// CPU ticks (user + system, 1/100 s) the master's cache thread has used so far.
+fn cache_thread_ticks() -> u64 {
+    for e in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        let p = e.path();
+        if std::fs::read_to_string(p.join("comm")).unwrap_or_default().trim() != "cts-cache" {
+            continue;
+        }
+        let stat = std::fs::read_to_string(p.join("stat")).unwrap_or_default();
+        // After the command's ")": state, then utime and stime are the 12th and 13th fields.
+        let f: Vec<u64> = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        return f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
+    }
+    panic!("no cts-cache thread");
+}
+
+/// Two workers shut their channel for reading (`shutdown(SHUT_RD)`) and keep it open: the
+/// master's sends to them then fail with EPIPE, while its end stays "writable" and never
+/// reads EOF. One is sent a push (a store the master made itself), the other a reply (it
+/// asks for stats). The master must close both channels, not spin on them.
+fn shut_read() {
+    setup();
+    let (quit_a, quit_b) = (gate_pipe(), gate_pipe());
+    let pushed = fork_child(move || {
+        // SAFETY: shuts down our end of our own channel for reading.
+        unsafe { libc::shutdown(channel(), libc::SHUT_RD) };
+        wait_gate(quit_a);
+        0
+    });
+    let asker = fork_child(move || {
+        let fd = channel();
+        // SAFETY: as above.
+        unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+        let mut f = Vec::new();
+        protocol::encode(&mut f, Op::Stats, 7, 0, b"", b"", &[]);
+        send_raw(fd, &f);
+        wait_gate(quit_b);
+        0
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    // A store of the master's own: pushed to every worker's replica.
+    cluster_tls_store::bench::put(b"shut", &[7u8; 32], &[0x42; 135], now + 60);
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = (Instant::now(), cache_thread_ticks());
+    std::thread::sleep(Duration::from_millis(1500));
+    let ticks_per_s = (cache_thread_ticks() - t0.1) as f64 / t0.0.elapsed().as_secs_f64();
+    // Both workers are still alive here, holding their (half-shut) channels.
+    println!("workers_open={}", stats().master.workers);
+    println!("cache_thread_ticks_per_s={ticks_per_s:.1}");
+    open_gate(quit_a);
+    open_gate(quit_b);
+    println!("pushed_exit={}", wait(pushed));
+    println!("asker_exit={}", wait(asker));
+}
+
 /// A worker that stops reading while others store and remove sessions: pushes to it are
 /// lost, and it must never resume a session that was removed meanwhile.
 fn sync_overflow() {
@@ -650,6 +713,7 @@ fn main() {
         Some("catch-up-order") => catch_up_order(),
         Some("master-in-process") => master_in_process(),
         Some("remote-forks") => remote_forks(num(1, 1500)),
+        Some("shut-read") => shut_read(),
         _ => {
             eprintln!("usage: cts-test-helper churn N | grandchild | exec | hostile SECS | soak SECS MIB");
             std::process::exit(2);
