@@ -496,6 +496,71 @@ struct KeyState {
     keys: crate::tickets::KeySet,
     refresh_at: u64,
     fetching: bool,
+    /// Ticket HMAC keys derived for a namespace (`namespace_mac`), cached: at most
+    /// `MAX_DERIVED`, emptied when the keys are replaced.
+    derived: Vec<DerivedMac>,
+}
+
+/// A ticket key's HMAC key for one namespace. Wiped when dropped.
+struct DerivedMac {
+    namespace: Box<[u8]>,
+    name: [u8; 16],
+    mac: [u8; 32],
+}
+
+impl Drop for DerivedMac {
+    fn drop(&mut self) {
+        crate::wipe::wipe(&mut self.mac);
+    }
+}
+
+/// How many (namespace, key) HMAC keys a process keeps derived: a few namespaces times the
+/// few keys of a set.
+const MAX_DERIVED: usize = 64;
+
+/// HMAC-SHA256 (RFC 2104) of `msg` under `key` (at most 64 bytes, the block size).
+fn hmac_sha256(key: &[u8], msg: &[&[u8]]) -> [u8; 32] {
+    let mut pad = [0u8; 64];
+    pad[..key.len()].copy_from_slice(key);
+    let mut outer = openssl::sha::Sha256::new();
+    let mut inner = openssl::sha::Sha256::new();
+    for b in pad.iter_mut() {
+        *b ^= 0x36;
+    }
+    inner.update(&pad);
+    for b in pad.iter_mut() {
+        *b ^= 0x36 ^ 0x5c;
+    }
+    outer.update(&pad);
+    crate::wipe::wipe(&mut pad);
+    for m in msg {
+        inner.update(m);
+    }
+    let mut h = inner.finish();
+    outer.update(&h);
+    crate::wipe::wipe(&mut h);
+    outer.finish()
+}
+
+impl KeyState {
+    /// The HMAC key tickets of `namespace` are sealed with under `k`: derived from `k`'s HMAC
+    /// key and the namespace, so a ticket opens only in the namespace that issued it, even
+    /// where contexts share a session id context (`keep_session_id_context`). Without it, a
+    /// ticket issued by a context that asks for no client certificate resumed, certificate
+    /// and all, in one that requires it.
+    fn namespace_mac(&mut self, k: &crate::tickets::TicketKey, namespace: &[u8]) -> [u8; 32] {
+        if let Some(d) = self.derived.iter().find(|d| d.name == k.name && *d.namespace == *namespace) {
+            return d.mac;
+        }
+        let len = [namespace.len() as u8];
+        let mac =
+            hmac_sha256(&k.hmac[..usize::from(k.hmac_len)], &[b"cluster-tls-store ticket mac\0", &len, namespace]);
+        if self.derived.len() >= MAX_DERIVED {
+            self.derived.clear();
+        }
+        self.derived.push(DerivedMac { namespace: namespace.into(), name: k.name, mac });
+        mac
+    }
 }
 
 static LOCAL_KEYS: std::sync::atomic::AtomicPtr<LocalKeys> = std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
@@ -566,6 +631,7 @@ impl LocalKeys {
                 let period = keys.encrypting(now).map(|k| k.encrypt_until.saturating_sub(k.encrypt_from)).unwrap_or(2);
                 st.refresh_at = now + (period / 2).clamp(1, 10);
                 st.keys = keys;
+                st.derived.clear();
             }
             // Master unreachable: keep the copy we have (tickets keep working across the
             // workers that share it) and try again in a second.
@@ -575,7 +641,7 @@ impl LocalKeys {
 }
 
 unsafe extern "C" fn ticket_key_cb(
-    _ssl: *mut ffi::SSL,
+    ssl: *mut ffi::SSL,
     key_name: *mut c_uchar,
     iv: *mut c_uchar,
     cctx: *mut ffi::EVP_CIPHER_CTX,
@@ -586,7 +652,7 @@ unsafe extern "C" fn ticket_key_cb(
     ffi_boundary!(0, {
         // SAFETY: OpenSSL passes a 16-byte key name, an IV buffer of EVP_MAX_IV_LENGTH and
         // valid cipher and MAC contexts.
-        unsafe { ticket_key(key_name, iv, cctx, hctx, enc == 1) }
+        unsafe { ticket_key(ssl, key_name, iv, cctx, hctx, enc == 1) }
     })
 }
 
@@ -621,6 +687,7 @@ unsafe fn set_ticket_mac(hctx: *mut ffi::EVP_MAC_CTX, hmac: &[u8]) -> bool {
 /// # Safety
 /// As for `ticket_key_cb`.
 unsafe fn ticket_key(
+    ssl: *mut ffi::SSL,
     key_name: *mut c_uchar,
     iv: *mut c_uchar,
     cctx: *mut ffi::EVP_CIPHER_CTX,
@@ -630,15 +697,24 @@ unsafe fn ticket_key(
     let now = master::now_secs();
     let store = local_keys();
     store.refresh_if_due(now);
+    // SAFETY: see the function's contract. The namespace of the context now serving the
+    // handshake (a context never shared seals its tickets for the empty namespace).
+    let namespace = unsafe { ctx_state(ffi::SSL_get_SSL_CTX(ssl)) }.map(|s| &s.namespace[..]).unwrap_or(b"");
     // SAFETY: see the function's contract.
     unsafe {
         if encrypt {
-            let Some(k) = store.lock().keys.encrypting(now).cloned() else { return 0 };
+            let (k, mut mac) = {
+                let mut st = store.lock();
+                let Some(k) = st.keys.encrypting(now).cloned() else { return 0 };
+                let mac = st.namespace_mac(&k, namespace);
+                (k, mac)
+            };
             std::ptr::copy_nonoverlapping(k.name.as_ptr(), key_name, 16);
-            if ffi::RAND_bytes(iv, 16) != 1
-                || ffi::EVP_EncryptInit_ex(cctx, ticket_cipher(&k), std::ptr::null_mut(), k.aes.as_ptr(), iv) != 1
-                || !set_ticket_mac(hctx, &k.hmac[..usize::from(k.hmac_len)])
-            {
+            let ok = ffi::RAND_bytes(iv, 16) == 1
+                && ffi::EVP_EncryptInit_ex(cctx, ticket_cipher(&k), std::ptr::null_mut(), k.aes.as_ptr(), iv) == 1
+                && set_ticket_mac(hctx, &mac);
+            crate::wipe::wipe(&mut mac);
+            if !ok {
                 return -1;
             }
             bump(&WORKER.tickets_issued);
@@ -646,21 +722,23 @@ unsafe fn ticket_key(
         } else {
             let name = std::slice::from_raw_parts(key_name, 16);
             let found = {
-                let st = store.lock();
+                let mut st = store.lock();
                 let current = st.keys.encrypting(now).map(|k| k.name);
                 st.keys.opening(name, now).cloned().map(|k| {
                     let is_current = current == Some(k.name);
-                    (k, is_current)
+                    let mac = st.namespace_mac(&k, namespace);
+                    (k, mac, is_current)
                 })
             };
-            let Some((k, is_current)) = found else {
+            let Some((k, mut mac, is_current)) = found else {
                 bump(&WORKER.tickets_refused);
                 crate::log::debug!("ticket refused: key {} unknown or too old", crate::log::hex(name));
                 return 0;
             };
-            if ffi::EVP_DecryptInit_ex(cctx, ticket_cipher(&k), std::ptr::null_mut(), k.aes.as_ptr(), iv) != 1
-                || !set_ticket_mac(hctx, &k.hmac[..usize::from(k.hmac_len)])
-            {
+            let ok = ffi::EVP_DecryptInit_ex(cctx, ticket_cipher(&k), std::ptr::null_mut(), k.aes.as_ptr(), iv) == 1
+                && set_ticket_mac(hctx, &mac);
+            crate::wipe::wipe(&mut mac);
+            if !ok {
                 return -1;
             }
             bump(&WORKER.tickets_opened);
@@ -731,6 +809,33 @@ mod tests {
         // SAFETY: we own the session decode_session returned.
         unsafe { ffi::SSL_SESSION_free(s) };
         true
+    }
+
+    #[test]
+    fn hmac_sha256_matches_rfc_4231() {
+        // RFC 4231, test case 2.
+        let mac = hmac_sha256(b"Jefe", &[b"what do ya want ", b"for nothing?"]);
+        let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+    }
+
+    #[test]
+    fn each_namespace_seals_tickets_with_its_own_mac_key() {
+        let k = crate::tickets::TicketKey {
+            name: [1; 16],
+            aes: [2; 32],
+            hmac: [3; 32],
+            aes_len: 32,
+            hmac_len: 32,
+            encrypt_from: 0,
+            encrypt_until: 10,
+            decrypt_until: 20,
+        };
+        let mut st = KeyState::default();
+        let (a, b, empty) = (st.namespace_mac(&k, b"alpha"), st.namespace_mac(&k, b"beta"), st.namespace_mac(&k, b""));
+        assert!(a != b && a != empty && b != empty && a != k.hmac);
+        assert_eq!(st.namespace_mac(&k, b"alpha"), a, "cached, and the same");
+        assert_eq!(st.derived.len(), 3);
     }
 
     #[test]

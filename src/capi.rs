@@ -47,7 +47,9 @@ pub enum cts_result {
 }
 
 /// Flag for `cts_share_sessions_ex`: keep the session id context already set on the
-/// `SSL_CTX` instead of deriving one from the namespace.
+/// `SSL_CTX` instead of deriving one from the namespace. The namespace still keeps sessions
+/// apart: each has its own cache entries, and the cluster's tickets are sealed with an HMAC key
+/// derived for the namespace, so a ticket opens only in the namespace that issued it.
 pub const CTS_SHARE_KEEP_SESSION_ID_CONTEXT: u32 = 1;
 
 /// Flag for `cts_share_sessions_ex`: keep this `SSL_CTX`'s own ticket keys or ticket key
