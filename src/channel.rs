@@ -206,6 +206,11 @@ pub struct Channel {
     drained_ms: AtomicU64,
     /// `DRAIN_EVERY_MS` (a field so that a test can stretch it).
     drain_every_ms: u64,
+    /// Whether the master was this process's parent when the channel was made: then a
+    /// parent other than the master later means the master exited (see `mark_dead`).
+    parent_was_master: bool,
+    /// Set once the replica was emptied for good after the master's death.
+    replica_dropped: AtomicBool,
 }
 
 /// How long a worker with the session ring goes at most without reading its socket while the
@@ -351,6 +356,9 @@ impl Channel {
             pushes_seen: AtomicU64::new(0),
             drained_ms: AtomicU64::new(0),
             drain_every_ms: DRAIN_EVERY_MS,
+            // SAFETY: getppid has no preconditions.
+            parent_was_master: fork::master_pid() > 1 && unsafe { libc::getppid() } == fork::master_pid(),
+            replica_dropped: AtomicBool::new(false),
             replica: match REPLICA_BYTES.load(SeqCst) as usize {
                 0 => None,
                 bytes => Some(Mutex::new(Replica {
@@ -401,12 +409,35 @@ impl Channel {
         }
     }
 
+    /// The master closed the channel (it exited, or it gave up on this worker): from now on
+    /// lookups are misses, and stores and removals are skipped. The replica is emptied at the
+    /// next lookup (`replica_for_lookup`), which no longer reads the session ring: no removal
+    /// can reach it any more. If the master exited, nobody wipes the ring any more either, so
+    /// this process wipes it whole (other workers that have not noticed yet wipe it again
+    /// when they do: every store and lookup reads the socket at least every `DRAIN_EVERY_MS`).
     fn mark_dead(&self) {
         if !self.dead.swap(true, SeqCst) {
             WORKER.master_gone.store(1, Relaxed);
             crate::log::debug!("the master closed the channel: lookups are misses from now on");
+            if let Some(ring) = crate::ring::get().filter(|_| self.master_exited()) {
+                ring.wipe_range(0, ring.head());
+            }
         }
         self.cond.notify_all();
+    }
+
+    /// Whether the master process is gone (not merely this channel): its pid no longer
+    /// exists, or this process, once its child, has been given another parent.
+    fn master_exited(&self) -> bool {
+        let m = fork::master_pid();
+        if m <= 1 || m == self.pid {
+            return false;
+        }
+        // SAFETY: getppid has no preconditions; kill with signal 0 only checks the pid.
+        unsafe {
+            (self.parent_was_master && libc::getppid() != m)
+                || (libc::kill(m, 0) == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH))
+        }
     }
 
     /// Send one frame without blocking. The frame is built by `build` in a thread-local
@@ -528,6 +559,13 @@ impl Channel {
         der: impl FnOnce(&mut Vec<u8>) -> bool,
         decoded: Option<&SslSessionRef>,
     ) {
+        // With the ring, a store needs no system call, so it would never see the master's
+        // EOF: read the socket as a lookup does (at least every `DRAIN_EVERY_MS`), or a
+        // worker that only makes new sessions would feed the ring after the master died.
+        // Without the ring the store's own send finds a dead master.
+        if crate::ring::get().is_some() {
+            self.drain_now();
+        }
         if self.is_dead() {
             return;
         }
@@ -621,6 +659,15 @@ impl Channel {
         bump(&WORKER.gets);
         self.replica.as_ref()?;
         self.drain_now();
+        if self.is_dead() {
+            // No removal reaches the replica any more: it serves nothing from now on.
+            if !self.replica_dropped.swap(true, SeqCst) {
+                if let Some(mut r) = self.replica() {
+                    r.clear();
+                }
+            }
+            return None;
+        }
         let mut r = self.replica()?;
         let now = crate::master::now_secs();
         self.read_ring(&mut r, 0, now);
@@ -1047,6 +1094,38 @@ mod tests {
     }
 
     #[test]
+    fn after_the_master_closed_the_channel_the_replica_serves_nothing() {
+        let (ch, master, ring) = channel_with_ring();
+        ring.publish(-7, &frame(Op::Put, 0, b"before-death", b"der"));
+        assert!(in_replica(&ch, b"before-death"));
+        drop(master);
+        // A store notices within DRAIN_EVERY_MS, as a lookup does.
+        std::thread::sleep(Duration::from_millis(DRAIN_EVERY_MS + 20));
+        ch.put(
+            b"ns",
+            b"own",
+            4_000_000_000,
+            3,
+            |o| {
+                o.extend_from_slice(b"der");
+                true
+            },
+            None,
+        );
+        assert!(ch.is_dead());
+        // Another worker that has not noticed yet still stores into the ring.
+        ring.publish(-7, &frame(Op::Put, 0, b"after-death", b"der"));
+        for id in [&b"before-death"[..], b"own", b"after-death"] {
+            assert!(
+                ch.get(b"ns", id).is_none(),
+                "{}: a dead master's worker served from its replica",
+                String::from_utf8_lossy(id)
+            );
+        }
+        assert_eq!(ch.replica().unwrap().cache.len(), 0, "the replica was emptied");
+    }
+
+    #[test]
     fn ring_records_reach_the_replica_and_a_removal_pushed_later_wins() {
         let (ch, _master, ring) = channel_with_ring();
         // Another process's store, through the ring.
@@ -1188,7 +1267,7 @@ mod tests {
         drop(master);
         std::thread::sleep(Duration::from_millis(DRAIN_EVERY_MS + 20));
         assert!(!ch.is_dead());
-        let _ = in_replica(&ch, b"d3");
+        assert!(ch.replica_for_lookup().is_none(), "no replica once the master is gone");
         assert!(ch.is_dead(), "EOF read once DRAIN_EVERY_MS went by");
     }
 

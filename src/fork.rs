@@ -153,6 +153,11 @@ pub fn is_descendant_of_master() -> bool {
     m != 0 && m != pid()
 }
 
+/// The master's pid (0 before `master_setup`, and in a process that only adopted a channel).
+pub(crate) fn master_pid() -> i32 {
+    MASTER_PID.load(SeqCst)
+}
+
 pub(crate) fn set_master_pid(p: i32) {
     MASTER_PID.store(p, SeqCst);
 }

@@ -231,6 +231,12 @@ pub mod bench {
         channel::current().ok()?.get_from_master(namespace, id).map(|d| d.len())
     }
 
+    /// How many slots of the session ring hold any byte of a session (`None` without a
+    /// ring): for tests that the ring is wiped.
+    pub fn ring_slots_holding_data() -> Option<u64> {
+        crate::ring::get().map(|r| r.slots_holding_data())
+    }
+
     /// Remove (`namespace`, `id`) cluster-wide.
     pub fn del(namespace: &[u8], id: &[u8]) {
         if let Some(m) = master::get() {

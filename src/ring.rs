@@ -320,6 +320,16 @@ impl Ring {
         unsafe { &*self.base.add(HEADER_BYTES + i * SLOT_BYTES).cast::<Slot>() }
     }
 
+    /// Slots holding any byte of a record (published, half written or not yet wiped): for
+    /// tests of the wipes.
+    pub(crate) fn slots_holding_data(&self) -> u64 {
+        let held = |i: u64| {
+            let slot = self.slot(i);
+            slot.meta.load(Relaxed) != 0 || slot.data.iter().any(|w| w.load(Relaxed) != 0)
+        };
+        (0..self.slots).filter(|&i| held(i)).count() as u64
+    }
+
     /// The next sequence number to be written.
     pub(crate) fn head(&self) -> u64 {
         self.header().head.load(Acquire)

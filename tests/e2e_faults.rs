@@ -87,3 +87,28 @@ fn killed_master_leaves_workers_serving_full_handshakes() {
     assert_eq!(st["w_master_gone"], 1, "stats say the master is gone: {st:?}");
     assert_eq!(st["master_valid"], 0);
 }
+
+#[test]
+fn killed_master_leaves_no_worker_resuming_from_its_replica() {
+    // Removals travel through the master: once it is gone, a session a worker's OpenSSL
+    // removes (a fatal alert) would stay resumable in every other worker's replica. So a
+    // worker that finds the master gone serves nothing from its replica.
+    let s = Server::start(&["--workers", "4", "--tls12", "--no-tickets"]);
+    let mut c = Client::new(true);
+    assert!(!c.request(s.addr(), "/").expect("full").reused);
+    let saved = c.session.clone();
+    let mut before = 0;
+    for _ in 0..20 {
+        c.session = saved.clone();
+        before += usize::from(c.request(s.addr(), "/").expect("resume").reused);
+    }
+    assert_eq!(before, 20, "the session resumed on every worker while the master lived");
+    s.signal_master(libc::SIGKILL);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut after = 0;
+    for _ in 0..20 {
+        c.session = saved.clone();
+        after += usize::from(c.request(s.addr(), "/").expect("full handshake").reused);
+    }
+    assert_eq!(after, 0, "a worker resumed from its replica after the master died");
+}

@@ -252,3 +252,14 @@ fn a_worker_that_shuts_its_channel_for_reading_is_closed_not_spun_on() {
     assert_eq!(r["workers_open"], 0.0, "both half-shut channels were closed: {r:?}");
     assert!(r["cache_thread_ticks_per_s"] < 20.0, "the cache thread spins: {r:?}");
 }
+
+#[test]
+fn once_the_master_exited_workers_serve_nothing_from_replicas_and_the_ring_is_wiped() {
+    let r = scenario(&["dead-master"]);
+    assert_eq!(r["master_exit"], 0.0);
+    assert_eq!(r["worker_exit"], 0.0, "{r:?}");
+    assert!(r["ring_slots_before"] >= 1.0, "the session went through the ring: {r:?}");
+    assert_eq!(r["master_gone"], 1.0, "{r:?}");
+    assert_eq!(r["found_after"], 0.0, "no removal reaches a replica any more: it must serve nothing: {r:?}");
+    assert_eq!(r["ring_slots_after"], 0.0, "the session stayed in shared memory: {r:?}");
+}

@@ -9,6 +9,7 @@
 //! cts-test-helper hostile SECS   one worker writes garbage while another does PUT/GET
 //! cts-test-helper soak SECS MB   workers store distinct sessions through a small budget
 //! cts-test-helper shut-read     workers shut their channel for reading and keep it open
+//! cts-test-helper dead-master   the master exits while a worker lives
 //! cts-test-helper remote-forks MS fork workers for MS ms while the remote threads keep
 //!                                reconnecting to a rediss:// server that never answers
 //! ```
@@ -403,6 +404,46 @@ fn shut_read() {
     println!("asker_exit={}", wait(asker));
 }
 
+/// The master exits while a worker lives: the worker stored a session through the session
+/// ring just before. Once the worker has noticed (its lookups read the master's EOF), its
+/// replica must serve nothing and the ring must hold no session any more (nobody else will
+/// ever wipe it).
+fn dead_master() {
+    // Orphans (the worker, once its master exited) come back to this process, to be reaped.
+    // SAFETY: prctl with an integer argument.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) };
+    let stored = gate_pipe();
+    let master = fork_child(move || {
+        setup();
+        let worker = fork_child(move || {
+            let far = 4_000_000_000u64;
+            assert!(cluster_tls_store::bench::put(b"dead", b"stored", &[0x42; 135], far));
+            assert!(cluster_tls_store::bench::get(b"dead", b"stored").is_some(), "in this worker's replica");
+            println!("ring_slots_before={}", cluster_tls_store::bench::ring_slots_holding_data().unwrap_or(0));
+            open_gate(stored);
+            let until = Instant::now() + Duration::from_secs(10);
+            while stats().worker.master_gone == 0 && Instant::now() < until {
+                let _ = cluster_tls_store::bench::get(b"dead", b"probe");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            println!("master_gone={}", stats().worker.master_gone);
+            println!("found_after={}", u8::from(cluster_tls_store::bench::get(b"dead", b"stored").is_some()));
+            println!("ring_slots_after={}", cluster_tls_store::bench::ring_slots_holding_data().unwrap_or(99));
+            0
+        });
+        wait_gate(stored);
+        // Exits with its worker still running (the worker is not waited for).
+        let _ = worker;
+        0
+    });
+    println!("master_exit={}", wait(master));
+    // The worker, now this process's child.
+    let mut status = 0;
+    // SAFETY: reaping any child of ours with a valid status pointer.
+    let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+    println!("worker_exit={}", if pid > 0 && libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 255 });
+}
+
 /// A worker that stops reading while others store and remove sessions: pushes to it are
 /// lost, and it must never resume a session that was removed meanwhile.
 fn sync_overflow() {
@@ -714,6 +755,7 @@ fn main() {
         Some("master-in-process") => master_in_process(),
         Some("remote-forks") => remote_forks(num(1, 1500)),
         Some("shut-read") => shut_read(),
+        Some("dead-master") => dead_master(),
         _ => {
             eprintln!("usage: cts-test-helper churn N | grandchild | exec | hostile SECS | soak SECS MIB");
             std::process::exit(2);
