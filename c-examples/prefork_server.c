@@ -4,7 +4,7 @@
  *
  *   prefork_server --port P --workers N --cert F --key F [--no-share] [--no-tickets]
  *                  [--tls12] [--ns NAME] [--get-timeout-us N] [--threads T] [--sticky]
- *                  [--deadline-ms MS]
+ *                  [--deadline-ms MS] [--switch-ns NAME]
  *
  * The master reserves the port (a bound, non-listening SO_REUSEPORT socket; port 0 picks a
  * free one), sets up the shared cache, and forks N workers. Each worker opens its own
@@ -22,6 +22,11 @@
  * Each connection's writes are held and sent when OpenSSL ends a handshake flight, when the
  * server turns to reading, and at the end (struct conn_io): a resumed connection's reply and
  * close_notify, and with TLS 1.3 often its session ticket, leave in one TCP segment.
+ *
+ * --switch-ns NAME makes each worker a second SSL_CTX, shared under namespace NAME, and
+ * moves every connection to it from the client-hello callback of the listening one, as a
+ * server that picks a site's context by the ClientHello does (HAProxy): the sessions are then
+ * stored, found and removed under NAME, although OpenSSL calls the callbacks of the first.
  *
  * --threads T runs T accept loops in each worker, on one SSL_CTX (default: 4 per CPU in all,
  * split over the workers; see default_loops). With `--workers 1 --threads N --no-share` that
@@ -98,6 +103,7 @@ struct options {
     const char *cert;
     const char *key;
     const char *ns;
+    const char *switch_ns; /* NULL: one SSL_CTX */
     int share;
     int tickets;
     int tls12;
@@ -119,7 +125,7 @@ static void usage(const char *argv0)
     fprintf(stderr,
             "usage: %s --port P --workers N --cert FILE --key FILE [--no-share] [--no-tickets]\n"
             "          [--tls12] [--ns NAME] [--get-timeout-us N] [--threads T] [--sticky]\n"
-            "          [--deadline-ms MS]\n",
+            "          [--deadline-ms MS] [--switch-ns NAME]\n",
             argv0);
 }
 
@@ -227,6 +233,9 @@ static int parse_args(int argc, char **argv, struct options *o)
         } else if (strcmp(a, "--ns") == 0) {
             o->ns = next;
             i++;
+        } else if (strcmp(a, "--switch-ns") == 0) {
+            o->switch_ns = next;
+            i++;
         } else {
             fprintf(stderr, "unknown option: %s\n", a);
             return -1;
@@ -310,6 +319,14 @@ static int set_timeouts(int fd, long ms)
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) != 0)
         return -1;
     return 0;
+}
+
+/* --switch-ns: every connection moves to the context `arg` before anything else is done
+ * with its ClientHello. */
+static int switch_ctx(SSL *ssl, int *alert, void *arg)
+{
+    (void)alert;
+    return SSL_set_SSL_CTX(ssl, (SSL_CTX *)arg) != NULL ? SSL_CLIENT_HELLO_SUCCESS : SSL_CLIENT_HELLO_ERROR;
 }
 
 static SSL_CTX *make_ctx(const struct options *o)
@@ -825,6 +842,20 @@ static void worker_main(const struct options *o, int port, int ready_fd)
             print_cts_error("cts_share_sessions", rc);
             exit(1);
         }
+    }
+    if (o->switch_ns != NULL) {
+        /* Never freed: it serves for the worker's whole life, as the first one does. */
+        SSL_CTX *site = make_ctx(o);
+        if (site == NULL)
+            exit(1);
+        if (o->share) {
+            cts_result rc = cts_share_sessions(site, o->switch_ns);
+            if (rc != CTS_OK) {
+                print_cts_error("cts_share_sessions", rc);
+                exit(1);
+            }
+        }
+        SSL_CTX_set_client_hello_cb(ctx, switch_ctx, site);
     }
 
     /* Extra accept loops (--threads) share the listening socket and the SSL_CTX; the worker

@@ -37,6 +37,8 @@ extern "C" {
     fn SSL_get_options(ssl: *const ffi::SSL) -> u64;
     fn ERR_set_mark() -> c_int;
     fn ERR_pop_to_mark() -> c_int;
+    fn SSL_SESSION_set_ex_data(s: *mut ffi::SSL_SESSION, idx: c_int, data: *mut c_void) -> c_int;
+    fn SSL_SESSION_get_ex_data(s: *const ffi::SSL_SESSION, idx: c_int) -> *mut c_void;
     fn SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx: *mut ffi::SSL_CTX, cb: Option<TicketKeyCb>) -> c_int;
     fn OSSL_PARAM_construct_utf8_string(
         key: *const std::ffi::c_char,
@@ -51,6 +53,94 @@ const TLS1_3_VERSION: c_int = 0x0304;
 struct CtxState {
     namespace: Box<[u8]>,
     tickets: TicketMode,
+    /// The namespace, interned: what the sessions stored and found through this context are
+    /// tagged with (`tag_session`). `None` past `MAX_NS_TAGS` distinct namespaces.
+    tag: Option<&'static NsTag>,
+}
+
+/// A namespace a session was stored or found under, kept on the session (ex_data) so that
+/// its removal goes to the same namespace. OpenSSL calls every session callback of the
+/// context the connection started on, but the library stores and looks up under the
+/// namespace of the context serving the handshake, which a client-hello or servername
+/// callback may have switched to (as HAProxy does per site); the removal callback is only
+/// given the first context, and its namespace was the wrong one: the session was never
+/// removed. Interned and never freed, so a session outliving every context still points at
+/// a live one.
+struct NsTag(Box<[u8]>);
+
+/// Distinct namespaces interned at most (a host with more keeps removing under the
+/// context's namespace for the rest).
+const MAX_NS_TAGS: usize = 4096;
+
+static NS_TAGS: std::sync::Mutex<Vec<&'static NsTag>> = std::sync::Mutex::new(Vec::new());
+
+fn intern_namespace(ns: &[u8]) -> Option<&'static NsTag> {
+    let mut tags = NS_TAGS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = tags.iter().find(|t| *t.0 == *ns) {
+        return Some(*t);
+    }
+    if tags.len() >= MAX_NS_TAGS {
+        return None;
+    }
+    let t: &'static NsTag = Box::leak(Box::new(NsTag(ns.into())));
+    tags.push(t);
+    Some(t)
+}
+
+/// The SSL_SESSION ex_data index of the namespace tags; -1 until made.
+static SESSION_EX_INDEX: AtomicI32 = AtomicI32::new(-1);
+
+fn session_ex_index() -> Result<c_int, Error> {
+    let idx = SESSION_EX_INDEX.load(SeqCst);
+    if idx >= 0 {
+        return Ok(idx);
+    }
+    // SAFETY: registers a new SSL_SESSION ex_data index without callbacks: the values are
+    // `&'static NsTag`, copied as they are when OpenSSL duplicates a session.
+    let new =
+        unsafe { ffi::CRYPTO_get_ex_new_index(CRYPTO_EX_INDEX_SSL_SESSION, 0, std::ptr::null_mut(), None, None, None) };
+    if new < 0 {
+        return Err(Error::OpenSsl("CRYPTO_get_ex_new_index (SSL_SESSION) failed".into()));
+    }
+    match SESSION_EX_INDEX.compare_exchange(-1, new, SeqCst, SeqCst) {
+        Ok(_) => Ok(new),
+        Err(existing) => Ok(existing),
+    }
+}
+
+const CRYPTO_EX_INDEX_SSL_SESSION: c_int = 2;
+
+/// Tag `sess` with the namespace it is stored or found under (see `NsTag`). Only on a
+/// session no other thread can see yet: one OpenSSL just made, or one just decoded.
+///
+/// # Safety
+/// `sess` must be a valid session.
+unsafe fn tag_session(sess: *mut ffi::SSL_SESSION, state: &CtxState) {
+    let (Some(tag), idx) = (state.tag, SESSION_EX_INDEX.load(SeqCst)) else { return };
+    if idx < 0 {
+        return;
+    }
+    // SAFETY: valid session (caller); the value is a 'static pointer. Already so tagged:
+    // nothing to write. A failure (no memory) leaves the session untagged: removed under the
+    // context's namespace.
+    unsafe {
+        if !std::ptr::eq(SSL_SESSION_get_ex_data(sess, idx).cast_const().cast::<NsTag>(), tag) {
+            SSL_SESSION_set_ex_data(sess, idx, (tag as *const NsTag).cast_mut().cast());
+        }
+    }
+}
+
+/// The namespace `sess` was tagged with, if any.
+///
+/// # Safety
+/// `sess` must be a valid session.
+unsafe fn session_namespace<'a>(sess: *const ffi::SSL_SESSION) -> Option<&'a [u8]> {
+    let idx = SESSION_EX_INDEX.load(SeqCst);
+    if idx < 0 {
+        return None;
+    }
+    // SAFETY: valid session (caller); non-null values at our index are `&'static NsTag`.
+    unsafe { SSL_SESSION_get_ex_data(sess, idx).cast::<NsTag>().as_ref() }.map(|t| &t.0[..])
 }
 
 /// What [`install`] did with a context's session ticket keys (reported by
@@ -210,7 +300,8 @@ pub unsafe fn install(ctx: *mut ffi::SSL_CTX, ns: &[u8], opts: ShareOptions) -> 
     } else {
         TicketMode::ClusterKeys
     };
-    let state = Box::into_raw(Box::new(CtxState { namespace: ns.into(), tickets }));
+    session_ex_index()?;
+    let state = Box::into_raw(Box::new(CtxState { namespace: ns.into(), tickets, tag: intern_namespace(ns) }));
     // SAFETY: `ctx` is valid; the previous value (if any) is ours and is freed after the
     // new one is in place.
     unsafe {
@@ -305,6 +396,7 @@ unsafe fn store_session(ssl: *mut ffi::SSL, sess: *mut ffi::SSL_SESSION) {
             String::from_utf8_lossy(&state.namespace),
             crate::log::hex(id)
         );
+        tag_session(sess, state);
         let time = ffi::SSL_SESSION_get_time(sess).max(0) as u64;
         let timeout = ffi::SSL_SESSION_get_timeout(sess).max(0) as u64;
         let expiry = time.saturating_add(timeout);
@@ -375,6 +467,7 @@ unsafe fn lookup_session(
                     if s.is_null() {
                         return None;
                     }
+                    tag_session(s, state);
                     let keep = worth_keeping_decoded(s);
                     // SAFETY (of the enclosing block): a non-null session from d2i, whose one
                     // reference the SslSession takes over.
@@ -429,6 +522,7 @@ unsafe fn lookup_session(
         }
         crate::log::debug!("get session: id={} hit ({}B)", crate::log::hex(id), der.len());
         bump(&WORKER.hits);
+        tag_session(sess, state);
         // A freshly decoded session: hand OpenSSL our only reference.
         if !copy.is_null() {
             *copy = 0;
@@ -466,17 +560,19 @@ unsafe extern "C" fn remove_session_cb(ctx: *mut ffi::SSL_CTX, sess: *mut ffi::S
         // SAFETY: OpenSSL passes a valid context and session.
         unsafe {
             let Some(state) = ctx_state(ctx) else { return };
+            // Where it was stored or found, which may be another context's namespace.
+            let ns = session_namespace(sess).unwrap_or(&state.namespace);
             let mut id_len: c_uint = 0;
             let id_ptr = ffi::SSL_SESSION_get_id(sess, &mut id_len);
             if id_ptr.is_null() || id_len == 0 || id_len as usize > MAX_ID_LEN {
                 return;
             }
             let id = std::slice::from_raw_parts(id_ptr, id_len as usize);
-            crate::log::debug!("remove session: id={}", crate::log::hex(id));
+            crate::log::debug!("remove session: ns={} id={}", String::from_utf8_lossy(ns), crate::log::hex(id));
             match backend() {
-                Some(Backend::Channel(ch)) => ch.del(&state.namespace, id),
+                Some(Backend::Channel(ch)) => ch.del(ns, id),
                 Some(Backend::InProcess(m)) => {
-                    m.remove(&state.namespace, id);
+                    m.remove(ns, id);
                     bump(&WORKER.dels);
                 }
                 None => {}

@@ -841,14 +841,11 @@ fn a_client_that_closes_without_close_notify_keeps_its_session() {
     assert_eq!((r.failures, r.resumed), (0, 12), "{report}");
 }
 
-/// The other side of the test above: the example marks every connection whose handshake
-/// completed as shut down, but a fatal alert (here a forged record, answered with
-/// bad_record_mac) makes OpenSSL remove the session itself, and that removal reaches every
-/// worker: the session is not resumed anywhere after.
-#[test]
-fn a_forged_record_still_removes_the_session_everywhere() {
-    let fx = Fixture::new("forged-record");
-    let server = fx.start(&["--tls12", "--no-tickets"]);
+/// A session resumes, then a forged record on a resumed connection draws a fatal alert
+/// (bad_record_mac), which makes OpenSSL remove the session itself: the removal must reach
+/// every worker, so the session is not resumed anywhere after.
+fn assert_forged_record_removes_everywhere(fx: &Fixture, flags: &[&str]) {
+    let server = fx.start(flags);
     let script = manifest_dir().join("tests/c_example/forged_record_client.py");
     let done = run(
         Command::new("python3").arg(&script).args(["--port", &server.port.to_string()]),
@@ -857,7 +854,7 @@ fn a_forged_record_still_removes_the_session_everywhere() {
     );
     assert!(done.status.success(), "forged_record_client.py failed: {}\n{}{}", done.status, done.stdout, done.stderr);
     let line = done.stdout.lines().last().unwrap_or_default().to_string();
-    let report = format!("{line}\n{}", done.stderr);
+    let report = format!("{flags:?}: {line}\n{}", done.stderr);
     assert!(line.contains("\"resumed_before\": true"), "the session must resume first: {report}");
     assert!(line.contains("\"forged_resumed\": true"), "the forged connection must be a resumption: {report}");
     assert!(line.contains("BAD_RECORD_MAC") || line.contains("bad record mac"), "no fatal alert: {report}");
@@ -866,6 +863,24 @@ fn a_forged_record_still_removes_the_session_everywhere() {
     // the alert itself: the removal reached it.
     let reached: usize = json_scalar(&line, "after_workers").parse().expect("after_workers");
     assert!(reached >= 2, "the offers after the alert reached {reached} worker(s): {report}");
+}
+
+/// The other side of the test above: the example marks every connection whose handshake
+/// completed as shut down, but a fatal alert still removes the session everywhere.
+#[test]
+fn a_forged_record_still_removes_the_session_everywhere() {
+    let fx = Fixture::new("forged-record");
+    assert_forged_record_removes_everywhere(&fx, &["--tls12", "--no-tickets"]);
+}
+
+/// The same when the client-hello callback moves each connection to another context, of
+/// another namespace (`--switch-ns`): OpenSSL calls the first context's remove callback, and
+/// the removal must still go to the namespace the session was stored under. (Found in review:
+/// it went to the first context's namespace, and the session kept resuming.)
+#[test]
+fn a_removal_follows_the_session_into_the_context_it_was_switched_to() {
+    let fx = Fixture::new("forged-record-switched");
+    assert_forged_record_removes_everywhere(&fx, &["--tls12", "--no-tickets", "--ns", "front", "--switch-ns", "site"]);
 }
 
 /// A client that trickles its ClientHello a byte at a time, each byte well inside the
