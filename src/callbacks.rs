@@ -74,6 +74,12 @@ const MAX_NS_TAGS: usize = 4096;
 
 static NS_TAGS: std::sync::Mutex<Vec<&'static NsTag>> = std::sync::Mutex::new(Vec::new());
 
+/// How many namespaces `NS_TAGS` holds. While this process shares contexts under one
+/// namespace only, every removal names a context of that namespace, and no session needs a
+/// tag (none is written: a first ex_data on a session costs an allocation, and makes OpenSSL
+/// copy the ex_data each time it duplicates the session, as every TLS 1.3 resumption does).
+static NS_TAG_COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn intern_namespace(ns: &[u8]) -> Option<&'static NsTag> {
     let mut tags = NS_TAGS.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(t) = tags.iter().find(|t| *t.0 == *ns) {
@@ -84,6 +90,7 @@ fn intern_namespace(ns: &[u8]) -> Option<&'static NsTag> {
     }
     let t: &'static NsTag = Box::leak(Box::new(NsTag(ns.into())));
     tags.push(t);
+    NS_TAG_COUNT.store(tags.len(), SeqCst);
     Some(t)
 }
 
@@ -117,7 +124,7 @@ const CRYPTO_EX_INDEX_SSL_SESSION: c_int = 2;
 /// `sess` must be a valid session.
 unsafe fn tag_session(sess: *mut ffi::SSL_SESSION, state: &CtxState) {
     let (Some(tag), idx) = (state.tag, SESSION_EX_INDEX.load(SeqCst)) else { return };
-    if idx < 0 {
+    if idx < 0 || NS_TAG_COUNT.load(SeqCst) < 2 {
         return;
     }
     // SAFETY: valid session (caller); the value is a 'static pointer. Already so tagged:
