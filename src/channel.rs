@@ -234,9 +234,26 @@ struct Replica {
     ring: Option<crate::ring::Cursor>,
     /// Removals the records still unread must not undo (see `ring::Tombstones`).
     tombs: crate::ring::Tombstones,
+    /// The second of the last sweep (`sweep_if_due`).
+    swept_at: u64,
 }
 
 impl Replica {
+    /// Once a second, at a lookup: drop the expired sessions (an expired session is never
+    /// served, but its DER, the master secret, would stay in this worker's memory until
+    /// evicted or looked up again) and their decoded copies. Costs a heap peek when none
+    /// expired.
+    fn sweep_if_due(&mut self, now: u64) {
+        if now == self.swept_at {
+            return;
+        }
+        self.swept_at = now;
+        if self.cache.sweep(now) > 0 {
+            let cache = &self.cache;
+            self.hot.retain(|ns, id| cache.contains(ns, id, now));
+        }
+    }
+
     fn put(&mut self, namespace: &[u8], id: &[u8], der: &[u8], expiry: u64, now: u64) -> PutOutcome {
         self.hot.remove(namespace, id);
         self.cache.put(namespace, id, der, expiry, now)
@@ -368,6 +385,7 @@ impl Channel {
                     // have been removed since, and this worker would never hear of it.
                     ring: crate::ring::get().map(|r| r.cursor_at_head()),
                     tombs: crate::ring::Tombstones::default(),
+                    swept_at: 0,
                 })),
             },
         }
@@ -671,6 +689,7 @@ impl Channel {
         let mut r = self.replica()?;
         let now = crate::master::now_secs();
         self.read_ring(&mut r, 0, now);
+        r.sweep_if_due(now);
         Some((r, now))
     }
 
@@ -1033,7 +1052,24 @@ mod tests {
             hot: Hot::new(16),
             ring: None,
             tombs: crate::ring::Tombstones::default(),
+            swept_at: 0,
         }
+    }
+
+    #[test]
+    fn the_sweep_drops_expired_sessions_and_their_decoded_copies() {
+        let mut r = replica();
+        let now = 1_000_000;
+        r.sweep_if_due(now);
+        r.put(b"ns", b"short", b"secret der", now + 1, now);
+        r.put(b"ns", b"long", b"secret der", now + 100, now);
+        r.hot.insert(b"ns", b"short", &session(), |_, _| true);
+        r.hot.insert(b"ns", b"long", &session(), |_, _| true);
+        r.sweep_if_due(now);
+        assert_eq!((r.cache.len(), r.hot.len()), (2, 2), "nothing expired yet");
+        r.sweep_if_due(now + 1);
+        assert_eq!((r.cache.len(), r.hot.len()), (1, 1), "the expired session went, with its decoded copy");
+        assert!(r.hot.get(b"ns", b"long").is_some());
     }
 
     fn keep_decoded(r: &mut Replica, id: &[u8]) {

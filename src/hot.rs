@@ -143,6 +143,17 @@ impl Hot {
         }
     }
 
+    /// Keep only the decoded copies whose key `keep` accepts (the replica's sweep drops those
+    /// of expired sessions at once, instead of when they come up for eviction).
+    pub fn retain(&mut self, mut keep: impl FnMut(&[u8], &[u8]) -> bool) {
+        if !self.table.is_empty() {
+            self.table.retain(|e| {
+                let (ns, id) = e.parts();
+                keep(ns, id)
+            });
+        }
+    }
+
     /// Drop every decoded copy.
     pub fn clear(&mut self) {
         self.table.clear();
@@ -214,6 +225,20 @@ pub(crate) mod tests {
         h.insert(b"ns", &[2; 32], &s, |_, _| true);
         h.clear();
         assert_eq!(h.len(), 0);
+    }
+
+    #[test]
+    fn retain_drops_the_copies_refused() {
+        let mut h = Hot::new(8);
+        let s = session();
+        for i in 0..4u8 {
+            h.insert(b"ns", &[i; 32], &s, |_, _| true);
+        }
+        h.retain(|_, id| id[0] % 2 == 0);
+        assert_eq!(h.len(), 2);
+        assert!(h.get(b"ns", &[1; 32]).is_none() && h.get(b"ns", &[2; 32]).is_some());
+        h.insert(b"ns", &[9; 32], &s, |_, _| true);
+        assert_eq!(h.len(), 3, "stale order items of dropped copies are skipped");
     }
 
     #[test]
