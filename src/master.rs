@@ -261,6 +261,8 @@ struct RingReader {
     read_at_last_sweep: u64,
     /// Removals the records still unread must not undo (see `ring::Tombstones`).
     tombs: crate::ring::Tombstones,
+    /// Slots found held by a writer, freed if it died half way (see `ring::HeldSlots`).
+    held: crate::ring::HeldSlots,
 }
 
 /// See `Master::local_sync`.
@@ -419,6 +421,7 @@ pub fn setup(mut config: Config) -> Result<(), Error> {
             cursor: ring_cursor,
             read_at_last_sweep: ring_start,
             tombs: crate::ring::Tombstones::default(),
+            held: crate::ring::HeldSlots::default(),
         }),
         ring_pos: AtomicU64::new(0),
         ring_records: AtomicU64::new(0),
@@ -746,7 +749,11 @@ impl Master {
         // The whole last lap before that point, not just what is new since the last sweep: a
         // record published late (its writer was descheduled, and the reads went past it) is
         // wiped by the next sweep. Slots already wiped cost one load each.
-        ring.wipe_range(0, reader.read_at_last_sweep);
+        let to = reader.read_at_last_sweep;
+        let (_, freed) = reader.held.sweep(ring, 0, to);
+        if freed > 0 {
+            crate::log::debug!("session ring: freed {freed} slot(s) a dead worker held half written");
+        }
         reader.read_at_last_sweep = reader.cursor.next;
     }
 

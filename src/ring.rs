@@ -35,7 +35,9 @@
 //!
 //! Secrets: the master wipes every slot it read a tick (one second) earlier, so a session
 //! stays in shared memory for one to two seconds; a worker that reads later finds it gone and
-//! asks the master.
+//! asks the master. A slot a worker claimed and then died in (killed half way through its
+//! record) is zeroed and freed by the sweeps once that worker's pid is gone (`HeldSlots`).
+//! Once the master itself is gone, the workers wipe the ring as they notice.
 
 use std::ptr;
 use std::sync::atomic::{
@@ -257,6 +259,51 @@ impl Tombstones {
     }
 }
 
+/// Slots the master's sweeps found held by a writer (state odd), to free those whose writer
+/// died half way.
+///
+/// A worker killed (SIGKILL, the OOM killer, a crash in another thread) between claiming a
+/// slot and publishing it would hold the slot for good: its part of a session would never be
+/// wiped from shared memory, and every later lap's writer would find the slot taken and send
+/// its record over the channel instead. Readers already skip such a record after
+/// `STALL_LIMIT`. A slot seen held with the same state at two sweeps in a row (a second
+/// apart) whose writer's pid no longer exists is zeroed and freed (`Ring::reclaim_if_writer_gone`).
+/// Not freed: a slot whose writer died before it wrote its pid into the slot (the pid there
+/// is the record before's, or none), a window of a few instructions, and a writer whose pid
+/// was reused meanwhile.
+#[derive(Debug, Default)]
+pub(crate) struct HeldSlots {
+    /// (slot index, state, sweeps in a row it was seen so)
+    seen: Vec<(u64, u64, u32)>,
+}
+
+/// Held slots `HeldSlots` follows at most (more are looked at by later sweeps).
+const MAX_HELD: usize = 256;
+
+impl HeldSlots {
+    /// One sweep: wipe the records `from..to` (`Ring::wipe_range`) and free the slots dead
+    /// writers hold. Returns (records wiped, slots freed).
+    pub(crate) fn sweep(&mut self, ring: &Ring, from: u64, to: u64) -> (u64, u64) {
+        let before = std::mem::take(&mut self.seen);
+        let mut now_held = Vec::new();
+        let wiped = ring.wipe_range_noting(from, to, |index, state| {
+            if now_held.len() < MAX_HELD {
+                now_held.push((index, state));
+            }
+        });
+        let mut freed = 0;
+        for (index, state) in now_held {
+            let times = before.iter().find(|h| h.0 == index && h.1 == state).map_or(1, |h| h.2 + 1);
+            if times >= 2 && ring.reclaim_if_writer_gone(index, state) {
+                freed += 1;
+            } else {
+                self.seen.push((index, state, times));
+            }
+        }
+        (wiped, freed)
+    }
+}
+
 /// What `Ring::copy_published` found in a slot.
 enum Copied {
     /// The record, this many bytes of the buffer.
@@ -415,6 +462,19 @@ impl Ring {
         seq
     }
 
+    /// The writer of `claim_unpublished` writes its pid and `record` but does not publish (as
+    /// if killed there).
+    #[cfg(test)]
+    pub(crate) fn write_unpublished(&self, seq: u64, pid: i32, record: &[u8]) {
+        let slot = self.slot(seq);
+        slot.meta.store((pid as u32 as u64) | ((record.len() as u64) << 32), Relaxed);
+        for (w, chunk) in slot.data.iter().zip(record.chunks(8)) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            w.store(u64::from_le_bytes(b), Relaxed);
+        }
+    }
+
     /// The writer of `claim_unpublished` goes on: it writes `record` and publishes it.
     #[cfg(test)]
     pub(crate) fn publish_claimed(&self, seq: u64, pid: i32, record: &[u8]) {
@@ -560,26 +620,64 @@ impl Ring {
 
     /// Wipe the slots of records `from..to` (those still holding exactly that record).
     pub(crate) fn wipe_range(&self, from: u64, to: u64) -> u64 {
+        self.wipe_range_noting(from, to, |_, _| {})
+    }
+
+    /// `wipe_range`, and `held(slot index, state)` for every slot of the range found held by
+    /// a writer (its state odd): see `HeldSlots`.
+    fn wipe_range_noting(&self, from: u64, to: u64, mut held: impl FnMut(u64, u64)) -> u64 {
         let from = from.max(to.saturating_sub(self.slots));
         let mut wiped = 0;
         for seq in from..to {
             let slot = self.slot(seq);
             // A plain load first: most slots of the range are wiped already or hold a newer
             // record, and a failed compare-exchange is still a locked instruction.
-            if slot.state.load(Relaxed) != published(seq)
+            let state = slot.state.load(Relaxed);
+            if state & 1 == 1 {
+                held(seq & (self.slots - 1), state);
+                continue;
+            }
+            if state != published(seq)
                 || slot.state.compare_exchange(published(seq), writing(seq), Acquire, Relaxed).is_err()
             {
                 continue;
             }
-            fence(Release);
-            slot.meta.store(0, Relaxed);
-            for w in &slot.data {
-                w.store(0, Relaxed);
-            }
+            self.zero(slot);
             slot.state.store(0, Release);
             wiped += 1;
         }
         wiped
+    }
+
+    /// Zero a slot's record words; the caller holds the slot (its state odd).
+    fn zero(&self, slot: &Slot) {
+        fence(Release);
+        slot.meta.store(0, Relaxed);
+        for w in &slot.data {
+            w.store(0, Relaxed);
+        }
+    }
+
+    /// Free the slot at `index` if it is still in `state` (held, odd) and the writer whose pid
+    /// its meta word holds is gone: a worker killed between claiming the slot and publishing.
+    /// What that writer wrote (part of a session) is zeroed and the slot can be claimed again.
+    /// A writer still alive (descheduled, stopped) keeps its slot: it will write on.
+    fn reclaim_if_writer_gone(&self, index: u64, state: u64) -> bool {
+        let slot = self.slot(index);
+        if slot.state.load(Acquire) != state {
+            return false;
+        }
+        let pid = slot.meta.load(Relaxed) as u32 as i32;
+        // SAFETY: kill with signal 0 only checks whether the pid exists.
+        let gone = pid > 0
+            && unsafe { libc::kill(pid, 0) } == -1
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if !gone {
+            return false;
+        }
+        // Nobody else claims an odd slot, and its writer is dead: ours to wipe and release.
+        self.zero(slot);
+        slot.state.compare_exchange(state, 0, Release, Relaxed).is_ok()
     }
 }
 
@@ -765,6 +863,36 @@ mod tests {
         // Sequence 4 maps to the stuck slot: refused, so the caller uses the channel.
         assert_eq!(r.publish(1, &rec(9, 8)), Published::No);
         assert_eq!(r.slot(stuck).state.load(Relaxed), writing(stuck));
+    }
+
+    #[test]
+    fn a_slot_a_dead_writer_left_half_written_is_wiped_and_freed_by_the_second_sweep() {
+        let r = Ring::map(4).unwrap();
+        let dead = {
+            let mut c = std::process::Command::new("true").spawn().expect("spawn true");
+            let pid = c.id() as i32;
+            c.wait().expect("wait");
+            pid
+        };
+        let killed = r.claim_unpublished();
+        r.write_unpublished(killed, dead, &rec(1, 100));
+        // A writer that is only slow (this process, alive) keeps its slot.
+        let slow = r.claim_unpublished();
+        r.write_unpublished(slow, std::process::id() as i32, &rec(2, 100));
+        assert_eq!(r.slots_holding_data(), 2);
+        let mut held = HeldSlots::default();
+        let head = r.head();
+        assert_eq!(held.sweep(&r, 0, head), (0, 0), "seen once: nothing freed yet");
+        assert_eq!(held.sweep(&r, 0, head), (0, 1), "the dead writer's slot, seen held twice, is freed");
+        assert_eq!(r.slot(killed).state.load(Relaxed), 0);
+        assert_eq!(r.slots_holding_data(), 1, "its half record is gone; the slow writer's stays");
+        assert_eq!(held.sweep(&r, 0, head), (0, 0), "the live writer's slot is never taken from it");
+        // The next lap's record for the freed slot goes into the ring again.
+        for n in 0..2u8 {
+            assert!(matches!(r.publish(1, &rec(n, 8)), Published::Yes { .. }));
+        }
+        assert!(matches!(r.publish(1, &rec(9, 8)), Published::Yes { .. }), "the freed slot takes a record");
+        assert_eq!(r.publish(1, &rec(9, 8)), Published::No, "the slow writer's slot is still its own");
     }
 
     #[test]
