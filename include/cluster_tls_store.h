@@ -416,7 +416,9 @@ typedef struct cts_worker_stats {
    */
   uint64_t oversize;
   /**
-   * TLS 1.3 stateless-ticket sessions not stored (the ticket carries the state).
+   * TLS 1.3 stateless-ticket sessions not stored (the ticket carries the state), and TLS
+   * 1.3 sessions of a context that turned early data on with anti-replay after it was
+   * shared (OpenSSL resumes those only from its own cache).
    */
   uint64_t stateless_skipped;
   /**
@@ -543,13 +545,17 @@ cts_result cts_master_setup(const struct cts_config *cfg);
  * yours). The library keeps no reference to `ctx`; its state is freed with the context.
  *
  * Returns `CTS_ERR_NO_MASTER` (or `CTS_ERR_NOT_CHANNEL_OWNER`) with `ctx` left untouched when
- * this process cannot reach a master. Not thread-safe with respect to handshakes on the same
+ * this process cannot reach a master, and `CTS_ERR_INVALID_CONFIG`, `ctx` untouched, when
+ * early data is on with OpenSSL's anti-replay protection (`SSL_CTX_set_max_early_data` > 0
+ * without `SSL_OP_NO_ANTI_REPLAY`): OpenSSL then resumes TLS 1.3 sessions only from its own
+ * per-process cache, so a shared one would resume none. Not thread-safe with respect to handshakes on the same
  * `ctx`: call it before the context serves connections.
  *
  * # Safety
  * `ctx` must be NULL or a valid `SSL_CTX`; `ns` NULL or a NUL-terminated string.
  */
-cts_result cts_share_sessions(SSL_CTX *ctx, const char *ns);
+cts_result cts_share_sessions(SSL_CTX *ctx,
+                              const char *ns);
 
 /**
  * `cts_share_sessions` with flags (`CTS_SHARE_KEEP_SESSION_ID_CONTEXT`,

@@ -287,6 +287,16 @@ fn session_id_context(ns: &[u8]) -> [u8; 32] {
 /// concurrently (OpenSSL's setters are not synchronised).
 pub unsafe fn install(ctx: *mut ffi::SSL_CTX, ns: &[u8], opts: ShareOptions) -> Result<(), Error> {
     check_namespace(ns)?;
+    // SAFETY: `ctx` is valid (caller); both getters only read it.
+    let (options, max_early) = unsafe { (ffi::SSL_CTX_get_options(ctx), ffi::SSL_CTX_get_max_early_data(ctx)) };
+    if early_data_with_anti_replay(options, max_early) {
+        return Err(Error::InvalidConfig(format!(
+            "early data is on (max_early_data {max_early}) with OpenSSL's anti-replay protection: OpenSSL then \
+             resumes a TLS 1.3 session only by taking it out of its own per-process cache, so a shared cache \
+             would resume none. Turn early data off, or set SSL_OP_NO_ANTI_REPLAY (0-RTT data may then be \
+             replayed: accept it only for idempotent requests), before sharing. The context was left untouched"
+        )));
+    }
     // Find the backend first: with no master, the context is left untouched.
     match backend() {
         Some(_) => {}
@@ -335,14 +345,33 @@ pub unsafe fn install(ctx: *mut ffi::SSL_CTX, ns: &[u8], opts: ShareOptions) -> 
     Ok(())
 }
 
-/// True for TLS 1.3 sessions that ride in stateless tickets: the ticket holds the state,
-/// storing it would only waste the cache (nginx skips them the same way).
+/// `SSL_OP_NO_ANTI_REPLAY` (OpenSSL 1.1.1 and later; not bound by openssl-sys).
+const SSL_OP_NO_ANTI_REPLAY: u64 = 1 << 24;
+
+/// Whether early data (0-RTT) is on with OpenSSL's anti-replay protection, for options
+/// `options` and `max_early_data`. OpenSSL then issues stateful TLS 1.3 tickets and resumes
+/// one only after taking it out of its own per-process cache (single use): with the shared
+/// cache as the only cache it resumes none.
+fn early_data_with_anti_replay(options: u64, max_early_data: u32) -> bool {
+    max_early_data > 0 && options & SSL_OP_NO_ANTI_REPLAY == 0
+}
+
+/// True for TLS 1.3 sessions not worth storing: those that ride in stateless tickets (the
+/// ticket holds the state; nginx skips them the same way), and those OpenSSL would only
+/// resume from its own cache (early data with anti-replay; `install` refuses such a context,
+/// but the host may turn early data on later).
 ///
 /// # Safety
 /// `ssl` must be a valid `SSL` pointer.
 unsafe fn is_stateless_tls13(ssl: *const ffi::SSL) -> bool {
     // SAFETY: caller guarantees `ssl` is valid.
-    unsafe { ffi::SSL_version(ssl) >= TLS1_3_VERSION && SSL_get_options(ssl) & ffi::SSL_OP_NO_TICKET == 0 }
+    unsafe {
+        if ffi::SSL_version(ssl) < TLS1_3_VERSION {
+            return false;
+        }
+        let options = SSL_get_options(ssl);
+        options & ffi::SSL_OP_NO_TICKET == 0 || early_data_with_anti_replay(options, ffi::SSL_get_max_early_data(ssl))
+    }
 }
 
 unsafe extern "C" fn new_session_cb(ssl: *mut ffi::SSL, sess: *mut ffi::SSL_SESSION) -> c_int {
@@ -377,7 +406,7 @@ unsafe fn store_session(ssl: *mut ffi::SSL, sess: *mut ffi::SSL_SESSION) {
     unsafe {
         if is_stateless_tls13(ssl) {
             bump(&WORKER.stateless_skipped);
-            crate::log::debug!("new session: TLS 1.3 stateless ticket, not stored");
+            crate::log::debug!("new session: TLS 1.3 stateless ticket (or early data with anti-replay), not stored");
             return;
         }
         let Some(state) = ctx_state(ffi::SSL_get_SSL_CTX(ssl)) else { return };

@@ -329,7 +329,10 @@ pub unsafe extern "C" fn cts_master_setup(cfg: *const cts_config) -> cts_result 
 /// yours). The library keeps no reference to `ctx`; its state is freed with the context.
 ///
 /// Returns `CTS_ERR_NO_MASTER` (or `CTS_ERR_NOT_CHANNEL_OWNER`) with `ctx` left untouched when
-/// this process cannot reach a master. Not thread-safe with respect to handshakes on the same
+/// this process cannot reach a master, and `CTS_ERR_INVALID_CONFIG`, `ctx` untouched, when
+/// early data is on with OpenSSL's anti-replay protection (`SSL_CTX_set_max_early_data` > 0
+/// without `SSL_OP_NO_ANTI_REPLAY`): OpenSSL then resumes TLS 1.3 sessions only from its own
+/// per-process cache, so a shared one would resume none. Not thread-safe with respect to handshakes on the same
 /// `ctx`: call it before the context serves connections.
 ///
 /// # Safety

@@ -94,7 +94,9 @@ pub struct WorkerStats {
     pub decode_failures: u64,
     /// Sessions not sent because they were larger than `max_session_bytes`.
     pub oversize: u64,
-    /// TLS 1.3 stateless-ticket sessions not stored (the ticket carries the state).
+    /// TLS 1.3 stateless-ticket sessions not stored (the ticket carries the state), and TLS
+    /// 1.3 sessions of a context that turned early data on with anti-replay after it was
+    /// shared (OpenSSL resumes those only from its own cache).
     pub stateless_skipped: u64,
     /// Replies that arrived after their request gave up, dropped.
     pub late_replies: u64,

@@ -130,3 +130,26 @@ fn every_exported_symbol_is_declared_in_the_header() {
     }
     assert!(n >= 8, "found {n} exported functions");
 }
+
+#[test]
+fn early_data_with_anti_replay_is_refused_with_a_reason_and_the_context_untouched() {
+    use openssl::ssl::SslOptions;
+    // OpenSSL resumes such a context's TLS 1.3 sessions only by taking them out of its own
+    // per-process cache: shared, it would resume none (found in review: 0 of 5).
+    let mut b = SslContext::builder(SslMethod::tls_server()).expect("ctx");
+    b.set_max_early_data(16384).expect("early data");
+    let ctx = b.build();
+    let before = cache_mode(&ctx);
+    let err = share_sessions(&*ctx, Some("web")).expect_err("refused");
+    assert!(
+        matches!(&err, Error::InvalidConfig(m) if m.contains("early data") && m.contains("SSL_OP_NO_ANTI_REPLAY")),
+        "{err}"
+    );
+    assert_eq!(cache_mode(&ctx), before, "cache mode unchanged");
+    // Without anti-replay the sessions ride in stateless tickets, which the cluster's keys
+    // open anywhere: past this check (here, no master).
+    let mut b = SslContext::builder(SslMethod::tls_server()).expect("ctx");
+    b.set_max_early_data(16384).expect("early data");
+    b.set_options(SslOptions::from_bits_retain(1 << 24)); // SSL_OP_NO_ANTI_REPLAY
+    assert_eq!(share_sessions(&*b.build(), Some("web")).expect_err("no master"), Error::NoMaster);
+}
