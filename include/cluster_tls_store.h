@@ -504,12 +504,23 @@ extern "C" {
  * Fill `*cfg` with the defaults.
  *
  * May be called anywhere, any time; thread-safe. Returns `CTS_ERR_NULL_ARGUMENT` if `cfg` is
- * NULL.
+ * NULL. In C, the `cts_config_init` macro at the end of this header calls
+ * `cts_config_init_sized` with the caller's `sizeof(cts_config)` instead.
  *
  * # Safety
  * `cfg` must be NULL or point to a writable `cts_config`.
  */
 cts_result cts_config_init(struct cts_config *cfg);
+
+/**
+ * `cts_config_init` for a `cts_config` of `size` bytes: the header's `cts_config_init`
+ * macro passes `sizeof(cts_config)` as the caller's code was compiled with it, so a library
+ * whose `cts_config` grew since never writes past the caller's. Fills the fields that fit.
+ *
+ * # Safety
+ * `cfg` must be NULL or point to `size` writable bytes.
+ */
+cts_result cts_config_init_sized(struct cts_config *cfg, size_t size);
 
 /**
  * Start the shared session cache in this process, the master.
@@ -518,6 +529,9 @@ cts_result cts_config_init(struct cts_config *cfg);
  * registers fork handlers: every later `fork()` gives the child its own private channel
  * (an AF_UNIX SOCK_SEQPACKET socketpair) to the cache. `cfg` may be NULL for the defaults;
  * it is copied, the caller keeps ownership.
+ *
+ * In C, the `cts_master_setup` macro at the end of this header calls
+ * `cts_master_setup_sized` with the caller's `sizeof(cts_config)` instead.
  *
  * Idempotent: a second call in the master returns `CTS_OK` and keeps the first
  * configuration. Returns `CTS_ERR_IN_WORKER` in a process forked by the master,
@@ -528,6 +542,16 @@ cts_result cts_config_init(struct cts_config *cfg);
  * `cfg` must be NULL or point to a readable `cts_config`.
  */
 cts_result cts_master_setup(const struct cts_config *cfg);
+
+/**
+ * `cts_master_setup` for a `cts_config` of `size` bytes (the header's `cts_master_setup`
+ * macro passes `sizeof(cts_config)`): only those bytes are read, and fields past them (added
+ * to the library after the caller was compiled) keep their defaults.
+ *
+ * # Safety
+ * `cfg` must be NULL or point to `size` readable bytes.
+ */
+cts_result cts_master_setup_sized(const struct cts_config *cfg, size_t size);
 
 /**
  * Share `ctx`'s TLS sessions with every worker through the master's cache.
@@ -583,7 +607,8 @@ cts_result cts_share_sessions_ex(SSL_CTX *ctx, const char *ns, uint32_t flags);
 uint32_t cts_ticket_mode(const SSL_CTX *ctx);
 
 /**
- * Copy this process's counters into `*out`.
+ * Copy this process's counters into `*out`. In C, the `cts_get_stats` macro at the end of
+ * this header calls `cts_get_stats_sized` with the caller's `sizeof(cts_stats)` instead.
  *
  * `out->worker` holds this process's own counters. `out->master` holds the cache's counters
  * when `out->master_valid` is 1: always in the master; in a worker, when the master answered
@@ -594,6 +619,16 @@ uint32_t cts_ticket_mode(const SSL_CTX *ctx);
  * `out` must be NULL or point to a writable `cts_stats`.
  */
 cts_result cts_get_stats(struct cts_stats *out);
+
+/**
+ * `cts_get_stats` into a `cts_stats` of `size` bytes (the header's `cts_get_stats` macro
+ * passes `sizeof(cts_stats)`): only the counters that fit are written, so a library whose
+ * `cts_stats` grew since the caller was compiled never writes past it.
+ *
+ * # Safety
+ * `out` must be NULL or point to `size` writable bytes.
+ */
+cts_result cts_get_stats_sized(struct cts_stats *out, size_t size);
 
 /**
  * A static, human-readable description of a result code. Never NULL; do not free.
@@ -629,3 +664,15 @@ const char *cts_version(void);
 #endif  // __cplusplus
 
 #endif  /* CLUSTER_TLS_STORE_H */
+
+/*
+ * Struct sizes: code compiled against this header calls the *_sized entry points, passing the
+ * size of cts_config and cts_stats as it knows them, so a newer library (whose structs grew:
+ * fields are only ever added at the end) never reads or writes past the caller's. The
+ * unsized functions stay exported for binaries built before these macros existed.
+ */
+#ifndef CTS_NO_SIZED_MACROS
+#define cts_config_init(cfg) cts_config_init_sized((cfg), sizeof(cts_config))
+#define cts_master_setup(cfg) cts_master_setup_sized((cfg), sizeof(cts_config))
+#define cts_get_stats(out) cts_get_stats_sized((out), sizeof(cts_stats))
+#endif

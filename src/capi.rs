@@ -274,16 +274,43 @@ fn guarded(body: impl FnOnce() -> Result<(), Error>) -> cts_result {
 /// Fill `*cfg` with the defaults.
 ///
 /// May be called anywhere, any time; thread-safe. Returns `CTS_ERR_NULL_ARGUMENT` if `cfg` is
-/// NULL.
+/// NULL. In C, the `cts_config_init` macro at the end of this header calls
+/// `cts_config_init_sized` with the caller's `sizeof(cts_config)` instead.
 ///
 /// # Safety
 /// `cfg` must be NULL or point to a writable `cts_config`.
 #[no_mangle]
 pub unsafe extern "C" fn cts_config_init(cfg: *mut cts_config) -> cts_result {
+    // SAFETY: same contract, for a whole cts_config of this library's layout.
+    unsafe { cts_config_init_sized(cfg, std::mem::size_of::<cts_config>()) }
+}
+
+/// Copy the first `size` bytes of `from` (at most all of it) to `to`: a struct of this
+/// library's layout to a caller's, whose `size` may be that of an older header (fields are only
+/// ever added at the end), or the other way.
+///
+/// # Safety
+/// `from` readable and `to` writable for `min(size, size_of::<T>())` bytes.
+unsafe fn copy_prefix<T>(from: *const T, to: *mut T, size: usize) {
+    // SAFETY: see the function's contract.
+    unsafe { std::ptr::copy_nonoverlapping(from.cast::<u8>(), to.cast::<u8>(), size.min(std::mem::size_of::<T>())) }
+}
+
+/// `cts_config_init` for a `cts_config` of `size` bytes: the header's `cts_config_init`
+/// macro passes `sizeof(cts_config)` as the caller's code was compiled with it, so a library
+/// whose `cts_config` grew since never writes past the caller's. Fills the fields that fit.
+///
+/// # Safety
+/// `cfg` must be NULL or point to `size` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn cts_config_init_sized(cfg: *mut cts_config, size: usize) -> cts_result {
     guarded(|| {
-        // SAFETY: checked non-NULL; the caller gives a writable cts_config.
-        let cfg = unsafe { cfg.as_mut() }.ok_or(Error::NullArgument("cfg"))?;
-        *cfg = cts_config::from(&Config::default());
+        if cfg.is_null() {
+            return Err(Error::NullArgument("cfg"));
+        }
+        let defaults = cts_config::from(&Config::default());
+        // SAFETY: checked non-NULL; the caller gives `size` writable bytes.
+        unsafe { copy_prefix(&defaults, cfg, size) };
         Ok(())
     })
 }
@@ -295,6 +322,9 @@ pub unsafe extern "C" fn cts_config_init(cfg: *mut cts_config) -> cts_result {
 /// (an AF_UNIX SOCK_SEQPACKET socketpair) to the cache. `cfg` may be NULL for the defaults;
 /// it is copied, the caller keeps ownership.
 ///
+/// In C, the `cts_master_setup` macro at the end of this header calls
+/// `cts_master_setup_sized` with the caller's `sizeof(cts_config)` instead.
+///
 /// Idempotent: a second call in the master returns `CTS_OK` and keeps the first
 /// configuration. Returns `CTS_ERR_IN_WORKER` in a process forked by the master,
 /// `CTS_ERR_INVALID_CONFIG` for out-of-range values, `CTS_ERR_SYSTEM` if the thread or
@@ -304,14 +334,35 @@ pub unsafe extern "C" fn cts_config_init(cfg: *mut cts_config) -> cts_result {
 /// `cfg` must be NULL or point to a readable `cts_config`.
 #[no_mangle]
 pub unsafe extern "C" fn cts_master_setup(cfg: *const cts_config) -> cts_result {
-    guarded(|| {
-        // SAFETY: NULL means defaults; otherwise the caller gives a readable cts_config.
-        let config = match unsafe { cfg.as_ref() } {
-            Some(c) => Config::from(c),
-            None => Config::default(),
-        };
-        crate::master_setup(config)
-    })
+    // SAFETY: same contract, for a whole cts_config of this library's layout.
+    unsafe { cts_master_setup_sized(cfg, std::mem::size_of::<cts_config>()) }
+}
+
+/// `cts_master_setup` for a `cts_config` of `size` bytes (the header's `cts_master_setup`
+/// macro passes `sizeof(cts_config)`): only those bytes are read, and fields past them (added
+/// to the library after the caller was compiled) keep their defaults.
+///
+/// # Safety
+/// `cfg` must be NULL or point to `size` readable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn cts_master_setup_sized(cfg: *const cts_config, size: usize) -> cts_result {
+    // SAFETY: same contract.
+    guarded(|| crate::master_setup(unsafe { config_from_sized(cfg, size) }))
+}
+
+/// The configuration a caller's `cts_config` of `size` bytes (NULL: none) asks for; fields
+/// past `size` keep their defaults.
+///
+/// # Safety
+/// As for `cts_master_setup_sized`.
+unsafe fn config_from_sized(cfg: *const cts_config, size: usize) -> Config {
+    if cfg.is_null() {
+        return Config::default();
+    }
+    let mut c = cts_config::from(&Config::default());
+    // SAFETY: the caller gives `size` readable bytes; `c` is a whole cts_config.
+    unsafe { copy_prefix(cfg, &mut c, size) };
+    Config::from(&c)
 }
 
 /// Share `ctx`'s TLS sessions with every worker through the master's cache.
@@ -392,7 +443,8 @@ pub unsafe extern "C" fn cts_ticket_mode(ctx: *const SSL_CTX) -> u32 {
     })
 }
 
-/// Copy this process's counters into `*out`.
+/// Copy this process's counters into `*out`. In C, the `cts_get_stats` macro at the end of
+/// this header calls `cts_get_stats_sized` with the caller's `sizeof(cts_stats)` instead.
 ///
 /// `out->worker` holds this process's own counters. `out->master` holds the cache's counters
 /// when `out->master_valid` is 1: always in the master; in a worker, when the master answered
@@ -403,13 +455,25 @@ pub unsafe extern "C" fn cts_ticket_mode(ctx: *const SSL_CTX) -> u32 {
 /// `out` must be NULL or point to a writable `cts_stats`.
 #[no_mangle]
 pub unsafe extern "C" fn cts_get_stats(out: *mut Stats) -> cts_result {
+    // SAFETY: same contract, for a whole cts_stats of this library's layout.
+    unsafe { cts_get_stats_sized(out, std::mem::size_of::<Stats>()) }
+}
+
+/// `cts_get_stats` into a `cts_stats` of `size` bytes (the header's `cts_get_stats` macro
+/// passes `sizeof(cts_stats)`): only the counters that fit are written, so a library whose
+/// `cts_stats` grew since the caller was compiled never writes past it.
+///
+/// # Safety
+/// `out` must be NULL or point to `size` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn cts_get_stats_sized(out: *mut Stats, size: usize) -> cts_result {
     guarded(|| {
         if out.is_null() {
             return Err(Error::NullArgument("out"));
         }
         let s = crate::stats();
-        // SAFETY: checked non-NULL; the caller gives a writable cts_stats.
-        unsafe { *out = s };
+        // SAFETY: checked non-NULL; the caller gives `size` writable bytes.
+        unsafe { copy_prefix(&s, out, size) };
         Ok(())
     })
 }
@@ -482,3 +546,62 @@ pub const CTS_REMOTE_UP: u64 = 1;
 /// `cts_master_stats.remote_state` value: Redis failed (error or timeout); the remote tier is
 /// paused (lookups are answered from the local cache only) until a probe reconnects.
 pub const CTS_REMOTE_DOWN: u64 = 2;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_of_an_older_smaller_layout_is_read_up_to_its_size_only() {
+        let mut c = cts_config::from(&Config::default());
+        c.cache_bytes = 1 << 20;
+        c.replica_bytes = 12345 << 10;
+        // A caller compiled when the struct ended before `replica_bytes`: what its memory
+        // holds past that is not a field of its, and must not be read.
+        let size = std::mem::offset_of!(cts_config, replica_bytes);
+        // SAFETY: `c` is readable for its whole size, more than `size`.
+        let got = unsafe { config_from_sized(&c, size) };
+        assert_eq!(got.cache_bytes, 1 << 20, "a field within the size is read");
+        assert_eq!(got.replica_bytes, Config::default().replica_bytes, "a field past it keeps its default");
+        // SAFETY: as above, for the whole struct.
+        assert_eq!(unsafe { config_from_sized(&c, std::mem::size_of::<cts_config>()) }.replica_bytes, 12345 << 10);
+        // SAFETY: NULL is allowed.
+        assert_eq!(unsafe { config_from_sized(std::ptr::null(), 0) }.cache_bytes, Config::default().cache_bytes);
+    }
+
+    #[test]
+    fn sized_entry_points_never_write_past_the_size_they_are_given() {
+        #[repr(C)]
+        struct Guarded<T> {
+            value: std::mem::MaybeUninit<T>,
+            canary: [u8; 64],
+        }
+        let short = std::mem::size_of::<Stats>() - 24;
+        let mut st = Guarded::<Stats> { value: std::mem::MaybeUninit::zeroed(), canary: [0xAB; 64] };
+        // SAFETY: `st.value` is writable for its whole size, more than `short`. The bytes past
+        // `short` inside it stand for the caller's neighbouring memory.
+        unsafe {
+            let tail = st.value.as_mut_ptr().cast::<u8>().add(short);
+            std::ptr::write_bytes(tail, 0xCD, std::mem::size_of::<Stats>() - short);
+            assert_eq!(cts_get_stats_sized(st.value.as_mut_ptr(), short), cts_result::CTS_OK);
+            let tail = std::slice::from_raw_parts(tail, std::mem::size_of::<Stats>() - short);
+            assert!(tail.iter().all(|&b| b == 0xCD), "cts_get_stats_sized wrote past its size");
+        }
+        assert!(st.canary.iter().all(|&b| b == 0xAB));
+        let short = std::mem::offset_of!(cts_config, ticket_key_file);
+        let mut cfg = std::mem::MaybeUninit::<cts_config>::zeroed();
+        // SAFETY: as above.
+        unsafe {
+            let tail = cfg.as_mut_ptr().cast::<u8>().add(short);
+            std::ptr::write_bytes(tail, 0xCD, std::mem::size_of::<cts_config>() - short);
+            assert_eq!(cts_config_init_sized(cfg.as_mut_ptr(), short), cts_result::CTS_OK);
+            let tail = std::slice::from_raw_parts(tail, std::mem::size_of::<cts_config>() - short);
+            assert!(tail.iter().all(|&b| b == 0xCD), "cts_config_init_sized wrote past its size");
+            assert_eq!(
+                (*cfg.as_ptr()).cache_bytes,
+                Config::default().cache_bytes as u64,
+                "the fields that fit are filled"
+            );
+        }
+    }
+}

@@ -1072,3 +1072,34 @@ fn two_c_hosts_resume_each_others_sessions_through_redis() {
         }
     }
 }
+
+/// The header compiles as strict C and as C++, included twice, and its struct-size macros turn
+/// the calls into the `_sized` entry points with the caller's sizes.
+#[test]
+fn the_header_compiles_as_c_and_cpp_and_passes_struct_sizes() {
+    let dir = Scratch::new("header");
+    let src = "#include <cluster_tls_store.h>\n#include <cluster_tls_store.h>\n\
+               int main(void) { cts_config c; cts_stats s; cts_config_init(&c); cts_get_stats(&s);\n\
+               return cts_master_setup(&c) == CTS_OK ? 0 : 1; }\n";
+    let include = manifest_dir().join("include");
+    for (compiler, file, std) in [("cc", "h.c", "-std=c99"), ("c++", "h.cpp", "-std=c++11")] {
+        let path = dir.path(file);
+        fs::write(&path, src).expect("write source");
+        let asm = dir.path(&format!("{file}.s"));
+        let done = run(
+            Command::new(compiler)
+                .args([std, "-pedantic", "-Wall", "-Wextra", "-Werror", "-S", "-o"])
+                .arg(&asm)
+                .arg("-I")
+                .arg(&include)
+                .arg(&path),
+            b"",
+            Duration::from_secs(60),
+        );
+        assert!(done.status.success(), "{compiler} rejects the header: {}{}", done.stdout, done.stderr);
+        let asm = fs::read_to_string(&asm).expect("assembly");
+        for f in ["cts_config_init_sized", "cts_get_stats_sized", "cts_master_setup_sized"] {
+            assert!(asm.contains(f), "{compiler}: the call does not go to {f}");
+        }
+    }
+}
