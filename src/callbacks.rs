@@ -303,6 +303,20 @@ pub unsafe fn install(ctx: *mut ffi::SSL_CTX, ns: &[u8], opts: ShareOptions) -> 
         None => return Err(channel::current().err().unwrap_or(Error::NoMaster)),
     }
     let idx = ex_index()?;
+    // SAFETY: `ctx` is valid (caller).
+    let was = unsafe { ctx_state(ctx) }.map(|s| s.tickets);
+    if was == Some(TicketMode::ClusterKeys) && opts.keep_ticket_keys {
+        // Our ticket key callback is on it, and OpenSSL 3.0 cannot tell whether the host has
+        // replaced it since: removing it could remove the host's, keeping it would report
+        // host keys while the cluster's are in use.
+        return Err(Error::InvalidConfig(
+            "this SSL_CTX was shared with the cluster's ticket keys; sharing it again with \
+             CTS_SHARE_KEEP_TICKET_KEYS cannot give it back keys of its own (set your ticket key \
+             callback after sharing, on a context shared with that flag from the start). The \
+             context was left as it was"
+                .into(),
+        ));
+    }
     if !opts.keep_session_id_context {
         let sid = session_id_context(ns);
         // SAFETY: `ctx` is valid (caller); `sid` is 32 bytes, the maximum OpenSSL accepts.
@@ -847,7 +861,7 @@ unsafe fn ticket_key(
                 && set_ticket_mac(hctx, &mac);
             crate::wipe::wipe(&mut mac);
             if !ok {
-                return -1;
+                return 0;
             }
             bump(&WORKER.tickets_issued);
             1
@@ -871,7 +885,7 @@ unsafe fn ticket_key(
                 && set_ticket_mac(hctx, &mac);
             crate::wipe::wipe(&mut mac);
             if !ok {
-                return -1;
+                return 0;
             }
             bump(&WORKER.tickets_opened);
             if is_current {
