@@ -263,3 +263,12 @@ fn once_the_master_exited_workers_serve_nothing_from_replicas_and_the_ring_is_wi
     assert_eq!(r["found_after"], 0.0, "no removal reaches a replica any more: it must serve nothing: {r:?}");
     assert_eq!(r["ring_slots_after"], 0.0, "the session stayed in shared memory: {r:?}");
 }
+
+#[test]
+fn a_context_shared_with_cluster_ticket_keys_cannot_be_shared_again_keeping_its_own() {
+    let r = scenario(&["share-twice"]);
+    assert_eq!(r["first_mode_cluster"], 1.0, "{r:?}");
+    assert_eq!(r["keep_refused"], 1.0, "the second share must be refused, not misreport the keys: {r:?}");
+    assert_eq!(r["mode_still_cluster"], 1.0, "{r:?}");
+    assert_eq!(r["same_options_again_ok"], 1.0, "{r:?}");
+}

@@ -10,6 +10,7 @@
 //! cts-test-helper soak SECS MB   workers store distinct sessions through a small budget
 //! cts-test-helper shut-read     workers shut their channel for reading and keep it open
 //! cts-test-helper dead-master   the master exits while a worker lives
+//! cts-test-helper share-twice   a context shared twice with different ticket options
 //! cts-test-helper remote-forks MS fork workers for MS ms while the remote threads keep
 //!                                reconnecting to a rediss:// server that never answers
 //! ```
@@ -583,6 +584,22 @@ fn catch_up_order() {
 
 /// A master that stores and removes sessions itself (it serves TLS too) while it has a
 /// worker: the worker's replica hears of both, like it hears of other workers' changes.
+/// A context shared with the cluster's ticket keys, then shared again asking to keep its own:
+/// refused, and left as it was (OpenSSL cannot tell whether the host replaced our callback).
+fn share_twice() {
+    use cluster_tls_store::{share_sessions_with, ticket_mode, ShareOptions, TicketMode};
+    setup();
+    let ctx = SslContext::builder(SslMethod::tls_server()).expect("ctx").build();
+    share_sessions_with(&*ctx, Some("twice"), ShareOptions::default()).expect("first share");
+    println!("first_mode_cluster={}", u8::from(ticket_mode(&*ctx) == TicketMode::ClusterKeys));
+    let keep = ShareOptions { keep_ticket_keys: true, ..ShareOptions::default() };
+    let refused = matches!(share_sessions_with(&*ctx, Some("twice"), keep), Err(Error::InvalidConfig(m)) if m.contains("KEEP_TICKET_KEYS"));
+    println!("keep_refused={}", u8::from(refused));
+    println!("mode_still_cluster={}", u8::from(ticket_mode(&*ctx) == TicketMode::ClusterKeys));
+    let again = share_sessions_with(&*ctx, Some("twice"), ShareOptions::default()).is_ok();
+    println!("same_options_again_ok={}", u8::from(again));
+}
+
 fn master_in_process() {
     setup();
     let ns = b"inproc";
@@ -756,6 +773,7 @@ fn main() {
         Some("remote-forks") => remote_forks(num(1, 1500)),
         Some("shut-read") => shut_read(),
         Some("dead-master") => dead_master(),
+        Some("share-twice") => share_twice(),
         _ => {
             eprintln!("usage: cts-test-helper churn N | grandchild | exec | hostile SECS | soak SECS MIB");
             std::process::exit(2);
