@@ -708,9 +708,9 @@ impl Master {
         if reader.cursor.next >= ring.head() {
             return;
         }
-        let now = now_secs();
-        let cap = self.lifetime_cap(now);
-        let mut cache = self.cache();
+        // The latest store of that key, copied out: the cache is locked only to store it, not
+        // for the whole read (every worker's lookups wait on that lock).
+        let mut found: Option<SecretBuf> = None;
         ring.read_ahead(reader.cursor.next, |seq, rec| match protocol::decode(rec) {
             // Not one stored before a removal the master has applied (`Tombstones`).
             Ok(m)
@@ -719,10 +719,17 @@ impl Master {
                     && m.id == id
                     && !reader.tombs.buries(m.namespace, m.id, seq) =>
             {
-                cache.put(m.namespace, m.id, m.payload, m.expiry.min(cap), now);
+                found = Some(SecretBuf::from_slice(rec));
             }
             _ => {}
         });
+        let Some(rec) = found else { return };
+        if let Ok(m) = protocol::decode(&rec) {
+            let now = now_secs();
+            // Still under the reader's lock, which a removal takes first (`before_removal`).
+            self.cache().put(m.namespace, m.id, m.payload, m.expiry.min(self.lifetime_cap(now)), now);
+        }
+        drop(reader);
     }
 
     /// The latest expiry a session may have at `now`: `max_lifetime` from then.
