@@ -637,9 +637,11 @@ impl Ring {
                 held(seq & (self.slots - 1), state);
                 continue;
             }
-            if state != published(seq)
-                || slot.state.compare_exchange(published(seq), writing(seq), Acquire, Relaxed).is_err()
-            {
+            // The record of `seq`, or one of an older lap still there: a writer delayed by
+            // more than a lap that found the slot wiped published it below every later sweep's
+            // range, and would keep it there until the slot is written again.
+            let Some(held_seq) = (state / 2).checked_sub(1) else { continue };
+            if held_seq >= to || slot.state.compare_exchange(state, writing(held_seq), Acquire, Relaxed).is_err() {
                 continue;
             }
             self.zero(slot);
@@ -893,6 +895,28 @@ mod tests {
         }
         assert!(matches!(r.publish(1, &rec(9, 8)), Published::Yes { .. }), "the freed slot takes a record");
         assert_eq!(r.publish(1, &rec(9, 8)), Published::No, "the slow writer's slot is still its own");
+    }
+
+    #[test]
+    fn a_record_published_a_lap_late_into_a_wiped_slot_is_wiped_by_the_next_sweep() {
+        let r = Ring::map(4).unwrap();
+        // A writer takes its sequence number, then is descheduled for more than a lap.
+        let late = r.header().head.fetch_add(1, Relaxed);
+        for n in 0..8u8 {
+            assert!(matches!(r.publish(1, &rec(n, 8)), Published::Yes { .. }));
+        }
+        r.wipe_range(0, r.head());
+        assert_eq!(r.slots_holding_data(), 0);
+        // It wakes, finds its slot wiped, claims it and publishes, two laps behind the head.
+        assert!(matches!(r.slot(late).state.compare_exchange(0, writing(late), Acquire, Relaxed), Ok(_)));
+        r.write_claimed(late, 1, &rec(42, 100));
+        assert_eq!(r.slots_holding_data(), 1);
+        assert_eq!(r.wipe_range(0, r.head()), 1, "the sweep over the last lap wipes it too");
+        assert_eq!(r.slots_holding_data(), 0);
+        // A record the sweep's bound has not reached yet stays.
+        assert!(matches!(r.publish(1, &rec(7, 8)), Published::Yes { .. }));
+        assert_eq!(r.wipe_range(0, r.head() - 1), 0);
+        assert_eq!(r.slots_holding_data(), 1);
     }
 
     #[test]
