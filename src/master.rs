@@ -237,6 +237,9 @@ pub struct Master {
     sync_drops: AtomicU64,
     tickets: Mutex<KeySchedule>,
     key_file: Mutex<Option<FileKeys>>,
+    /// `FileKeys::reloads`, for the stats: read without `key_file`'s lock, which a reload
+    /// holds while it reads the file (the stats are made under the cache lock).
+    key_file_reloads: AtomicU64,
     remote: Option<crate::remote::Tier>,
     /// Stores and removals this process made itself (a master serving TLS while it has
     /// workers), waiting for the cache thread to push them to the workers' replicas.
@@ -414,6 +417,7 @@ pub fn setup(mut config: Config) -> Result<(), Error> {
         sync_drops: AtomicU64::new(0),
         tickets: Mutex::new(schedule),
         key_file: Mutex::new(None),
+        key_file_reloads: AtomicU64::new(0),
         remote,
         local_sync: Mutex::new(LocalSync::default()),
         broken: Mutex::new(Vec::new()),
@@ -781,7 +785,7 @@ impl Master {
             bad_frames: self.bad_frames.load(Relaxed),
             reply_drops: self.reply_drops.load(Relaxed),
             ticket_rotations: self.tickets.lock().unwrap_or_else(|e| e.into_inner()).rotations()
-                + self.key_file.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |f| f.reloads),
+                + self.key_file_reloads.load(Relaxed),
             sync_records: self.sync_records.load(Relaxed),
             sync_drops: self.sync_drops.load(Relaxed),
             ring_records: self.ring_records.load(Relaxed),
@@ -808,6 +812,7 @@ impl Master {
                         let reloads = guard.as_ref().map_or(0, |f| f.reloads + 1);
                         crate::log::debug!("ticket key file {} loaded: {} keys", path.display(), set.keys.len());
                         *guard = Some(FileKeys { stamp, set, reloads });
+                        self.key_file_reloads.store(reloads, Relaxed);
                     }
                     Err(why) => crate::log::debug!("ticket key file {}: {why}; keeping the last keys", path.display()),
                 }
