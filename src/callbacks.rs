@@ -333,16 +333,14 @@ pub unsafe fn install(ctx: *mut ffi::SSL_CTX, ns: &[u8], opts: ShareOptions) -> 
     };
     session_ex_index()?;
     let state = Box::into_raw(Box::new(CtxState { namespace: ns.into(), tickets, tag: intern_namespace(ns) }));
-    // SAFETY: `ctx` is valid; the previous value (if any) is ours and is freed after the
-    // new one is in place.
+    // SAFETY: `ctx` is valid. A previous state (the context shared before) is left allocated,
+    // not freed: a handshake on another thread may be reading it, and two threads sharing one
+    // context at once would both free it. A few dozen bytes per repeated share; the context's
+    // free callback frees the current one.
     unsafe {
-        let old = ffi::SSL_CTX_get_ex_data(ctx, idx);
         if ffi::SSL_CTX_set_ex_data(ctx, idx, state.cast()) != 1 {
             drop(Box::from_raw(state));
             return Err(Error::OpenSsl("SSL_CTX_set_ex_data failed".into()));
-        }
-        if !old.is_null() {
-            drop(Box::from_raw(old.cast::<CtxState>()));
         }
         ffi::SSL_CTX_sess_set_new_cb(ctx, Some(new_session_cb));
         ffi::SSL_CTX_sess_set_get_cb(ctx, Some(get_session_cb));
