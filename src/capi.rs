@@ -384,7 +384,8 @@ unsafe fn config_from_sized(cfg: *const cts_config, size: usize) -> Config {
 /// early data is on with OpenSSL's anti-replay protection (`SSL_CTX_set_max_early_data` > 0
 /// without `SSL_OP_NO_ANTI_REPLAY`): OpenSSL then resumes TLS 1.3 sessions only from its own
 /// per-process cache, so a shared one would resume none. Not thread-safe with respect to handshakes on the same
-/// `ctx`: call it before the context serves connections.
+/// `ctx`, nor to another call on the same `ctx` (OpenSSL's setters are not): call it once per
+/// context, before the context serves connections.
 ///
 /// # Safety
 /// `ctx` must be NULL or a valid `SSL_CTX`; `ns` NULL or a NUL-terminated string.
