@@ -434,7 +434,11 @@ pub fn setup(mut config: Config) -> Result<(), Error> {
     if let Err(rejected) = MASTER.set(master) {
         drop(tracked);
         drop(rejected);
-        return Err(Error::System("cache master state already initialised".into()));
+        return Err(Error::System(
+            "an earlier master_setup in this process failed part way (after its state was made: \
+             see that call's error); the cache cannot be started again in this process"
+                .into(),
+        ));
     }
     // The master owns its descriptors for the life of the process now.
     tracked.keep();
