@@ -84,12 +84,57 @@ struct Header {
 struct Slot {
     /// 0: empty; 2·seq + 1: being written (or wiped) by seq; 2·seq + 2: seq published.
     state: AtomicU64,
-    /// The writer's pid (low 32 bits) and the record's length (high 32 bits).
+    /// The writer's pid, the record's length and the low bits of the writer's sequence number
+    /// (`Meta`), in one store right after the claim.
     meta: AtomicU64,
     data: [AtomicU64; DATA_WORDS],
 }
 
 const _: () = assert!(std::mem::size_of::<Slot>() == SLOT_BYTES);
+
+/// A slot's meta word: the writer's pid (22 bits: Linux pids are below 2^22), the record's
+/// length (9 bits: at most `MAX_RECORD`) and the low 33 bits of the writer's sequence number.
+/// The sequence bits tell whether the word is the current holder's: a slot is claimed before
+/// its meta word is written, so until then the word is the record before's (see
+/// `Ring::reclaim_if_writer_gone`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Meta {
+    pid: i32,
+    len: usize,
+    seq_tag: u64,
+}
+
+const META_PID_BITS: u32 = 22;
+const META_LEN_BITS: u32 = 9;
+const META_TAG_SHIFT: u32 = META_PID_BITS + META_LEN_BITS;
+const _: () = assert!(MAX_RECORD < 1 << META_LEN_BITS);
+
+impl Meta {
+    fn pack(pid: i32, len: usize, seq: u64) -> u64 {
+        (pid as u32 as u64 & ((1 << META_PID_BITS) - 1))
+            | ((len as u64 & ((1 << META_LEN_BITS) - 1)) << META_PID_BITS)
+            | (seq << META_TAG_SHIFT)
+    }
+
+    fn unpack(word: u64) -> Meta {
+        Meta {
+            pid: (word & ((1 << META_PID_BITS) - 1)) as i32,
+            len: ((word >> META_PID_BITS) & ((1 << META_LEN_BITS) - 1)) as usize,
+            seq_tag: word >> META_TAG_SHIFT,
+        }
+    }
+
+    /// Whether this word was written for `seq`.
+    fn is_for(&self, seq: u64) -> bool {
+        self.seq_tag == (seq << META_TAG_SHIFT) >> META_TAG_SHIFT
+    }
+}
+
+/// `pid` as it is kept in a meta word (pids above 22 bits, which Linux does not make, would
+/// be cut).
+fn meta_pid(pid: i32) -> i32 {
+    Meta::unpack(Meta::pack(pid, 0, 0)).pid
+}
 const _: () = assert!(std::mem::size_of::<Header>() <= HEADER_BYTES);
 
 /// The mapping. Made once in the master and inherited by every worker.
@@ -268,8 +313,8 @@ impl Tombstones {
 /// its record over the channel instead. Readers already skip such a record after
 /// `STALL_LIMIT`. A slot seen held with the same state at two sweeps in a row (a second
 /// apart) whose writer's pid no longer exists is zeroed and freed (`Ring::reclaim_if_writer_gone`).
-/// Not freed: a slot whose writer died before it wrote its pid into the slot (the pid there
-/// is the record before's, or none), a window of a few instructions, and a writer whose pid
+/// Not freed: a slot whose writer died before it wrote its meta word (a window of a few
+/// instructions; the word is then the record before's, and says so), and a writer whose pid
 /// was reused meanwhile.
 #[derive(Debug, Default)]
 pub(crate) struct HeldSlots {
@@ -444,7 +489,7 @@ impl Ring {
         let slot = self.slot(seq);
         // Readers that see any byte below also see the odd state when they check again.
         fence(Release);
-        slot.meta.store((pid as u32 as u64) | ((record.len() as u64) << 32), Relaxed);
+        slot.meta.store(Meta::pack(pid, record.len(), seq), Relaxed);
         for (w, chunk) in slot.data.iter().zip(record.chunks(8)) {
             let mut b = [0u8; 8];
             b[..chunk.len()].copy_from_slice(chunk);
@@ -467,7 +512,7 @@ impl Ring {
     #[cfg(test)]
     pub(crate) fn write_unpublished(&self, seq: u64, pid: i32, record: &[u8]) {
         let slot = self.slot(seq);
-        slot.meta.store((pid as u32 as u64) | ((record.len() as u64) << 32), Relaxed);
+        slot.meta.store(Meta::pack(pid, record.len(), seq), Relaxed);
         for (w, chunk) in slot.data.iter().zip(record.chunks(8)) {
             let mut b = [0u8; 8];
             b[..chunk.len()].copy_from_slice(chunk);
@@ -565,10 +610,9 @@ impl Ring {
     /// under the slot's sequence lock (`buf` is wiped again if the record changed meanwhile).
     fn copy_published(&self, seq: u64, s1: u64, skip_pid: i32, buf: &mut [u8; MAX_RECORD]) -> Copied {
         let slot = self.slot(seq);
-        let meta = slot.meta.load(Relaxed);
-        let pid = meta as u32 as i32;
-        let len = ((meta >> 32) as usize).min(MAX_RECORD);
-        if pid == skip_pid {
+        let meta = Meta::unpack(slot.meta.load(Relaxed));
+        let len = meta.len.min(MAX_RECORD);
+        if skip_pid != 0 && meta.pid == meta_pid(skip_pid) {
             return Copied::Skipped;
         }
         for (w, chunk) in slot.data.iter().zip(buf[..len].chunks_mut(8)) {
@@ -660,19 +704,26 @@ impl Ring {
         }
     }
 
-    /// Free the slot at `index` if it is still in `state` (held, odd) and the writer whose pid
-    /// its meta word holds is gone: a worker killed between claiming the slot and publishing.
-    /// What that writer wrote (part of a session) is zeroed and the slot can be claimed again.
-    /// A writer still alive (descheduled, stopped) keeps its slot: it will write on.
+    /// Free the slot at `index` if it is still in `state` (held, odd) and the writer holding
+    /// it is gone: a worker killed between claiming the slot and publishing. What that writer
+    /// wrote (part of a session) is zeroed and the slot can be claimed again. A writer still
+    /// alive (descheduled, stopped) keeps its slot: it will write on.
+    ///
+    /// The holder is known only once it wrote its meta word, whose sequence bits then match
+    /// the claim's: until then the word is the record before's, whose writer may have exited
+    /// although the holder lives (a worker stopped right after its claim). Such a slot is left.
     fn reclaim_if_writer_gone(&self, index: u64, state: u64) -> bool {
         let slot = self.slot(index);
-        if slot.state.load(Acquire) != state {
+        if state & 1 == 0 || slot.state.load(Acquire) != state {
             return false;
         }
-        let pid = slot.meta.load(Relaxed) as u32 as i32;
+        let meta = Meta::unpack(slot.meta.load(Relaxed));
+        if !meta.is_for(state / 2) {
+            return false;
+        }
         // SAFETY: kill with signal 0 only checks whether the pid exists.
-        let gone = pid > 0
-            && unsafe { libc::kill(pid, 0) } == -1
+        let gone = meta.pid > 0
+            && unsafe { libc::kill(meta.pid, 0) } == -1
             && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
         if !gone {
             return false;
@@ -686,6 +737,55 @@ impl Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pid no process has now (from the top of the pid range down, where the kernel hands
+    /// pids out last).
+    fn gone_pid() -> i32 {
+        let max: i32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(32768);
+        // SAFETY: kill with signal 0 only checks whether the pid exists.
+        (2..max)
+            .rev()
+            .find(|&p| unsafe { libc::kill(p, 0) } == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH))
+            .expect("a free pid")
+    }
+
+    #[test]
+    fn a_live_writer_stopped_before_its_meta_word_keeps_its_slot_whoever_wrote_the_slot_before() {
+        // Found in review: the meta word still names the record before's writer until the
+        // holder writes its own, and that writer may have exited (worker recycling). Freeing
+        // the slot then gave it to a second writer while the first would write on.
+        let r = Ring::map(4).unwrap();
+        let exited = gone_pid();
+        for n in 0..4u8 {
+            assert!(matches!(r.publish(exited, &rec(n, 8)), Published::Yes { .. }));
+        }
+        // A live writer takes sequence 4 and claims its slot (sequence 0's record, not wiped
+        // yet), then stops before its meta store.
+        let seq = r.header().head.fetch_add(1, Relaxed);
+        let before = r.slot(seq).state.load(Relaxed);
+        assert!(r.slot(seq).state.compare_exchange(before, writing(seq), Acquire, Relaxed).is_ok());
+        let mut held = HeldSlots::default();
+        for _ in 0..3 {
+            assert_eq!(held.sweep(&r, 0, 4).1, 0, "the live writer's slot was freed");
+        }
+        assert_eq!(r.slot(seq).state.load(Relaxed), writing(seq));
+        // It goes on, publishes, and the record reads whole.
+        r.write_claimed(seq, 7, &rec(9, 30));
+        let mut cur = Cursor { next: seq, stall: None };
+        let (got, _) = read_all(&r, &mut cur, 0, 0);
+        assert_eq!(got, vec![rec(9, 30)]);
+    }
+
+    #[test]
+    fn meta_words_keep_pid_length_and_sequence_apart() {
+        let m = Meta::unpack(Meta::pack(4_194_303, MAX_RECORD, (1 << 40) + 5));
+        assert_eq!((m.pid, m.len), (4_194_303, MAX_RECORD));
+        assert!(m.is_for((1 << 40) + 5) && !m.is_for((1 << 40) + 4) && !m.is_for(5 + 4));
+        assert_eq!(meta_pid(1234), 1234);
+    }
 
     fn rec(n: u8, len: usize) -> Vec<u8> {
         (0..len).map(|i| n.wrapping_add(i as u8)).collect()
@@ -820,7 +920,7 @@ mod tests {
         assert_eq!((got, n, cur.next), (vec![], ReadCount::default(), taken));
         // Its writer goes on: both come, in order, none lost.
         r.slot(taken).state.store(writing(taken), Relaxed);
-        r.slot(taken).meta.store(1 | (3 << 32), Relaxed);
+        r.slot(taken).meta.store(Meta::pack(1, 3, taken), Relaxed);
         r.slot(taken).data[0].store(0x03_0201, Relaxed);
         r.slot(taken).state.store(published(taken), Release);
         let (got, n) = read_all(&r, &mut cur, 0, 0);
@@ -870,12 +970,7 @@ mod tests {
     #[test]
     fn a_slot_a_dead_writer_left_half_written_is_wiped_and_freed_by_the_second_sweep() {
         let r = Ring::map(4).unwrap();
-        let dead = {
-            let mut c = std::process::Command::new("true").spawn().expect("spawn true");
-            let pid = c.id() as i32;
-            c.wait().expect("wait");
-            pid
-        };
+        let dead = gone_pid();
         let killed = r.claim_unpublished();
         r.write_unpublished(killed, dead, &rec(1, 100));
         // A writer that is only slow (this process, alive) keeps its slot.
