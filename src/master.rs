@@ -218,6 +218,9 @@ fn epoll_ctl(ep: RawFd, op: libc::c_int, fd: RawFd, out: bool) -> bool {
 /// Events one `epoll_wait` returns at most (more stay ready for the next round).
 const EVENTS_MAX: usize = 64;
 
+/// Batches (`BATCH` frames each) read at most from a broken channel before it is closed.
+const DRAIN_BROKEN_BATCHES: usize = 64;
+
 /// State shared between the cache thread, the fork handlers and in-process callers.
 pub struct Master {
     pub(crate) config: Config,
@@ -892,6 +895,8 @@ impl Master {
     /// then the once-a-second sweep.
     fn round(&self, ep: RawFd, wake: RawFd, ready: &[libc::epoll_event], st: &mut LoopState) {
         let LoopState { conns, main, spare, last_sweep } = st;
+        // Left over only by a round that panicked: its numbers may name other channels now.
+        self.broken.lock().unwrap_or_else(|e| e.into_inner()).clear();
         self.read_ring();
         let tick = self.tick.as_raw_fd();
         if ready.iter().any(|ev| ev.u64 == tick as u64) {
@@ -937,11 +942,15 @@ impl Master {
                 c.watch_out = c.flush_due;
             }
         }
-        // Channels a send found broken: closed like those at EOF (the worker's lookups miss).
+        // Channels a send found broken: closed like those at EOF (the worker's lookups miss),
+        // once what the worker sent before is read. A worker that exited leaves its last
+        // frames (a removal among them, perhaps) queued before the EOF, and a send to it
+        // fails (ECONNRESET) before they are read.
         let broken = std::mem::take(&mut *self.broken.lock().unwrap_or_else(|e| e.into_inner()));
         let mut i = 0;
         while i < conns.len() {
             if conns[i].broken || broken.contains(&conns[i].raw()) {
+                self.drain_broken(i, conns, main);
                 self.close_conn(ep, conns.swap_remove(i));
             } else {
                 i += 1;
@@ -956,6 +965,25 @@ impl Master {
             // Rotate on time (and wipe retired keys) even when nobody asks.
             let mut retired = self.ticket_keys();
             wipe(&mut retired);
+        }
+    }
+
+    /// Read and handle what a broken channel still holds, up to its EOF or until it is empty
+    /// (at most `DRAIN_BROKEN_BATCHES` batches: a worker that shut its end for reading could
+    /// otherwise keep the loop here by writing on).
+    fn drain_broken(&self, idx: usize, conns: &mut [Conn], main: &mut Scratch) {
+        for _ in 0..DRAIN_BROKEN_BATCHES {
+            if !self.serve(idx, conns, main, None) {
+                return;
+            }
+            let mut b = 0u8;
+            // SAFETY: peeks at most one byte into a valid local; non-blocking.
+            let n = unsafe {
+                libc::recv(conns[idx].raw(), (&mut b as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+            };
+            if n <= 0 {
+                return; // Empty (EAGAIN), at EOF, or failed: nothing more to read.
+            }
         }
     }
 

@@ -272,3 +272,12 @@ fn a_context_shared_with_cluster_ticket_keys_cannot_be_shared_again_keeping_its_
     assert_eq!(r["mode_still_cluster"], 1.0, "{r:?}");
     assert_eq!(r["same_options_again_ok"], 1.0, "{r:?}");
 }
+
+#[test]
+fn a_channel_a_push_found_broken_is_read_to_its_end_before_it_is_closed() {
+    let r = scenario(&["broken-drain"]);
+    assert_eq!(r["leaver_exit"], 0.0, "{r:?}");
+    assert_eq!(r["storer_exit"], 0.0, "{r:?}");
+    assert_eq!(r["last_put_found"], 1.0, "the leaver's last store was read: {r:?}");
+    assert_eq!(r["victim_found"], 0.0, "the leaver's removal was lost with its channel: {r:?}");
+}

@@ -11,6 +11,7 @@
 //! cts-test-helper shut-read     workers shut their channel for reading and keep it open
 //! cts-test-helper dead-master   the master exits while a worker lives
 //! cts-test-helper share-twice   a context shared twice with different ticket options
+//! cts-test-helper broken-drain  a worker's last frames are read although a push to it failed
 //! cts-test-helper remote-forks MS fork workers for MS ms while the remote threads keep
 //!                                reconnecting to a rediss:// server that never answers
 //! ```
@@ -582,8 +583,48 @@ fn catch_up_order() {
     println!("child_failures={}", codes.iter().filter(|&&c| c != 0).count());
 }
 
-/// A master that stores and removes sessions itself (it serves TLS too) while it has a
-/// worker: the worker's replica hears of both, like it hears of other workers' changes.
+/// A worker removes a session and exits with more frames queued than the master reads in one
+/// batch, while another worker's store makes the master push to it: the push fails (the
+/// worker is gone), and the master must still read the removal before it closes the channel.
+fn broken_drain() {
+    setup();
+    let ns = b"drain";
+    let far = 4_000_000_000u64;
+    // Too large for a slot of the session ring: these go over the channels.
+    let big = [0x44u8; 600];
+    assert!(cluster_tls_store::bench::put(ns, b"victim", &[0x42; 135], far));
+    let (go_a, go_b) = (gate_pipe(), gate_pipe());
+    let leaver = fork_child(move || {
+        let _ = cluster_tls_store::bench::get_from_master(ns, b"warm-up");
+        wait_gate(go_a);
+        for i in 0..40u64 {
+            cluster_tls_store::bench::put(ns, &i.to_le_bytes(), &big, far);
+        }
+        cluster_tls_store::bench::del(ns, b"victim");
+        0
+    });
+    let storer = fork_child(move || {
+        let _ = cluster_tls_store::bench::get_from_master(ns, b"warm-up");
+        wait_gate(go_b);
+        cluster_tls_store::bench::put(ns, b"pushed", &big, far);
+        std::thread::sleep(Duration::from_millis(1500));
+        0
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    {
+        // Everything below queues up while the cache thread is held.
+        let _hold = cluster_tls_store::bench::hold_cache_thread();
+        open_gate(go_a);
+        println!("leaver_exit={}", wait(leaver));
+        open_gate(go_b);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    println!("victim_found={}", u8::from(cluster_tls_store::bench::get(ns, b"victim").is_some()));
+    println!("last_put_found={}", u8::from(cluster_tls_store::bench::get(ns, &39u64.to_le_bytes()).is_some()));
+    println!("storer_exit={}", wait(storer));
+}
+
 /// A context shared with the cluster's ticket keys, then shared again asking to keep its own:
 /// refused, and left as it was (OpenSSL cannot tell whether the host replaced our callback).
 fn share_twice() {
@@ -600,6 +641,8 @@ fn share_twice() {
     println!("same_options_again_ok={}", u8::from(again));
 }
 
+/// A master that stores and removes sessions itself (it serves TLS too) while it has a
+/// worker: the worker's replica hears of both, like it hears of other workers' changes.
 fn master_in_process() {
     setup();
     let ns = b"inproc";
@@ -774,6 +817,7 @@ fn main() {
         Some("shut-read") => shut_read(),
         Some("dead-master") => dead_master(),
         Some("share-twice") => share_twice(),
+        Some("broken-drain") => broken_drain(),
         _ => {
             eprintln!("usage: cts-test-helper churn N | grandchild | exec | hostile SECS | soak SECS MIB");
             std::process::exit(2);
