@@ -609,7 +609,8 @@ uint32_t cts_ticket_mode(const SSL_CTX *ctx);
 
 /**
  * Copy this process's counters into `*out`. In C, the `cts_get_stats` macro at the end of
- * this header calls `cts_get_stats_sized` with the caller's `sizeof(cts_stats)` instead.
+ * this header calls `cts_get_stats_sized` with the caller's `sizeof(cts_stats)` and
+ * `sizeof(cts_master_stats)` instead.
  *
  * `out->worker` holds this process's own counters. `out->master` holds the cache's counters
  * when `out->master_valid` is 1: always in the master; in a worker, when the master answered
@@ -622,14 +623,18 @@ uint32_t cts_ticket_mode(const SSL_CTX *ctx);
 cts_result cts_get_stats(struct cts_stats *out);
 
 /**
- * `cts_get_stats` into a `cts_stats` of `size` bytes (the header's `cts_get_stats` macro
- * passes `sizeof(cts_stats)`): only the counters that fit are written, so a library whose
- * `cts_stats` grew since the caller was compiled never writes past it.
+ * `cts_get_stats` into a `cts_stats` of `size` bytes whose `master` member is `master_size`
+ * bytes (the header's `cts_get_stats` macro passes `sizeof(cts_stats)` and
+ * `sizeof(cts_master_stats)`). New counters are only ever added at the end of
+ * `cts_master_stats` or of `cts_worker_stats`, so the caller's `worker` member starts
+ * `master_size` bytes after `master`: each member gets the counters that fit in it, and a
+ * library whose structs grew since the caller was compiled never writes past them or
+ * shifts them. `CTS_ERR_INVALID_CONFIG` if the sizes cannot be such a layout.
  *
  * # Safety
  * `out` must be NULL or point to `size` writable bytes.
  */
-cts_result cts_get_stats_sized(struct cts_stats *out, size_t size);
+cts_result cts_get_stats_sized(struct cts_stats *out, size_t size, size_t master_size);
 
 /**
  * A static, human-readable description of a result code. Never NULL; do not free.
@@ -668,12 +673,13 @@ const char *cts_version(void);
 
 /*
  * Struct sizes: code compiled against this header calls the *_sized entry points, passing the
- * size of cts_config and cts_stats as it knows them, so a newer library (whose structs grew:
- * fields are only ever added at the end) never reads or writes past the caller's. The
- * unsized functions stay exported for binaries built before these macros existed.
+ * sizes of cts_config, cts_stats and cts_master_stats as it knows them, so a newer library
+ * (whose structs grew: fields are only ever added at the end of cts_config, of
+ * cts_master_stats and of cts_worker_stats) never reads or writes past the caller's, nor
+ * shifts its counters. The unsized functions stay exported and assume this release's sizes.
  */
 #ifndef CTS_NO_SIZED_MACROS
 #define cts_config_init(cfg) cts_config_init_sized((cfg), sizeof(cts_config))
 #define cts_master_setup(cfg) cts_master_setup_sized((cfg), sizeof(cts_config))
-#define cts_get_stats(out) cts_get_stats_sized((out), sizeof(cts_stats))
+#define cts_get_stats(out) cts_get_stats_sized((out), sizeof(cts_stats), sizeof(cts_master_stats))
 #endif

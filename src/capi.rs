@@ -281,9 +281,17 @@ fn guarded(body: impl FnOnce() -> Result<(), Error>) -> cts_result {
 /// `cfg` must be NULL or point to a writable `cts_config`.
 #[no_mangle]
 pub unsafe extern "C" fn cts_config_init(cfg: *mut cts_config) -> cts_result {
-    // SAFETY: same contract, for a whole cts_config of this library's layout.
-    unsafe { cts_config_init_sized(cfg, std::mem::size_of::<cts_config>()) }
+    // SAFETY: same contract, for a cts_config of the first sized release's layout.
+    unsafe { cts_config_init_sized(cfg, LEGACY_CONFIG_SIZE) }
 }
+
+/// `sizeof(cts_config)`, `sizeof(cts_stats)` and `sizeof(cts_master_stats)` as of the release
+/// that made the `*_sized` entry points: what the unsized functions assume of a caller built
+/// without the header's macros (or with `CTS_NO_SIZED_MACROS`). Never changed when the
+/// structs grow, so such a caller is never read or written past what it had then.
+const LEGACY_CONFIG_SIZE: usize = 88;
+const LEGACY_STATS_SIZE: usize = 400;
+const LEGACY_MASTER_STATS_SIZE: usize = 208;
 
 /// Copy the first `size` bytes of `from` (at most all of it) to `to`: a struct of this
 /// library's layout to a caller's, whose `size` may be that of an older header (fields are only
@@ -334,8 +342,8 @@ pub unsafe extern "C" fn cts_config_init_sized(cfg: *mut cts_config, size: usize
 /// `cfg` must be NULL or point to a readable `cts_config`.
 #[no_mangle]
 pub unsafe extern "C" fn cts_master_setup(cfg: *const cts_config) -> cts_result {
-    // SAFETY: same contract, for a whole cts_config of this library's layout.
-    unsafe { cts_master_setup_sized(cfg, std::mem::size_of::<cts_config>()) }
+    // SAFETY: same contract, for a cts_config of the first sized release's layout.
+    unsafe { cts_master_setup_sized(cfg, LEGACY_CONFIG_SIZE) }
 }
 
 /// `cts_master_setup` for a `cts_config` of `size` bytes (the header's `cts_master_setup`
@@ -445,7 +453,8 @@ pub unsafe extern "C" fn cts_ticket_mode(ctx: *const SSL_CTX) -> u32 {
 }
 
 /// Copy this process's counters into `*out`. In C, the `cts_get_stats` macro at the end of
-/// this header calls `cts_get_stats_sized` with the caller's `sizeof(cts_stats)` instead.
+/// this header calls `cts_get_stats_sized` with the caller's `sizeof(cts_stats)` and
+/// `sizeof(cts_master_stats)` instead.
 ///
 /// `out->worker` holds this process's own counters. `out->master` holds the cache's counters
 /// when `out->master_valid` is 1: always in the master; in a worker, when the master answered
@@ -456,27 +465,55 @@ pub unsafe extern "C" fn cts_ticket_mode(ctx: *const SSL_CTX) -> u32 {
 /// `out` must be NULL or point to a writable `cts_stats`.
 #[no_mangle]
 pub unsafe extern "C" fn cts_get_stats(out: *mut Stats) -> cts_result {
-    // SAFETY: same contract, for a whole cts_stats of this library's layout.
-    unsafe { cts_get_stats_sized(out, std::mem::size_of::<Stats>()) }
+    // SAFETY: same contract, for a cts_stats of the first sized release's layout.
+    unsafe { cts_get_stats_sized(out, LEGACY_STATS_SIZE, LEGACY_MASTER_STATS_SIZE) }
 }
 
-/// `cts_get_stats` into a `cts_stats` of `size` bytes (the header's `cts_get_stats` macro
-/// passes `sizeof(cts_stats)`): only the counters that fit are written, so a library whose
-/// `cts_stats` grew since the caller was compiled never writes past it.
+/// `cts_get_stats` into a `cts_stats` of `size` bytes whose `master` member is `master_size`
+/// bytes (the header's `cts_get_stats` macro passes `sizeof(cts_stats)` and
+/// `sizeof(cts_master_stats)`). New counters are only ever added at the end of
+/// `cts_master_stats` or of `cts_worker_stats`, so the caller's `worker` member starts
+/// `master_size` bytes after `master`: each member gets the counters that fit in it, and a
+/// library whose structs grew since the caller was compiled never writes past them or
+/// shifts them. `CTS_ERR_INVALID_CONFIG` if the sizes cannot be such a layout.
 ///
 /// # Safety
 /// `out` must be NULL or point to `size` writable bytes.
 #[no_mangle]
-pub unsafe extern "C" fn cts_get_stats_sized(out: *mut Stats, size: usize) -> cts_result {
+pub unsafe extern "C" fn cts_get_stats_sized(out: *mut Stats, size: usize, master_size: usize) -> cts_result {
     guarded(|| {
         if out.is_null() {
             return Err(Error::NullArgument("out"));
         }
-        let s = crate::stats();
-        // SAFETY: checked non-NULL; the caller gives `size` writable bytes.
-        unsafe { copy_prefix(&s, out, size) };
+        const HEAD: usize = std::mem::offset_of!(Stats, master);
+        if !master_size.is_multiple_of(8) || size < HEAD + master_size || !(size - HEAD - master_size).is_multiple_of(8)
+        {
+            return Err(Error::InvalidConfig(format!(
+                "cts_get_stats_sized: size {size} and master_size {master_size} are not a cts_stats layout"
+            )));
+        }
+        // SAFETY: checked non-NULL and a layout of `size` bytes, which the caller gives.
+        unsafe { write_stats(&crate::stats(), out.cast(), size, master_size) };
         Ok(())
     })
+}
+
+/// Write `s` into a caller's `cts_stats` at `out`, of `size` bytes with a `master` member of
+/// `master_size` bytes (checked by the caller to be such a layout): each member gets the
+/// counters that fit in it.
+///
+/// # Safety
+/// `out` writable for `size` bytes; `size >= offset_of!(Stats, master) + master_size`.
+unsafe fn write_stats(s: &Stats, out: *mut u8, size: usize, master_size: usize) {
+    const HEAD: usize = std::mem::offset_of!(Stats, master);
+    // SAFETY: each copy stays inside its member of the caller's layout (`HEAD + master_size +
+    // worker` = `size`) and of ours.
+    unsafe {
+        copy_prefix(&s.role, out.cast(), std::mem::size_of::<u32>());
+        copy_prefix(&s.master_valid, out.add(std::mem::size_of::<u32>()).cast(), std::mem::size_of::<u32>());
+        copy_prefix(&s.master, out.add(HEAD).cast(), master_size);
+        copy_prefix(&s.worker, out.add(HEAD + master_size).cast(), size - HEAD - master_size);
+    }
 }
 
 /// A static, human-readable description of a result code. Never NULL; do not free.
@@ -551,6 +588,7 @@ pub const CTS_REMOTE_DOWN: u64 = 2;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::{MasterStats, WorkerStats};
 
     #[test]
     fn a_config_of_an_older_smaller_layout_is_read_up_to_its_size_only() {
@@ -571,27 +609,60 @@ mod tests {
     }
 
     #[test]
-    fn sized_entry_points_never_write_past_the_size_they_are_given() {
-        #[repr(C)]
-        struct Guarded<T> {
-            value: std::mem::MaybeUninit<T>,
-            canary: [u8; 64],
-        }
-        let short = std::mem::size_of::<Stats>() - 24;
-        let mut st = Guarded::<Stats> { value: std::mem::MaybeUninit::zeroed(), canary: [0xAB; 64] };
-        // SAFETY: `st.value` is writable for its whole size, more than `short`. The bytes past
-        // `short` inside it stand for the caller's neighbouring memory.
+    fn stats_members_are_where_the_sized_copy_expects_them() {
+        // The layout `cts_get_stats_sized` relies on: two u32, then the master's counters,
+        // then the worker's, nothing after (new counters go at the end of either member).
+        assert_eq!(std::mem::offset_of!(Stats, master), 8);
+        assert_eq!(std::mem::offset_of!(Stats, worker), 8 + std::mem::size_of::<MasterStats>());
+        assert_eq!(
+            std::mem::size_of::<Stats>(),
+            8 + std::mem::size_of::<MasterStats>() + std::mem::size_of::<WorkerStats>()
+        );
+        assert!(std::mem::size_of::<MasterStats>().is_multiple_of(8));
+        // The unsized functions' frozen sizes never exceed this library's.
+        assert!(LEGACY_STATS_SIZE <= std::mem::size_of::<Stats>());
+        assert!(LEGACY_MASTER_STATS_SIZE <= std::mem::size_of::<MasterStats>());
+        assert!(LEGACY_CONFIG_SIZE <= std::mem::size_of::<cts_config>());
+    }
+
+    #[test]
+    fn an_older_smaller_stats_layout_gets_each_member_in_its_place_and_nothing_past_it() {
+        let s = Stats {
+            role: 2,
+            master_valid: 1,
+            master: MasterStats { hits: 11, ..MasterStats::default() },
+            worker: WorkerStats { gets: 22, ..WorkerStats::default() },
+        };
+        // A caller compiled when each member was 16 bytes shorter.
+        let master_size = std::mem::size_of::<MasterStats>() - 16;
+        let size = std::mem::size_of::<Stats>() - 32;
+        let mut buf = vec![0xCDu8; size + 64];
+        // SAFETY: `buf` holds `size` bytes and more; a valid layout.
+        unsafe { write_stats(&s, buf.as_mut_ptr(), size, master_size) };
+        let u64_at = |off: usize| u64::from_ne_bytes(buf[off..off + 8].try_into().unwrap());
+        assert_eq!(u32::from_ne_bytes(buf[0..4].try_into().unwrap()), 2);
+        assert_eq!(u64_at(8 + std::mem::offset_of!(MasterStats, hits)), 11);
+        // The worker's counters start where the caller's (shorter) master member ends.
+        assert_eq!(u64_at(8 + master_size + std::mem::offset_of!(WorkerStats, gets)), 22);
+        assert!(buf[size..].iter().all(|&b| b == 0xCD), "written past the caller's struct");
+        // SAFETY: NULL, and sizes that are no layout, are refused before anything is written.
         unsafe {
-            let tail = st.value.as_mut_ptr().cast::<u8>().add(short);
-            std::ptr::write_bytes(tail, 0xCD, std::mem::size_of::<Stats>() - short);
-            assert_eq!(cts_get_stats_sized(st.value.as_mut_ptr(), short), cts_result::CTS_OK);
-            let tail = std::slice::from_raw_parts(tail, std::mem::size_of::<Stats>() - short);
-            assert!(tail.iter().all(|&b| b == 0xCD), "cts_get_stats_sized wrote past its size");
+            assert_eq!(cts_get_stats_sized(std::ptr::null_mut(), size, master_size), cts_result::CTS_ERR_NULL_ARGUMENT);
+            let mut st = std::mem::MaybeUninit::<Stats>::zeroed();
+            assert_eq!(cts_get_stats_sized(st.as_mut_ptr(), 12, 8), cts_result::CTS_ERR_INVALID_CONFIG);
+            assert_eq!(
+                cts_get_stats_sized(st.as_mut_ptr(), std::mem::size_of::<Stats>(), std::mem::size_of::<MasterStats>()),
+                cts_result::CTS_OK
+            );
         }
-        assert!(st.canary.iter().all(|&b| b == 0xAB));
+    }
+
+    #[test]
+    fn config_init_never_writes_past_the_size_it_is_given() {
         let short = std::mem::offset_of!(cts_config, ticket_key_file);
         let mut cfg = std::mem::MaybeUninit::<cts_config>::zeroed();
-        // SAFETY: as above.
+        // SAFETY: `cfg` is writable for its whole size, more than `short`; the bytes past
+        // `short` stand for the caller's neighbouring memory.
         unsafe {
             let tail = cfg.as_mut_ptr().cast::<u8>().add(short);
             std::ptr::write_bytes(tail, 0xCD, std::mem::size_of::<cts_config>() - short);
