@@ -702,6 +702,11 @@ impl KeyState {
         if self.derived.len() >= MAX_DERIVED {
             self.derived.clear();
         }
+        // Its whole capacity at once: a vector that grows moves its entries and frees the old
+        // allocation unwiped.
+        if self.derived.capacity() < MAX_DERIVED {
+            self.derived.reserve_exact(MAX_DERIVED);
+        }
         self.derived.push(DerivedMac { namespace: namespace.into(), name: k.name, mac });
         mac
     }

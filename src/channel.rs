@@ -678,11 +678,11 @@ impl Channel {
         self.replica.as_ref()?;
         self.drain_now();
         if self.is_dead() {
-            // No removal reaches the replica any more: it serves nothing from now on.
-            if !self.replica_dropped.swap(true, SeqCst) {
-                if let Some(mut r) = self.replica() {
-                    r.clear();
-                }
+            // No removal reaches the replica any more: it serves nothing from now on. Emptied
+            // again if a thread that was past its own check when the master died added to it.
+            let mut r = self.replica()?;
+            if !self.replica_dropped.swap(true, SeqCst) || !r.cache.is_empty() {
+                r.clear();
             }
             return None;
         }
