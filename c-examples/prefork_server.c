@@ -367,6 +367,23 @@ fail:
     return NULL;
 }
 
+/* A worker's SSL_CTX, shared under namespace `ns` unless --no-share; the worker exits if
+ * either fails. */
+static SSL_CTX *make_worker_ctx(const struct options *o, const char *ns)
+{
+    SSL_CTX *ctx = make_ctx(o);
+    if (ctx == NULL)
+        exit(1);
+    if (o->share) {
+        cts_result rc = cts_share_sessions(ctx, ns);
+        if (rc != CTS_OK) {
+            print_cts_error("cts_share_sessions", rc);
+            exit(1);
+        }
+    }
+    return ctx;
+}
+
 /* Reads the request up to the end of its headers. Returns 0 when the server should answer
  * (complete request, the client stopped sending after a part of one, or nothing came within
  * the receive timeout: `openssl s_client` may send nothing and still wait for an answer),
@@ -833,28 +850,10 @@ static void worker_main(const struct options *o, int port, int ready_fd)
 
     /* The SSL_CTX is made after the fork, as a real prefork server would (the library copes
      * with either order). */
-    SSL_CTX *ctx = make_ctx(o);
-    if (ctx == NULL)
-        exit(1);
-    if (o->share) {
-        cts_result rc = cts_share_sessions(ctx, o->ns);
-        if (rc != CTS_OK) {
-            print_cts_error("cts_share_sessions", rc);
-            exit(1);
-        }
-    }
+    SSL_CTX *ctx = make_worker_ctx(o, o->ns);
     if (o->switch_ns != NULL) {
         /* Never freed: it serves for the worker's whole life, as the first one does. */
-        SSL_CTX *site = make_ctx(o);
-        if (site == NULL)
-            exit(1);
-        if (o->share) {
-            cts_result rc = cts_share_sessions(site, o->switch_ns);
-            if (rc != CTS_OK) {
-                print_cts_error("cts_share_sessions", rc);
-                exit(1);
-            }
-        }
+        SSL_CTX *site = make_worker_ctx(o, o->switch_ns);
         SSL_CTX_set_client_hello_cb(ctx, switch_ctx, site);
     }
 
