@@ -935,26 +935,26 @@ impl Master {
                 self.close_conn(ep, conns.swap_remove(i));
             }
         }
-        for c in conns.iter_mut() {
-            self.flush_sync(c, &mut main.out);
-            // A worker that owes a Flush is watched for room to send it.
-            if c.watch_out != c.flush_due && epoll_ctl(ep, libc::EPOLL_CTL_MOD, c.raw(), c.flush_due) {
-                c.watch_out = c.flush_due;
-            }
-        }
+        self.flush_all(ep, conns, &mut main.out);
         // Channels a send found broken: closed like those at EOF (the worker's lookups miss),
         // once what the worker sent before is read. A worker that exited leaves its last
         // frames (a removal among them, perhaps) queued before the EOF, and a send to it
-        // fails (ECONNRESET) before they are read.
+        // fails (ECONNRESET) before they are read. What they change is pushed to the other
+        // workers now, not at the next round (up to a second away).
         let broken = std::mem::take(&mut *self.broken.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut drained = false;
         let mut i = 0;
         while i < conns.len() {
             if conns[i].broken || broken.contains(&conns[i].raw()) {
                 self.drain_broken(i, conns, main);
                 self.close_conn(ep, conns.swap_remove(i));
+                drained = true;
             } else {
                 i += 1;
             }
+        }
+        if drained {
+            self.flush_all(ep, conns, &mut main.out);
         }
         self.workers.store(conns.len() as u64, Relaxed);
         let now = now_secs();
@@ -965,6 +965,18 @@ impl Master {
             // Rotate on time (and wipe retired keys) even when nobody asks.
             let mut retired = self.ticket_keys();
             wipe(&mut retired);
+        }
+    }
+
+    /// Send every worker its queued replica updates (and a Flush it owes), and watch for room
+    /// on the sockets of those that still owe one.
+    fn flush_all(&self, ep: RawFd, conns: &mut [Conn], out: &mut Vec<u8>) {
+        for c in conns.iter_mut() {
+            self.flush_sync(c, out);
+            // A worker that owes a Flush is watched for room to send it.
+            if c.watch_out != c.flush_due && epoll_ctl(ep, libc::EPOLL_CTL_MOD, c.raw(), c.flush_due) {
+                c.watch_out = c.flush_due;
+            }
         }
     }
 

@@ -280,4 +280,5 @@ fn a_channel_a_push_found_broken_is_read_to_its_end_before_it_is_closed() {
     assert_eq!(r["storer_exit"], 0.0, "{r:?}");
     assert_eq!(r["last_put_found"], 1.0, "the leaver's last store was read: {r:?}");
     assert_eq!(r["victim_found"], 0.0, "the leaver's removal was lost with its channel: {r:?}");
+    assert_eq!(r["storer_replica_victim"], 0.0, "the removal reached the other replica only at a later round: {r:?}");
 }

@@ -593,7 +593,7 @@ fn broken_drain() {
     // Too large for a slot of the session ring: these go over the channels.
     let big = [0x44u8; 600];
     assert!(cluster_tls_store::bench::put(ns, b"victim", &[0x42; 135], far));
-    let (go_a, go_b) = (gate_pipe(), gate_pipe());
+    let (go_a, go_b, check) = (gate_pipe(), gate_pipe(), gate_pipe());
     let leaver = fork_child(move || {
         let _ = cluster_tls_store::bench::get_from_master(ns, b"warm-up");
         wait_gate(go_a);
@@ -604,10 +604,14 @@ fn broken_drain() {
         0
     });
     let storer = fork_child(move || {
-        let _ = cluster_tls_store::bench::get_from_master(ns, b"warm-up");
+        // The master's hit goes into this worker's replica.
+        let _ = cluster_tls_store::bench::get_from_master(ns, b"victim");
         wait_gate(go_b);
         cluster_tls_store::bench::put(ns, b"pushed", &big, far);
-        std::thread::sleep(Duration::from_millis(1500));
+        // Shortly after the master's round: the removal it read from the leaver's channel
+        // must have been pushed here in that round, not at the next (up to a second later).
+        wait_gate(check);
+        println!("storer_replica_victim={}", u8::from(cluster_tls_store::bench::get(ns, b"victim").is_some()));
         0
     });
     std::thread::sleep(Duration::from_millis(300));
@@ -619,7 +623,8 @@ fn broken_drain() {
         open_gate(go_b);
         std::thread::sleep(Duration::from_millis(300));
     }
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(100));
+    open_gate(check);
     println!("victim_found={}", u8::from(cluster_tls_store::bench::get(ns, b"victim").is_some()));
     println!("last_put_found={}", u8::from(cluster_tls_store::bench::get(ns, &39u64.to_le_bytes()).is_some()));
     println!("storer_exit={}", wait(storer));
