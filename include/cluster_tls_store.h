@@ -655,7 +655,8 @@ size_t cts_last_error(char *buf, size_t len);
  * This worker's channel descriptor, or -1 if the process has none of its own.
  *
  * For servers whose workers `exec` a new program after the fork: clear the descriptor's
- * `FD_CLOEXEC` flag and put its number in the environment variable `CTS_CHANNEL_FD` before
+ * `FD_CLOEXEC` flag and put `<fd>:<pid>` (this process's pid, which `exec` keeps; a bare
+ * `<fd>` is accepted too) in the environment variable `CTS_CHANNEL_FD` before
  * `exec`; `cts_share_sessions` in the new program adopts it.
  */
 int cts_channel_fd(void);

@@ -553,7 +553,8 @@ pub unsafe extern "C" fn cts_last_error(buf: *mut c_char, len: usize) -> usize {
 /// This worker's channel descriptor, or -1 if the process has none of its own.
 ///
 /// For servers whose workers `exec` a new program after the fork: clear the descriptor's
-/// `FD_CLOEXEC` flag and put its number in the environment variable `CTS_CHANNEL_FD` before
+/// `FD_CLOEXEC` flag and put `<fd>:<pid>` (this process's pid, which `exec` keeps; a bare
+/// `<fd>` is accepted too) in the environment variable `CTS_CHANNEL_FD` before
 /// `exec`; `cts_share_sessions` in the new program adopts it.
 #[no_mangle]
 pub extern "C" fn cts_channel_fd() -> c_int {

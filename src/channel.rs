@@ -112,7 +112,18 @@ fn adopt_from_env() -> Result<RawFd, Error> {
     let Some(v) = std::env::var_os(CHANNEL_FD_ENV) else {
         return Err(Error::NoMaster);
     };
-    let fd: RawFd = v.to_str().and_then(|s| s.trim().parse().ok()).ok_or(Error::NoMaster)?;
+    // "FD", or "FD:PID": then only the process with that pid (the worker that exec'd: exec
+    // keeps the pid) may adopt the descriptor, not a child the new program forks first.
+    let v = v.to_str().map(str::trim).ok_or(Error::NoMaster)?;
+    let (fd, owner) = match v.split_once(':') {
+        Some((fd, pid)) => (fd, Some(pid.parse::<i32>().map_err(|_| Error::NoMaster)?)),
+        None => (v, None),
+    };
+    let fd: RawFd = fd.parse().map_err(|_| Error::NoMaster)?;
+    // SAFETY: getpid has no preconditions.
+    if owner.is_some_and(|pid| pid != unsafe { libc::getpid() }) {
+        return Err(Error::NotChannelOwner);
+    }
     let mut ty: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `ty`; an invalid fd fails with EBADF.

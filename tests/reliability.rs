@@ -89,6 +89,7 @@ fn exec_d_worker_adopts_its_channel_from_the_environment() {
     assert_eq!(r["exec_child_role"], 2.0);
     assert_eq!(r["exec_child_master_valid"], 1.0);
     assert_eq!(r["exec_child_setup_refused"], 1.0, "master_setup in an exec'd worker is InWorker");
+    assert_eq!(r["exec_helper_refused"], 1.0, "a child of the exec'd program adopted its channel");
 }
 
 #[test]

@@ -229,7 +229,9 @@ fn exec_worker() {
         unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
         let exe = std::env::current_exe().expect("current exe");
         let err = std::os::unix::process::CommandExt::exec(
-            std::process::Command::new(exe).arg("exec-child").env(cluster_tls_store::CHANNEL_FD_ENV, fd.to_string()),
+            std::process::Command::new(exe)
+                .arg("exec-child")
+                .env(cluster_tls_store::CHANNEL_FD_ENV, format!("{fd}:{}", std::process::id())),
         );
         eprintln!("exec failed: {err}");
         1
@@ -238,6 +240,13 @@ fn exec_worker() {
 }
 
 fn exec_child() -> i32 {
+    // A child forked before this program's first call inherits the descriptor and the
+    // variable: it must not adopt the channel.
+    let helper = fork_child(|| {
+        let ctx = SslContext::builder(SslMethod::tls_server()).expect("ctx").build();
+        i32::from(!matches!(share_sessions(&*ctx, Some("exec")), Err(Error::NotChannelOwner)))
+    });
+    println!("exec_helper_refused={}", u8::from(wait(helper) == 0));
     let ctx = SslContext::builder(SslMethod::tls_server()).expect("ctx").build();
     let shared = share_sessions(&*ctx, Some("exec")).is_ok();
     let st = stats();
