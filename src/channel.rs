@@ -27,7 +27,8 @@ use crate::wipe::{wipe, SecretBuf};
 use crate::Error;
 use openssl::ssl::{SslSession, SslSessionRef};
 
-/// Environment variable naming an inherited channel descriptor, for workers that `exec`.
+/// Environment variable naming an inherited channel descriptor (`FD`, or `FD:PID` to bind it to
+/// the process that adopts it), for workers that `exec`.
 pub const CHANNEL_FD_ENV: &str = "CTS_CHANNEL_FD";
 
 static GET_TIMEOUT_US: AtomicU64 = AtomicU64::new(10_000);
