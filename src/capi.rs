@@ -486,8 +486,9 @@ pub unsafe extern "C" fn cts_get_stats_sized(out: *mut Stats, size: usize, maste
             return Err(Error::NullArgument("out"));
         }
         const HEAD: usize = std::mem::offset_of!(Stats, master);
-        if !master_size.is_multiple_of(8) || size < HEAD + master_size || !(size - HEAD - master_size).is_multiple_of(8)
-        {
+        // Checked: a hostile `master_size` near usize::MAX must not wrap past the test.
+        let worker_size = HEAD.checked_add(master_size).and_then(|used| size.checked_sub(used));
+        if !master_size.is_multiple_of(8) || !worker_size.is_some_and(|w| w.is_multiple_of(8)) {
             return Err(Error::InvalidConfig(format!(
                 "cts_get_stats_sized: size {size} and master_size {master_size} are not a cts_stats layout"
             )));
@@ -651,6 +652,7 @@ mod tests {
             assert_eq!(cts_get_stats_sized(std::ptr::null_mut(), size, master_size), cts_result::CTS_ERR_NULL_ARGUMENT);
             let mut st = std::mem::MaybeUninit::<Stats>::zeroed();
             assert_eq!(cts_get_stats_sized(st.as_mut_ptr(), 12, 8), cts_result::CTS_ERR_INVALID_CONFIG);
+            assert_eq!(cts_get_stats_sized(st.as_mut_ptr(), 64, usize::MAX - 7), cts_result::CTS_ERR_INVALID_CONFIG);
             assert_eq!(
                 cts_get_stats_sized(st.as_mut_ptr(), std::mem::size_of::<Stats>(), std::mem::size_of::<MasterStats>()),
                 cts_result::CTS_OK
