@@ -984,6 +984,13 @@ impl Master {
     /// (at most `DRAIN_BROKEN_BATCHES` batches: a worker that shut its end for reading could
     /// otherwise keep the loop here by writing on).
     fn drain_broken(&self, idx: usize, conns: &mut [Conn], main: &mut Scratch) {
+        self.drain_broken_frames(idx, conns, main);
+        // Lookups that would miss are put aside for an answer after a catch-up (`serve`);
+        // this channel's asker cannot read one. (Copies of GET frames: nothing to wipe.)
+        main.deferred.clear();
+    }
+
+    fn drain_broken_frames(&self, idx: usize, conns: &mut [Conn], main: &mut Scratch) {
         for _ in 0..DRAIN_BROKEN_BATCHES {
             if !self.serve(idx, conns, main, None) {
                 return;

@@ -717,7 +717,8 @@ impl Ring {
         if state & 1 == 0 || slot.state.load(Acquire) != state {
             return false;
         }
-        let meta = Meta::unpack(slot.meta.load(Relaxed));
+        let word = slot.meta.load(Relaxed);
+        let meta = Meta::unpack(word);
         if !meta.is_for(state / 2) {
             return false;
         }
@@ -726,6 +727,12 @@ impl Ring {
             && unsafe { libc::kill(meta.pid, 0) } == -1
             && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
         if !gone {
+            return false;
+        }
+        // Looked at again now that its writer is known dead: had it published (and another
+        // writer claimed the slot since) before it died, the slot is no longer its. A dead
+        // writer stores nothing more, so what is seen now stays until we change it.
+        if slot.state.load(Acquire) != state || slot.meta.load(Relaxed) != word {
             return false;
         }
         // Nobody else claims an odd slot, and its writer is dead: ours to wipe and release.
