@@ -223,6 +223,8 @@ pub struct Channel {
     parent_was_master: bool,
     /// Set once the replica was emptied for good after the master's death.
     replica_dropped: AtomicBool,
+    /// Set once this process wiped the session ring after the master exited.
+    ring_wiped: AtomicBool,
 }
 
 /// How long a worker with the session ring goes at most without reading its socket while the
@@ -388,6 +390,7 @@ impl Channel {
             // SAFETY: getppid has no preconditions.
             parent_was_master: fork::master_pid() > 1 && unsafe { libc::getppid() } == fork::master_pid(),
             replica_dropped: AtomicBool::new(false),
+            ring_wiped: AtomicBool::new(false),
             replica: match REPLICA_BYTES.load(SeqCst) as usize {
                 0 => None,
                 bytes => Some(Mutex::new(Replica {
@@ -449,11 +452,23 @@ impl Channel {
         if !self.dead.swap(true, SeqCst) {
             WORKER.master_gone.store(1, Relaxed);
             crate::log::debug!("the master closed the channel: lookups are misses from now on");
-            if let Some(ring) = crate::ring::get().filter(|_| self.master_exited()) {
+            self.wipe_ring_if_master_exited();
+        }
+        self.cond.notify_all();
+    }
+
+    /// Once the master has exited, wipe the session ring (once). Tried when the channel dies
+    /// and again at every lookup and store after: the EOF comes as the master's descriptors
+    /// close, a moment before its pid goes and its children are given another parent.
+    fn wipe_ring_if_master_exited(&self) {
+        if self.ring_wiped.load(Relaxed) {
+            return;
+        }
+        if let Some(ring) = crate::ring::get().filter(|_| self.master_exited()) {
+            if !self.ring_wiped.swap(true, SeqCst) {
                 ring.wipe_range(0, ring.head());
             }
         }
-        self.cond.notify_all();
     }
 
     /// Whether the master process is gone (not merely this channel): its pid no longer
@@ -597,6 +612,7 @@ impl Channel {
             self.drain_now();
         }
         if self.is_dead() {
+            self.wipe_ring_if_master_exited();
             return;
         }
         // Capped now, where the session is made: a worker reading the record from the ring
@@ -690,6 +706,7 @@ impl Channel {
         self.replica.as_ref()?;
         self.drain_now();
         if self.is_dead() {
+            self.wipe_ring_if_master_exited();
             // No removal reaches the replica any more: it serves nothing from now on. Emptied
             // again if a thread that was past its own check when the master died added to it.
             let mut r = self.replica()?;
