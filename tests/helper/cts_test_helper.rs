@@ -639,7 +639,13 @@ fn broken_drain() {
         open_gate(go_b);
         std::thread::sleep(Duration::from_millis(300));
     }
-    std::thread::sleep(Duration::from_millis(100));
+    // The round that drains the leaver's channel applies the removal here, then pushes it:
+    // give that round a moment past the removal, not a whole second (the next round's tick).
+    let until = Instant::now() + Duration::from_secs(5);
+    while cluster_tls_store::bench::get(ns, b"victim").is_some() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(50));
     open_gate(check);
     println!("victim_found={}", u8::from(cluster_tls_store::bench::get(ns, b"victim").is_some()));
     println!("last_put_found={}", u8::from(cluster_tls_store::bench::get(ns, &39u64.to_le_bytes()).is_some()));
