@@ -221,8 +221,9 @@ pub struct Channel {
     /// Whether the master was this process's parent when the channel was made: then a
     /// parent other than the master later means the master exited (see `mark_dead`).
     parent_was_master: bool,
-    /// Set once the replica was emptied for good after the master's death.
-    replica_dropped: AtomicBool,
+    /// When (monotonic ms) a worker whose master is gone last asked whether it has exited
+    /// (`while_dead`).
+    exit_checked_ms: AtomicU64,
     /// Set once this process wiped the session ring after the master exited.
     ring_wiped: AtomicBool,
 }
@@ -389,7 +390,7 @@ impl Channel {
             drain_every_ms: DRAIN_EVERY_MS,
             // SAFETY: getppid has no preconditions.
             parent_was_master: fork::master_pid() > 1 && unsafe { libc::getppid() } == fork::master_pid(),
-            replica_dropped: AtomicBool::new(false),
+            exit_checked_ms: AtomicU64::new(0),
             ring_wiped: AtomicBool::new(false),
             replica: match REPLICA_BYTES.load(SeqCst) as usize {
                 0 => None,
@@ -457,9 +458,26 @@ impl Channel {
         self.cond.notify_all();
     }
 
+    /// A lookup's or a store's part once the master is gone, with no system call but a
+    /// `kill(2)` at most every `DRAIN_EVERY_MS` until the ring is wiped: the replica serves
+    /// nothing (no removal reaches it any more), so it is emptied whenever it holds anything
+    /// (a thread past its own check when the master died may have added to it).
+    fn while_dead(&self) {
+        let now = mono_ms();
+        if now.wrapping_sub(self.exit_checked_ms.load(Relaxed)) >= DRAIN_EVERY_MS {
+            self.exit_checked_ms.store(now, Relaxed);
+            self.wipe_ring_if_master_exited();
+        }
+        if let Some(mut r) = self.replica() {
+            if !r.cache.is_empty() || !r.hot.is_empty() {
+                r.clear();
+            }
+        }
+    }
+
     /// Once the master has exited, wipe the session ring (once). Tried when the channel dies
-    /// and again at every lookup and store after: the EOF comes as the master's descriptors
-    /// close, a moment before its pid goes and its children are given another parent.
+    /// and again after (`while_dead`): the EOF comes as the master's descriptors close, a
+    /// moment before its pid goes and its children are given another parent.
     fn wipe_ring_if_master_exited(&self) {
         if self.ring_wiped.load(Relaxed) {
             return;
@@ -608,11 +626,11 @@ impl Channel {
         // EOF: read the socket as a lookup does (at least every `DRAIN_EVERY_MS`), or a
         // worker that only makes new sessions would feed the ring after the master died.
         // Without the ring the store's own send finds a dead master.
-        if crate::ring::get().is_some() {
+        if !self.is_dead() && crate::ring::get().is_some() {
             self.drain_now();
         }
         if self.is_dead() {
-            self.wipe_ring_if_master_exited();
+            self.while_dead();
             return;
         }
         // Capped now, where the session is made: a worker reading the record from the ring
@@ -704,15 +722,11 @@ impl Channel {
     fn replica_for_lookup(&self) -> Option<(MutexGuard<'_, Replica>, u64)> {
         bump(&WORKER.gets);
         self.replica.as_ref()?;
-        self.drain_now();
+        if !self.is_dead() {
+            self.drain_now();
+        }
         if self.is_dead() {
-            self.wipe_ring_if_master_exited();
-            // No removal reaches the replica any more: it serves nothing from now on. Emptied
-            // again if a thread that was past its own check when the master died added to it.
-            let mut r = self.replica()?;
-            if !self.replica_dropped.swap(true, SeqCst) || !r.cache.is_empty() {
-                r.clear();
-            }
+            self.while_dead();
             return None;
         }
         let mut r = self.replica()?;

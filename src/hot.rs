@@ -67,6 +67,11 @@ impl Hot {
         self.table.len()
     }
 
+    /// Whether no decoded session is held.
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
     /// A new reference to the decoded session, if there is one.
     pub fn get(&self, namespace: &[u8], id: &[u8]) -> Option<SslSession> {
         if self.table.is_empty() {
