@@ -247,9 +247,6 @@ pub struct Master {
     /// Stores and removals this process made itself (a master serving TLS while it has
     /// workers), waiting for the cache thread to push them to the workers' replicas.
     local_sync: Mutex<LocalSync>,
-    /// Channels a reply found broken (`Sent::Broken`) this round: the loop closes them at
-    /// its end. (Pushes mark their `Conn` instead.)
-    broken: Mutex<Vec<RawFd>>,
     /// How far the master has read the session ring, and what it wipes there (`ring`).
     ring_reader: Mutex<RingReader>,
     /// `ring_reader`'s position after its last read: for the `Sync` frames (see `Op::Sync`),
@@ -423,7 +420,6 @@ pub fn setup(mut config: Config) -> Result<(), Error> {
         key_file_reloads: AtomicU64::new(0),
         remote,
         local_sync: Mutex::new(LocalSync::default()),
-        broken: Mutex::new(Vec::new()),
         ring_reader: Mutex::new(RingReader {
             cursor: ring_cursor,
             read_at_last_sweep: ring_start,
@@ -895,8 +891,6 @@ impl Master {
     /// then the once-a-second sweep.
     fn round(&self, ep: RawFd, wake: RawFd, ready: &[libc::epoll_event], st: &mut LoopState) {
         let LoopState { conns, main, spare, last_sweep } = st;
-        // Left over only by a round that panicked: its numbers may name other channels now.
-        self.broken.lock().unwrap_or_else(|e| e.into_inner()).clear();
         self.read_ring();
         let tick = self.tick.as_raw_fd();
         if ready.iter().any(|ev| ev.u64 == tick as u64) {
@@ -941,11 +935,10 @@ impl Master {
         // frames (a removal among them, perhaps) queued before the EOF, and a send to it
         // fails (ECONNRESET) before they are read. What they change is pushed to the other
         // workers now, not at the next round (up to a second away).
-        let broken = std::mem::take(&mut *self.broken.lock().unwrap_or_else(|e| e.into_inner()));
         let mut drained = false;
         let mut i = 0;
         while i < conns.len() {
-            if conns[i].broken || broken.contains(&conns[i].raw()) {
+            if conns[i].broken {
                 self.drain_broken(i, conns, main);
                 self.close_conn(ep, conns.swap_remove(i));
                 drained = true;
@@ -984,16 +977,9 @@ impl Master {
     /// (at most `DRAIN_BROKEN_BATCHES` batches: a worker that shut its end for reading could
     /// otherwise keep the loop here by writing on).
     fn drain_broken(&self, idx: usize, conns: &mut [Conn], main: &mut Scratch) {
-        self.drain_broken_frames(idx, conns, main);
-        // Lookups that would miss are put aside for an answer after a catch-up (`serve`);
-        // this channel's asker cannot read one. (Copies of GET frames: nothing to wipe.)
-        main.deferred.clear();
-    }
-
-    fn drain_broken_frames(&self, idx: usize, conns: &mut [Conn], main: &mut Scratch) {
         for _ in 0..DRAIN_BROKEN_BATCHES {
             if !self.serve(idx, conns, main, None) {
-                return;
+                break;
             }
             let mut b = 0u8;
             // SAFETY: peeks at most one byte into a valid local; non-blocking.
@@ -1001,9 +987,12 @@ impl Master {
                 libc::recv(conns[idx].raw(), (&mut b as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
             };
             if n <= 0 {
-                return; // Empty (EAGAIN), at EOF, or failed: nothing more to read.
+                break; // Empty (EAGAIN), at EOF, or failed: nothing more to read.
             }
         }
+        // Lookups that would miss are put aside for an answer after a catch-up (`serve`);
+        // this channel's asker cannot read one. (Copies of GET frames: nothing to wipe.)
+        main.deferred.clear();
     }
 
     /// Close a worker's channel, which `epoll` watches (EOF, or found broken).
@@ -1042,11 +1031,12 @@ impl Master {
                 None => protocol::encode(frame.vec(), Op::Miss, reply.request_id, 0, ns, id, &[]),
             }
             if open {
-                self.send_reply(reply.fd, &frame);
+                let sent = self.send_reply(reply.fd, &frame);
                 if let Some(c) = conns.get_mut(asker) {
                     // A reply now follows any Flush still unread (see `flush_sync`).
                     c.last_was_flush = false;
                     c.note_sent(frame.len());
+                    c.broken |= sent == Sent::Broken;
                 }
             }
         }
@@ -1144,8 +1134,11 @@ impl Master {
             clear_wiped(out);
         }
         if !out.is_empty() {
-            // `handle` sent what `out` holds (wiped, length kept).
-            conns[idx].note_sent(out.len());
+            let c = &mut conns[idx];
+            c.broken |= self.send_reply(c.raw(), out) == Sent::Broken;
+            c.note_sent(out.len());
+            // Wiped, its length kept (the caller reads it: a reply went out).
+            wipe(out);
         }
         match handled {
             Ok(None) => return false,
@@ -1287,10 +1280,10 @@ impl Master {
         out.clear();
     }
 
-    /// Handle one frame and send the reply, if any. With `hit_only`, the fast path for GETs:
-    /// `handler::answer_hit` answers one the cache can answer now, and anything else is left
-    /// (`None`, nothing sent or counted) for a call without it after the catch-up `serve`
-    /// does before a miss. The fast path is off while debug logging is on, so that every
+    /// Handle one frame, leaving the reply, if any, in `out` (`handle_guarded` sends it). With
+    /// `hit_only`, the fast path for GETs: `handler::answer_hit` answers one the cache can
+    /// answer now, and anything else is left (`None`, nothing built or counted) for a call
+    /// without it after the catch-up `serve` does before a miss. The fast path is off while debug logging is on, so that every
     /// frame is logged below.
     fn handle(&self, fd: RawFd, frame: &[u8], out: &mut Vec<u8>, hit_only: bool) -> Option<Handled> {
         let handled = if hit_only {
@@ -1343,28 +1336,16 @@ impl Master {
                 Err(e) => crate::log::debug!("master: bad frame of {} bytes: {e:?}", frame.len()),
             }
         }
-        if !out.is_empty() {
-            self.send_reply(fd, out);
-            wipe(out);
-        }
         Some(handled)
     }
 
-    fn send_reply(&self, fd: RawFd, out: &[u8]) {
-        match send_nonblocking(fd, out) {
-            Sent::Yes => {}
-            Sent::Lost => {
-                self.reply_drops.fetch_add(1, Relaxed);
-            }
-            Sent::Broken => {
-                self.reply_drops.fetch_add(1, Relaxed);
-                let mut broken = self.broken.lock().unwrap_or_else(|e| e.into_inner());
-                // One entry per channel at most, and drained every round.
-                if !broken.contains(&fd) {
-                    broken.push(fd);
-                }
-            }
+    /// Send a reply; a lost one is counted. The caller marks a broken channel's `Conn`.
+    fn send_reply(&self, fd: RawFd, out: &[u8]) -> Sent {
+        let sent = send_nonblocking(fd, out);
+        if sent != Sent::Yes {
+            self.reply_drops.fetch_add(1, Relaxed);
         }
+        sent
     }
 }
 
