@@ -98,18 +98,25 @@ fn intern_namespace(ns: &[u8]) -> Option<&'static NsTag> {
 static SESSION_EX_INDEX: AtomicI32 = AtomicI32::new(-1);
 
 fn session_ex_index() -> Result<c_int, Error> {
-    let idx = SESSION_EX_INDEX.load(SeqCst);
+    index_once(&SESSION_EX_INDEX, "CRYPTO_get_ex_new_index (SSL_SESSION)", || {
+        // SAFETY: registers a new SSL_SESSION ex_data index without callbacks: the values
+        // are `&'static NsTag`, copied as they are when OpenSSL duplicates a session.
+        unsafe { ffi::CRYPTO_get_ex_new_index(CRYPTO_EX_INDEX_SSL_SESSION, 0, std::ptr::null_mut(), None, None, None) }
+    })
+}
+
+/// The ex_data index kept in `slot`, made by `make` on first use. Two racing first calls each
+/// make one; one wins and the other index stays unused.
+fn index_once(slot: &AtomicI32, what: &str, make: impl FnOnce() -> c_int) -> Result<c_int, Error> {
+    let idx = slot.load(SeqCst);
     if idx >= 0 {
         return Ok(idx);
     }
-    // SAFETY: registers a new SSL_SESSION ex_data index without callbacks: the values are
-    // `&'static NsTag`, copied as they are when OpenSSL duplicates a session.
-    let new =
-        unsafe { ffi::CRYPTO_get_ex_new_index(CRYPTO_EX_INDEX_SSL_SESSION, 0, std::ptr::null_mut(), None, None, None) };
+    let new = make();
     if new < 0 {
-        return Err(Error::OpenSsl("CRYPTO_get_ex_new_index (SSL_SESSION) failed".into()));
+        return Err(Error::OpenSsl(format!("{what} failed")));
     }
-    match SESSION_EX_INDEX.compare_exchange(-1, new, SeqCst, SeqCst) {
+    match slot.compare_exchange(-1, new, SeqCst, SeqCst) {
         Ok(_) => Ok(new),
         Err(existing) => Ok(existing),
     }
@@ -207,20 +214,10 @@ unsafe extern "C" fn free_ctx_state(
 }
 
 fn ex_index() -> Result<c_int, Error> {
-    let idx = EX_INDEX.load(SeqCst);
-    if idx >= 0 {
-        return Ok(idx);
-    }
-    // SAFETY: registers a new ex_data index with a free callback of the right signature.
-    let new = unsafe { ffi::SSL_CTX_get_ex_new_index(0, std::ptr::null_mut(), None, None, Some(free_ctx_state)) };
-    if new < 0 {
-        return Err(Error::OpenSsl("SSL_CTX_get_ex_new_index failed".into()));
-    }
-    // Two racing first calls each get an index; one wins and the other index stays unused.
-    match EX_INDEX.compare_exchange(-1, new, SeqCst, SeqCst) {
-        Ok(_) => Ok(new),
-        Err(existing) => Ok(existing),
-    }
+    index_once(&EX_INDEX, "SSL_CTX_get_ex_new_index", || {
+        // SAFETY: registers a new ex_data index with a free callback of the right signature.
+        unsafe { ffi::SSL_CTX_get_ex_new_index(0, std::ptr::null_mut(), None, None, Some(free_ctx_state)) }
+    })
 }
 
 /// State of a context, if `install` ran on it.
