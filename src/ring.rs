@@ -486,6 +486,12 @@ impl Ring {
 
     /// Write `record` into the slot of `seq`, which this writer has claimed, and publish it.
     fn write_claimed(&self, seq: u64, pid: i32, record: &[u8]) {
+        self.write_words(seq, pid, record);
+        self.slot(seq).state.store(published(seq), Release);
+    }
+
+    /// Write the meta word and `record` into the slot of `seq`, claimed by this writer.
+    fn write_words(&self, seq: u64, pid: i32, record: &[u8]) {
         let slot = self.slot(seq);
         // Readers that see any byte below also see the odd state when they check again.
         fence(Release);
@@ -495,7 +501,6 @@ impl Ring {
             b[..chunk.len()].copy_from_slice(chunk);
             w.store(u64::from_le_bytes(b), Relaxed);
         }
-        slot.state.store(published(seq), Release);
     }
 
     /// A writer that has taken a sequence number and claimed its slot but not written it yet
@@ -511,13 +516,7 @@ impl Ring {
     /// if killed there).
     #[cfg(test)]
     pub(crate) fn write_unpublished(&self, seq: u64, pid: i32, record: &[u8]) {
-        let slot = self.slot(seq);
-        slot.meta.store(Meta::pack(pid, record.len(), seq), Relaxed);
-        for (w, chunk) in slot.data.iter().zip(record.chunks(8)) {
-            let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
-            w.store(u64::from_le_bytes(b), Relaxed);
-        }
+        self.write_words(seq, pid, record);
     }
 
     /// The writer of `claim_unpublished` goes on: it writes `record` and publishes it.
