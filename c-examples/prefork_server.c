@@ -3,16 +3,23 @@
  * through cluster-tls-store. Written only against include/cluster_tls_store.h.
  *
  *   prefork_server --port P --workers N --cert F --key F [--no-share] [--no-tickets]
- *                  [--tls12] [--ns NAME] [--get-timeout-us N] [--threads T] [--sticky]
- *                  [--deadline-ms MS] [--switch-ns NAME]
+ *                  [--tls12] [--ns NAME] [--get-timeout-us N] [--threads T] [--reuseport]
+ *                  [--sticky] [--deadline-ms MS] [--switch-ns NAME]
  *
- * The master reserves the port (a bound, non-listening SO_REUSEPORT socket; port 0 picks a
- * free one), sets up the shared cache, and forks N workers. Each worker opens its own
- * SO_REUSEPORT listening socket on that port, so the kernel spreads connections across the
- * workers: a client that resumes usually lands on a worker that did not make its session.
+ * The master opens the listening socket (port 0 picks a free one), sets up the shared cache,
+ * and forks N workers, which inherit the socket. Every accept loop of every worker blocks in
+ * accept4 on it, and the kernel hands each connection to the loop that has waited longest:
+ * no connection waits while a loop idles, and consecutive connections go to different loops,
+ * so a client that resumes usually lands on a worker that did not make its session. (This
+ * is nginx's default too: one listening socket, inherited by every worker.)
  *
- * --sticky (Linux, for benchmarks) steers each connection by its client's IPv4 address
- * instead: a classic BPF program on the SO_REUSEPORT group picks listening socket
+ * --reuseport gives each worker its own SO_REUSEPORT listening socket on the port instead
+ * (the master reserves the port with a bound, non-listening one): the kernel draws a worker
+ * for each connection by a hash of its addresses, and a worker whose loops are all busy
+ * queues it while another idles.
+ *
+ * --sticky (Linux, for benchmarks; implies --reuseport) steers each connection by its
+ * client's IPv4 address instead: a classic BPF program on the SO_REUSEPORT group picks listening socket
  * `source address % N`, so every connection of one client reaches the same worker. With
  * `--no-share` that is the layout control of bench/run.sh: N processes, each with OpenSSL's
  * own cache, which resumes every session without any store (its clients connect from
@@ -108,6 +115,7 @@ struct options {
     int tickets;
     int tls12;
     int threads;
+    int reuseport; /* a listening socket per worker (--reuseport, --sticky) */
     int sticky;
     long get_timeout_us; /* -1: library default */
     long deadline_ms;
@@ -124,8 +132,8 @@ static void usage(const char *argv0)
 {
     fprintf(stderr,
             "usage: %s --port P --workers N --cert FILE --key FILE [--no-share] [--no-tickets]\n"
-            "          [--tls12] [--ns NAME] [--get-timeout-us N] [--threads T] [--sticky]\n"
-            "          [--deadline-ms MS] [--switch-ns NAME]\n",
+            "          [--tls12] [--ns NAME] [--get-timeout-us N] [--threads T] [--reuseport]\n"
+            "          [--sticky] [--deadline-ms MS] [--switch-ns NAME]\n",
             argv0);
 }
 
@@ -140,15 +148,21 @@ static int parse_long(const char *s, long min, long max, long *out)
     return 0;
 }
 
-/* Accept loops per worker when --threads is not given: LOOPS_PER_CPU for each CPU this process
- * may run on, in all, split over the workers (rounded up; at least one each). A loop serves
- * one connection at a time and sleeps while the client computes, so one loop per worker
- * leaves the CPUs idle: with 8 clients at N=2 the example made 0.88 (TLS 1.2) and 0.91
- * (TLS 1.3) of nginx's resumed handshakes/s with one loop per worker, 1.10 and 1.06 with 4
- * (8 per worker: 1.07 and 1.05). */
-#define LOOPS_PER_CPU 4
+/* Accept loops per worker when --threads is not given: so many for each CPU this process may
+ * run on, in all, split over the workers (rounded up; at least one each). A loop serves one
+ * connection at a time and sleeps while its client computes.
+ * - One shared listening socket (the default): 2 per CPU. No connection waits while a loop
+ *   idles, so loops beyond what keeps the CPUs busy only add sleeps and wake-ups: with 8
+ *   clients on 2 CPUs, 4 loops in all made 1.03-1.04x the resumed handshakes/s of 8 at N=4
+ *   (docs/PERFORMANCE.md).
+ * - --reuseport: 4 per CPU. Each worker draws connections at random, so a worker whose loops
+ *   are all busy queues one while another idles: with 8 clients at N=2 the example made 0.88
+ *   (TLS 1.2) and 0.91 (TLS 1.3) of nginx's resumed handshakes/s with one loop per worker,
+ *   1.10 and 1.06 with 4 (8 per worker: 1.07 and 1.05). */
+#define LOOPS_PER_CPU_SHARED 2
+#define LOOPS_PER_CPU_REUSEPORT 4
 
-static int default_loops(int workers)
+static int default_loops(int workers, int reuseport)
 {
     long cpus = 0;
 #ifdef __linux__
@@ -160,7 +174,8 @@ static int default_loops(int workers)
         cpus = sysconf(_SC_NPROCESSORS_ONLN);
     if (cpus <= 0)
         cpus = 1;
-    long loops = (LOOPS_PER_CPU * cpus + workers - 1) / workers;
+    long per_cpu = reuseport ? LOOPS_PER_CPU_REUSEPORT : LOOPS_PER_CPU_SHARED;
+    long loops = (per_cpu * cpus + workers - 1) / workers;
     return (int)(loops < 1 ? 1 : loops > MAX_THREADS ? MAX_THREADS : loops);
 }
 
@@ -184,8 +199,11 @@ static int parse_args(int argc, char **argv, struct options *o)
             o->tickets = 0;
         } else if (strcmp(a, "--tls12") == 0) {
             o->tls12 = 1;
+        } else if (strcmp(a, "--reuseport") == 0) {
+            o->reuseport = 1;
         } else if (strcmp(a, "--sticky") == 0) {
             o->sticky = 1;
+            o->reuseport = 1;
         } else if (next == NULL) {
             fprintf(stderr, "unknown option or missing value: %s\n", a);
             return -1;
@@ -246,7 +264,7 @@ static int parse_args(int argc, char **argv, struct options *o)
         return -1;
     }
     if (o->threads == 0)
-        o->threads = default_loops(o->workers);
+        o->threads = default_loops(o->workers, o->reuseport);
     return 0;
 }
 
@@ -258,8 +276,9 @@ static void print_cts_error(const char *what, cts_result rc)
             n > 0 ? ": " : "", n > 0 ? detail : "");
 }
 
-/* A TCP socket on 127.0.0.1:port with SO_REUSEADDR and SO_REUSEPORT, bound but not listening. */
-static int bound_socket(int port)
+/* A TCP socket on 127.0.0.1:port with SO_REUSEADDR (and SO_REUSEPORT if asked), bound but
+ * not listening. */
+static int bound_socket(int port, int reuseport)
 {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) {
@@ -268,7 +287,7 @@ static int bound_socket(int port)
     }
     int one = 1;
     if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
-        setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0) {
+        (reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0)) {
         perror("setsockopt");
         close(fd);
         return -1;
@@ -720,19 +739,26 @@ out:
     close(fd);
 }
 
-/* A worker's accept loops. With one, it blocks in accept4. With several, they wait in
- * epoll_wait on one epoll instance that watches the (non-blocking) listening socket with
- * EPOLLONESHOT: a connection wakes one loop, which accepts it and re-arms the watch (which
- * wakes another loop at once if more connections wait) before serving. epoll wakes the loop
- * that began waiting last, so the loop that just finished a connection takes the next one;
- * loops blocked in accept4 are woken in the order they began waiting, each connection
- * going to the loop idle longest. Measured with `openssl s_time -reuse` (one client, TLS
- * 1.3, 2 workers of 4 loops, 16 rounds against nginx): 0.898 of nginx's connections/s in
- * turn, 0.941 most-recent-first, 0.961 with one loop per worker (docs/PERFORMANCE.md). */
+/* A worker's accept loops.
+ * - On the shared listening socket (the default) every loop of every worker blocks in
+ *   accept4, and the kernel wakes the loop that has waited longest: a connection never waits
+ *   while a loop idles, and a client's consecutive connections go round the loops, hence
+ *   mostly to other workers. Measured against the in-process ideal (one worker with the same
+ *   4 loops in all, 8 clients, interleaved): 0.98-1.00 of its resumed handshakes/s at N=4
+ *   and 0.97-0.99 at N=2, against 0.92-0.95 for 2 loops per worker on --reuseport sockets.
+ * - With --reuseport one loop blocks in accept4 on the worker's own socket, and several wait
+ *   in epoll_wait on one epoll instance that watches the (non-blocking) socket with
+ *   EPOLLONESHOT: a connection wakes one loop, which accepts it and re-arms the watch (which
+ *   wakes another loop at once if more connections wait) before serving. epoll wakes the loop
+ *   that began waiting last, so the loop that just finished a connection takes the next one.
+ *   Measured with `openssl s_time -reuse` (one client, TLS 1.3, 2 workers of 4 loops, 16
+ *   rounds against nginx): 0.898 of nginx's connections/s in turn, 0.941 most-recent-first,
+ *   0.961 with one loop per worker (docs/PERFORMANCE.md). The shared socket must not be
+ *   made non-blocking: its flags are the master's and every worker's. */
 struct accept_loop {
     SSL_CTX *ctx;
     int lfd;
-    int ep; /* the shared epoll instance, or -1 for one loop blocking in accept4 */
+    int ep; /* the worker's epoll instance, or -1: every loop blocks in accept4 */
 };
 
 static void *accept_loop(void *arg)
@@ -805,7 +831,35 @@ static int steer_by_client_address(int lfd, int workers)
 #endif
 }
 
-static void worker_main(const struct options *o, int port, int ready_fd)
+/* Makes fd listen, and sets once what on Linux every socket it accepts inherits from it,
+ * which saves five system calls per connection (three here, two before the linger):
+ * - Timeouts bound every wait: in the handshake, the request, the reply and, when the client
+ *   sent something unread, the linger for its close (2 s each; the connection's deadline,
+ *   CONN_DEADLINE_MS, bounds them all together). One client at a time per accept loop, so a
+ *   silent or slow client must not hold it for long. On the listening socket itself the
+ *   receive timeout makes an idle blocking accept4 return EAGAIN every 2 s, which
+ *   accept_loop simply retries.
+ * - NODELAY: with each flight in one send ("Coalesced writes" above), a build without it
+ *   measured the same (s_time and loadgen, TLS 1.2 and 1.3, rate, p50 and p99). It stays so
+ *   that two small sends in a row (a ticket, then the reply) are never held by Nagle for a
+ *   delayed ACK (40 ms), as nginx's tcp_nodelay does.
+ * 0, or -1 after printing why. */
+static int start_listening(int fd, int backlog)
+{
+    if (listen(fd, backlog) != 0) {
+        perror("listen");
+        return -1;
+    }
+    int one = 1;
+    if (set_timeouts(fd, IO_TIMEOUT_MS) != 0 || setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0) {
+        perror("setsockopt");
+        return -1;
+    }
+    return 0;
+}
+
+/* shared_lfd: the master's listening socket, or -1 with --reuseport (the worker opens its own). */
+static void worker_main(const struct options *o, int shared_lfd, int port, int ready_fd)
 {
 #ifdef __linux__
     /* Do not outlive a master that was killed with SIGKILL. */
@@ -814,33 +868,15 @@ static void worker_main(const struct options *o, int port, int ready_fd)
     if (getppid() != master)
         _exit(1);
 #endif
-    int lfd = bound_socket(port);
-    if (lfd < 0 || listen(lfd, LISTEN_BACKLOG) != 0) {
-        if (lfd >= 0)
-            perror("listen");
-        exit(1);
-    }
-    if (o->sticky && steer_by_client_address(lfd, o->workers) != 0) {
-        perror("--sticky: SO_ATTACH_REUSEPORT_CBPF");
-        exit(1);
-    }
-    /* Set once here: on Linux an accepted socket inherits these from its listening socket,
-     * which saves five system calls per connection (three here, two before the linger).
-     * - Timeouts bound every wait: in the handshake, the request, the reply and, when the
-     *   client sent something unread, the linger for its close (2 s each; the connection's
-     *   deadline, CONN_DEADLINE_MS, bounds them all together). One client at a time per
-     *   accept loop, so a silent or slow client must not hold it for long. On the listening
-     *   socket itself the receive timeout makes an idle blocking accept4 return EAGAIN every
-     *   2 s, which accept_loop simply retries.
-     * - NODELAY: with each flight in one send ("Coalesced writes" above), a build without
-     *   it measured the same (s_time and loadgen, TLS 1.2 and 1.3, rate, p50 and p99). It
-     *   stays so that two small sends in a row (a ticket, then the reply) are never held
-     *   by Nagle for a delayed ACK (40 ms), as nginx's tcp_nodelay does. */
-    int one = 1;
-    if (set_timeouts(lfd, IO_TIMEOUT_MS) != 0 ||
-        setsockopt(lfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0) {
-        perror("setsockopt");
-        exit(1);
+    int lfd = shared_lfd;
+    if (lfd < 0) {
+        lfd = bound_socket(port, 1);
+        if (lfd < 0 || start_listening(lfd, LISTEN_BACKLOG) != 0)
+            exit(1);
+        if (o->sticky && steer_by_client_address(lfd, o->workers) != 0) {
+            perror("--sticky: SO_ATTACH_REUSEPORT_CBPF");
+            exit(1);
+        }
     }
 
     if (io_method_init() != 0) {
@@ -863,7 +899,7 @@ static void worker_main(const struct options *o, int port, int ready_fd)
     al.ctx = ctx;
     al.lfd = lfd;
     al.ep = -1;
-    if (o->threads > 1 && accept_loops_share_epoll(&al) != 0) {
+    if (o->threads > 1 && o->reuseport && accept_loops_share_epoll(&al) != 0) {
         perror("epoll");
         exit(1);
     }
@@ -899,11 +935,15 @@ int main(int argc, char **argv)
     (void)setpgid(0, 0);
     signal(SIGPIPE, SIG_IGN);
 
-    int reserve = bound_socket(o.port);
+    /* The listening socket, which the workers inherit; with --reuseport it only reserves the
+     * port, and each worker opens its own. */
+    int reserve = bound_socket(o.port, o.reuseport);
     if (reserve < 0)
         return 1;
     int port = bound_port(reserve);
     if (port <= 0)
+        return 1;
+    if (!o.reuseport && start_listening(reserve, LISTEN_BACKLOG * o.workers) != 0)
         return 1;
 
     /* Block the stop signals and SIGCHLD before anything else, for two reasons:
@@ -963,15 +1003,16 @@ int main(int argc, char **argv)
             signal(SIGCHLD, SIG_DFL);
             sigprocmask(SIG_SETMASK, &orig, NULL);
             close(ready[0]);
-            close(reserve);
-            worker_main(&o, port, ready[1]);
+            if (o.reuseport)
+                close(reserve);
+            worker_main(&o, o.reuseport ? -1 : reserve, port, ready[1]);
             _exit(1);
         }
         pids[alive++] = pid;
     }
     close(ready[1]);
 
-    /* Wait until every worker listens (one byte each); EOF first means one failed, and a
+    /* Wait until every worker is ready (one byte each); EOF first means one failed, and a
      * worker that is not up within READY_TIMEOUT_MS (stuck before it listens) counts as
      * failed too: the stop signals are blocked until the loop below, so the master must not
      * wait for it for ever. */

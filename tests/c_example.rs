@@ -3,8 +3,9 @@
 //! Each test compiles the example with warnings as errors against the committed header and
 //! the cdylib that `cargo test` builds, generates a throwaway P-256 certificate, starts the
 //! server (port 0, 4 workers) as a child process in its own process group, and drives it
-//! with real clients: `openssl s_client` and Python's `ssl` module. The workers listen with
-//! SO_REUSEPORT, so consecutive connections spread across them: a resumption that works
+//! with real clients: `openssl s_client` and Python's `ssl` module. The workers take
+//! connections from one listening socket, each from the accept loop that has waited longest,
+//! so consecutive connections spread across them: a resumption that works
 //! proves the session travelled through the shared cache. Every test that proves sharing
 //! works is paired with a `--no-share` run that shows resumption failing without it.
 //!
@@ -57,9 +58,10 @@ const FRESH_SESSION_PAUSE: Duration = Duration::from_millis(0);
 const HTTP_GET: &[u8] = b"GET / HTTP/1.0\r\n\r\n";
 const HTTP_STATS: &[u8] = b"GET /stats HTTP/1.0\r\n\r\n";
 
-/// The C example's accept loops per worker when `--threads` is not given: 4 per CPU this
-/// process may run on, in all, split over the workers (rounded up).
-fn default_loops(workers: usize) -> usize {
+/// The C example's accept loops per worker when `--threads` is not given: 2 per CPU this
+/// process may run on in all (4 with `--reuseport` or `--sticky`), split over the workers
+/// (rounded up).
+fn default_loops(workers: usize, reuseport: bool) -> usize {
     // SAFETY: sched_getaffinity fills the zeroed set it is given; CPU_COUNT only reads it.
     let cpus = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -69,7 +71,8 @@ fn default_loops(workers: usize) -> usize {
             1
         }
     };
-    (4 * cpus.max(1)).div_ceil(workers).max(1)
+    let per_cpu = if reuseport { 4 } else { 2 };
+    (per_cpu * cpus.max(1)).div_ceil(workers).max(1)
 }
 
 fn manifest_dir() -> PathBuf {
@@ -332,7 +335,8 @@ impl Server {
                 };
                 assert_eq!(field("workers="), WORKERS, "bad ready line {line:?}");
                 if !flags.contains(&"--threads") {
-                    assert_eq!(field("loops="), default_loops(WORKERS), "default accept loops: {line:?}");
+                    let reuseport = flags.contains(&"--reuseport") || flags.contains(&"--sticky");
+                    assert_eq!(field("loops="), default_loops(WORKERS, reuseport), "default accept loops: {line:?}");
                 }
                 ready = true;
             } else if let Some(pid) = line.strip_prefix("worker pid=") {
@@ -539,6 +543,49 @@ fn openssl_cli_resumes_across_workers_tls12() {
     // Without the shared cache only the worker that made the session can resume it: with 4
     // workers, all 20 landing on it has probability 4^-20.
     let alone = fx.start(&["--tls12", "--no-tickets", "--no-share"]);
+    let series = resume_series(&alone, &fx.dir, 20);
+    assert!(series.runs.iter().all(|r| r.body.is_some()), "every connection must be answered");
+    assert!(series.new_handshakes() >= 1, "--no-share resumed everything: the test cannot tell sharing apart");
+}
+
+#[test]
+fn one_listening_socket_hands_a_serial_client_round_every_worker() {
+    // The default layout: one listening socket, made by the master and inherited, with every
+    // accept loop blocked in accept4 on it. The kernel wakes the loop that has waited longest,
+    // and a loop that has served a connection waits again behind the others, so one client's
+    // connections, one after another, go round the loops: with one loop per worker, every
+    // worker within a few connections (with a worker per connection drawn at random, all 4
+    // in 16 would still be likely; 3 or fewer would be too, about 1 time in 25).
+    let fx = Fixture::new("shared-listener");
+    let server = fx.start(&["--tls12", "--no-tickets", "--threads", "1"]);
+    let mut seen = Vec::new();
+    for _ in 0..16 {
+        seen.push(server.s_client(HTTP_GET, &[]).worker().0);
+    }
+    let pids: BTreeSet<u32> = seen.iter().copied().collect();
+    assert_eq!(pids.len(), WORKERS, "16 connections reached only {pids:?} of {:?}: {seen:?}", server.workers);
+    // Consecutive connections go to different workers (the loop just used waits last).
+    let repeats = seen.windows(2).filter(|w| w[0] == w[1]).count();
+    assert!(repeats <= 2, "{repeats} of 15 connections went to the worker of the one before: {seen:?}");
+    // And every session resumes wherever it lands.
+    let series = resume_series(&server, &fx.dir, 12);
+    series.assert_all_resumed();
+    assert!(series.resumed_pids().len() >= 3, "{:?}", series.resumed_pids());
+}
+
+#[test]
+fn the_reuseport_layout_resumes_across_workers_too() {
+    // --reuseport: a listening socket per worker in one SO_REUSEPORT group, each connection's
+    // worker drawn by a hash of its addresses, and a worker's loops waiting on one epoll.
+    let fx = Fixture::new("reuseport");
+    let server = fx.start(&["--tls12", "--no-tickets", "--reuseport"]);
+    let series = resume_series(&server, &fx.dir, 20);
+    series.assert_all_resumed();
+    let pids = series.resumed_pids();
+    assert!(pids.len() >= 2, "all resumptions hit one worker {pids:?}: connections are not spread");
+    drop(server);
+
+    let alone = fx.start(&["--tls12", "--no-tickets", "--no-share", "--reuseport"]);
     let series = resume_series(&alone, &fx.dir, 20);
     assert!(series.runs.iter().all(|r| r.body.is_some()), "every connection must be answered");
     assert!(series.new_handshakes() >= 1, "--no-share resumed everything: the test cannot tell sharing apart");
