@@ -28,16 +28,19 @@ done
 # ---- knobs (same for every row) --------------------------------------------------------
 CLIENTS=8
 # Accept loops of the C example (--threads), LOOPS in all for every multi-process variant,
-# split evenly over its worker processes. A loop serves one connection start to finish and
-# sleeps while its client computes; with connections landing at random, a worker whose loops
-# are all busy queues a connection while another worker idles, so those variants need about
-# one loop per client (measured at N=2: 4 loops per worker 1.04x the resumed handshakes/s of
-# 2 and 1.04x of 8; at N=4: 2 per worker 1.07x of 1, 1.01x of 4).
-# The in-process ideal runs at its own best, IDEAL_LOOPS: one process has one queue, and fewer
-# loops than clients keep them busy with the connections queued behind them. Measured
-# interleaved since the C example stopped waiting for the client's close (8 clients): 4 loops
-# 1.02-1.06x the resumed handshakes/s of 8, 6 loops 0.99-1.00x of 4, 3 loops 0.94-0.98x of 4.
-LOOPS=$CLIENTS
+# split evenly over its worker processes. Store on and store off take connections from one
+# listening socket inherited by every worker (the example's default), each loop blocked in
+# accept4: the kernel gives a connection to the loop that has waited longest, so none waits
+# while a loop idles, and fewer loops than clients keep them busy with the connections queued
+# behind them, as in one process. Measured interleaved (8 clients, TLS 1.2, N=4, one run): 4
+# loops in all 1.04x the resumed handshakes/s of 8. The pinned control (--sticky) needs a
+# SO_REUSEPORT socket per worker to steer each client; it runs the same loops.
+# The in-process ideal runs at its own best, IDEAL_LOOPS: 4 loops 1.02-1.06x the resumed
+# handshakes/s of 8, 6 loops 0.99-1.00x of 4, 3 loops 0.94-0.98x of 4; on the shared socket
+# (the default) it reads 1.00 of itself with --reuseport's epoll wake-ups.
+# nginx runs as it is configured by default, one listening socket shared by its workers
+# (without `reuseport`, which read 0.93-0.98x of that, interleaved, TLS 1.2 and 1.3, N=2 and 4).
+LOOPS=$((CLIENTS / 2))
 IDEAL_LOOPS=$((CLIENTS / 2))
 loops_per() { local n=$1; echo $((LOOPS / n > 0 ? LOOPS / n : 1)); }
 WORKERS_LIST="1 2 4"
@@ -214,7 +217,7 @@ http {
     scgi_temp_path $d/tmp/scgi;
     keepalive_timeout 0;
     server {
-        listen 127.0.0.1:$SRV_PORT ssl reuseport;
+        listen 127.0.0.1:$SRV_PORT ssl;
         ssl_certificate $CERT;
         ssl_certificate_key $KEY;
         ssl_protocols TLSv1.2 TLSv1.3;
