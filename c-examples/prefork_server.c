@@ -148,21 +148,21 @@ static int parse_long(const char *s, long min, long max, long *out)
     return 0;
 }
 
-/* Accept loops per worker when --threads is not given: so many for each CPU this process may
- * run on, in all, split over the workers (rounded up; at least one each). A loop serves one
- * connection at a time and sleeps while its client computes.
- * - One shared listening socket (the default): 2 per CPU. No connection waits while a loop
- *   idles, so loops beyond what keeps the CPUs busy only add sleeps and wake-ups: with 8
- *   clients on 2 CPUs, 4 loops in all made 1.03-1.04x the resumed handshakes/s of 8 at N=4
- *   (docs/PERFORMANCE.md).
- * - --reuseport: 4 per CPU. Each worker draws connections at random, so a worker whose loops
- *   are all busy queues one while another idles: with 8 clients at N=2 the example made 0.88
- *   (TLS 1.2) and 0.91 (TLS 1.3) of nginx's resumed handshakes/s with one loop per worker,
- *   1.10 and 1.06 with 4 (8 per worker: 1.07 and 1.05). */
-#define LOOPS_PER_CPU_SHARED 2
-#define LOOPS_PER_CPU_REUSEPORT 4
+/* Accept loops per worker when --threads is not given: LOOPS_PER_CPU for each CPU this process
+ * may run on, in all, split over the workers (rounded up; at least one each). A loop serves
+ * one connection at a time and sleeps while its client computes, so the best count follows
+ * the clients in flight: about one loop per two of them on this 2-CPU machine, on the shared
+ * socket as in one process. Against nginx (TLS 1.3, N=4, interleaved, shared listening
+ * sockets both), 1 / 2 / 4 loops per worker made 1.05 / 1.01 / 1.01 of its resumed
+ * handshakes/s with 8 clients, 0.98 / 1.00 / 0.98 with 16, 0.94 / 1.02 / 1.12 with 32: too
+ * few loops cost more than too many, so the default is the count that held with each
+ * (docs/PERFORMANCE.md). With --reuseport, each worker draws connections at random, so a
+ * worker whose loops are all busy queues one while another idles; there with 8 clients at
+ * N=2 the example made 0.88 (TLS 1.2) and 0.91 (TLS 1.3) of nginx's resumed handshakes/s
+ * with one loop per worker, 1.10 and 1.06 with 4. */
+#define LOOPS_PER_CPU 4
 
-static int default_loops(int workers, int reuseport)
+static int default_loops(int workers)
 {
     long cpus = 0;
 #ifdef __linux__
@@ -174,8 +174,7 @@ static int default_loops(int workers, int reuseport)
         cpus = sysconf(_SC_NPROCESSORS_ONLN);
     if (cpus <= 0)
         cpus = 1;
-    long per_cpu = reuseport ? LOOPS_PER_CPU_REUSEPORT : LOOPS_PER_CPU_SHARED;
-    long loops = (per_cpu * cpus + workers - 1) / workers;
+    long loops = (LOOPS_PER_CPU * cpus + workers - 1) / workers;
     return (int)(loops < 1 ? 1 : loops > MAX_THREADS ? MAX_THREADS : loops);
 }
 
@@ -264,7 +263,7 @@ static int parse_args(int argc, char **argv, struct options *o)
         return -1;
     }
     if (o->threads == 0)
-        o->threads = default_loops(o->workers, o->reuseport);
+        o->threads = default_loops(o->workers);
     return 0;
 }
 

@@ -58,10 +58,9 @@ const FRESH_SESSION_PAUSE: Duration = Duration::from_millis(0);
 const HTTP_GET: &[u8] = b"GET / HTTP/1.0\r\n\r\n";
 const HTTP_STATS: &[u8] = b"GET /stats HTTP/1.0\r\n\r\n";
 
-/// The C example's accept loops per worker when `--threads` is not given: 2 per CPU this
-/// process may run on in all (4 with `--reuseport` or `--sticky`), split over the workers
-/// (rounded up).
-fn default_loops(workers: usize, reuseport: bool) -> usize {
+/// The C example's accept loops per worker when `--threads` is not given: 4 per CPU this
+/// process may run on, in all, split over the workers (rounded up).
+fn default_loops(workers: usize) -> usize {
     // SAFETY: sched_getaffinity fills the zeroed set it is given; CPU_COUNT only reads it.
     let cpus = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -71,8 +70,7 @@ fn default_loops(workers: usize, reuseport: bool) -> usize {
             1
         }
     };
-    let per_cpu = if reuseport { 4 } else { 2 };
-    (per_cpu * cpus.max(1)).div_ceil(workers).max(1)
+    (4 * cpus.max(1)).div_ceil(workers).max(1)
 }
 
 fn manifest_dir() -> PathBuf {
@@ -335,8 +333,7 @@ impl Server {
                 };
                 assert_eq!(field("workers="), WORKERS, "bad ready line {line:?}");
                 if !flags.contains(&"--threads") {
-                    let reuseport = flags.contains(&"--reuseport") || flags.contains(&"--sticky");
-                    assert_eq!(field("loops="), default_loops(WORKERS, reuseport), "default accept loops: {line:?}");
+                    assert_eq!(field("loops="), default_loops(WORKERS), "default accept loops: {line:?}");
                 }
                 ready = true;
             } else if let Some(pid) = line.strip_prefix("worker pid=") {
