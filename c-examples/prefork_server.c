@@ -19,12 +19,13 @@
  * queues it while another idles.
  *
  * --sticky (Linux, for benchmarks; implies --reuseport) steers each connection by its
- * client's IPv4 address instead: a classic BPF program on the SO_REUSEPORT group picks listening socket
- * `source address % N`, so every connection of one client reaches the same worker. With
- * `--no-share` that is the layout control of bench/run.sh: N processes, each with OpenSSL's
- * own cache, which resumes every session without any store (its clients connect from
- * distinct loopback addresses, loadgen --source-addrs). A worker's index in the group is the
- * order in which the workers began listening, so the mapping is fixed but not predictable.
+ * client's IPv4 address instead: a classic BPF program on the SO_REUSEPORT group picks
+ * listening socket `source address % N`, so every connection of one client reaches the same
+ * worker. With `--no-share` that is the layout control of bench/run.sh: N processes, each
+ * with OpenSSL's own cache, which resumes every session without any store (its clients
+ * connect from distinct loopback addresses, loadgen --source-addrs). A worker's index in the
+ * group is the order in which the workers began listening, so the mapping is fixed but not
+ * predictable.
  *
  * Each connection's writes are held and sent when OpenSSL ends a handshake flight, when the
  * server turns to reading, and at the end (struct conn_io): a resumed connection's reply and
