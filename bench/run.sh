@@ -42,6 +42,12 @@ CLIENTS=8
 # (without `reuseport`, which read 0.93-0.98x of that, interleaved, TLS 1.2 and 1.3, N=2 and 4).
 LOOPS=$((CLIENTS / 2))
 IDEAL_LOOPS=$((CLIENTS / 2))
+# s_time is one client, one connection at a time: by the same rule (a loop per two clients in
+# flight, at least one per worker) the example runs one loop per worker for it. With 2 per
+# worker at N=2 a serial client goes round four threads, which read 0.955-0.975 of nginx in
+# TLS 1.3 against 0.998-1.032 with one (rotating rounds; on one CPU both 1.05, so it is the
+# cross-CPU wake-ups of more threads, not their work: docs/PERFORMANCE.md).
+STIME_LOOPS=1
 loops_per() { local n=$1; echo $((LOOPS / n > 0 ? LOOPS / n : 1)); }
 WORKERS_LIST="1 2 4"
 STIME_WORKERS="2 4"
@@ -192,6 +198,8 @@ start_server() { # variant n ; sets SRV_PID, SRV_PORT; returns 1 on failure
     : >"$out"
     case "$variant" in
         on)    "${WRAP[@]}" "$SERVER" "${C_EXTRA[@]}" --port 0 --workers "$n" --threads "$(loops_per "$n")" --cert "$CERT" --key "$KEY" --no-tickets >"$out" 2>"$err" & ;;
+        # Store on for s_time's one client: one loop per worker (see STIME_LOOPS).
+        on-serial) "${WRAP[@]}" "$SERVER" "${C_EXTRA[@]}" --port 0 --workers "$n" --threads "$STIME_LOOPS" --cert "$CERT" --key "$KEY" --no-tickets >"$out" 2>"$err" & ;;
         off)   "${WRAP[@]}" "$SERVER" --port 0 --workers "$n" --threads "$(loops_per "$n")" --cert "$CERT" --key "$KEY" --no-tickets --no-share >"$out" 2>"$err" & ;;
         # The layout control: store off, each client steered to one worker by its address.
         pinned) "${WRAP[@]}" "$SERVER" --port 0 --workers "$n" --threads "$(loops_per "$n")" --cert "$CERT" --key "$KEY" --no-tickets --no-share --sticky >"$out" 2>"$err" & ;;
@@ -273,12 +281,13 @@ run_loadgen() { # n proto mode slices: every variant in $up, interleaved in one 
 }
 
 run_stime() { # rep variant n proto mode(reuse|new) seconds
-    local rep=$1 variant=$2 n=$3 proto=$4 mode=$5 secs=$6 out t1 t2 conns user
+    local rep=$1 variant=$2 n=$3 proto=$4 mode=$5 secs=$6 out t1 t2 conns user port
     out="$TMP/stime.out"
+    port=${VPORT[$variant]}; [ "$variant" = on ] && port=$SPORT_ON
     local flag=-tls1_3; [ "$proto" = tls12 ] && flag=-tls1_2
     t1=$(date +%s.%N)
     : >"$TMP/s_time.err"
-    run_bounded $((secs + 20)) "$out" "$TMP/s_time.err" openssl s_time -connect "127.0.0.1:${VPORT[$variant]}" -www / "-$mode" -time "$secs" "$flag" || true
+    run_bounded $((secs + 20)) "$out" "$TMP/s_time.err" openssl s_time -connect "127.0.0.1:$port" -www / "-$mode" -time "$secs" "$flag" || true
     t2=$(date +%s.%N)
     # "N connections in X.XXs; R connections/user sec, bytes read B"
     conns=$(sed -n 's/^\([0-9]*\) connections in [0-9.]*s; .*/\1/p' "$out" | tail -1)
@@ -345,6 +354,17 @@ for n in $WORKERS_LIST; do
         done
     done
     if [[ " $STIME_WORKERS " == *" $n "* ]]; then
+        # The store-on server for s_time: the one above when it already has STIME_LOOPS per
+        # worker, else one more (reported as "on"; the loadgen never sees it).
+        SPORT_ON=${VPORT[on]:-}; serial_pid=""
+        if [[ " $up " == *" on "* ]] && [ "$(loops_per "$n")" != "$STIME_LOOPS" ]; then
+            if start_server on-serial "$n"; then
+                SPORT_ON=$SRV_PORT; serial_pid=$SRV_PID
+            else
+                [ -n "$SRV_PID" ] && stop_pid "$SRV_PID"
+                SPORT_ON=""
+            fi
+        fi
         log "N=$n  s_time, $STIME_REPS repetitions"
         for rep in $(seq "$STIME_REPS"); do
             for proto in tls12 tls13; do
@@ -354,11 +374,14 @@ for n in $WORKERS_LIST; do
                     secs=$STIME_S; [ "$mode" = new ] && secs=$STIME_NEW_S
                     # shellcheck disable=SC2086
                     for variant in $(rotate "$((rep - 1))" $STIME_VARIANTS); do
-                        [[ " $up " == *" $variant "* ]] && run_stime "$rep" "$variant" "$n" "$proto" "$mode" "$secs"
+                        [[ " $up " == *" $variant "* ]] || continue
+                        [ "$variant" = on ] && [ -z "$SPORT_ON" ] && continue
+                        run_stime "$rep" "$variant" "$n" "$proto" "$mode" "$secs"
                     done
                 done
             done
         done
+        [ -n "$serial_pid" ] && stop_pid "$serial_pid"
     fi
     for variant in $up; do stop_pid "${VPID[$variant]}"; done
 done
@@ -441,7 +464,7 @@ log "report (wall so far ${WALL}s)"
 mkdir -p bench/results
 python3 bench/report.py --raw "$RAW" --out bench/results/latest \
     --meta "commit=$GIT_COMMIT" --meta "kernel=$KERNEL" --meta "openssl=$OSSL" --meta "nproc=$NPROC" \
-    --meta "cpu=$CPU" --meta "nginx=$NGINX_VERSION" --meta "reps=$REPS" --meta "reps_minor=$REPS_MINOR" --meta "stime_reps=$STIME_REPS" --meta "stime_new_reps=$STIME_NEW_REPS" --meta "clients=$CLIENTS" --meta "loops=$LOOPS" --meta "ideal_loops=$IDEAL_LOOPS" \
+    --meta "cpu=$CPU" --meta "nginx=$NGINX_VERSION" --meta "reps=$REPS" --meta "reps_minor=$REPS_MINOR" --meta "stime_reps=$STIME_REPS" --meta "stime_new_reps=$STIME_NEW_REPS" --meta "clients=$CLIENTS" --meta "loops=$LOOPS" --meta "ideal_loops=$IDEAL_LOOPS" --meta "stime_loops=$STIME_LOOPS" \
     --meta "quick=$QUICK" --meta "with_nginx=$WITH_NGINX" --meta "resume_ms=$RESUME_MS" \
     --meta "full_ms=$FULL_MS" --meta "warmup_ms=$WARMUP_MS" --meta "turn_ms=$TURN_MS" --meta "s_time_s=$STIME_S" \
     --meta "s_time_new_s=$STIME_NEW_S" --meta "channel_args=${CHANNEL_ARGS[*]}" \
