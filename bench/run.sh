@@ -192,14 +192,12 @@ SRV_PID=""; SRV_PORT=""
 WRAP=()      # a command the servers run under (valgrind, in the cost section)
 C_EXTRA=()   # extra flags for the C example with the store on
 READY_TICKS=100  # how long start_server waits for "ready", in 0.1 s
-start_server() { # variant n ; sets SRV_PID, SRV_PORT; returns 1 on failure
-    local variant=$1 n=$2 i out="$TMP/server-$1-$2.out" err="$TMP/server-$1-$2.err"
+start_server() { # variant n [loops per worker, store on only] ; sets SRV_PID, SRV_PORT; returns 1 on failure
+    local variant=$1 n=$2 i out="$TMP/server-$1-$2${3:+-l$3}.out" err="$TMP/server-$1-$2${3:+-l$3}.err"
     SRV_PID=""; SRV_PORT=""
     : >"$out"
     case "$variant" in
-        on)    "${WRAP[@]}" "$SERVER" "${C_EXTRA[@]}" --port 0 --workers "$n" --threads "$(loops_per "$n")" --cert "$CERT" --key "$KEY" --no-tickets >"$out" 2>"$err" & ;;
-        # Store on for s_time's one client: one loop per worker (see STIME_LOOPS).
-        on-serial) "${WRAP[@]}" "$SERVER" "${C_EXTRA[@]}" --port 0 --workers "$n" --threads "$STIME_LOOPS" --cert "$CERT" --key "$KEY" --no-tickets >"$out" 2>"$err" & ;;
+        on)    "${WRAP[@]}" "$SERVER" "${C_EXTRA[@]}" --port 0 --workers "$n" --threads "${3:-$(loops_per "$n")}" --cert "$CERT" --key "$KEY" --no-tickets >"$out" 2>"$err" & ;;
         off)   "${WRAP[@]}" "$SERVER" --port 0 --workers "$n" --threads "$(loops_per "$n")" --cert "$CERT" --key "$KEY" --no-tickets --no-share >"$out" 2>"$err" & ;;
         # The layout control: store off, each client steered to one worker by its address.
         pinned) "${WRAP[@]}" "$SERVER" --port 0 --workers "$n" --threads "$(loops_per "$n")" --cert "$CERT" --key "$KEY" --no-tickets --no-share --sticky >"$out" 2>"$err" & ;;
@@ -358,11 +356,14 @@ for n in $WORKERS_LIST; do
         # worker, else one more (reported as "on"; the loadgen never sees it).
         SPORT_ON=${VPORT[on]:-}; serial_pid=""
         if [[ " $up " == *" on "* ]] && [ "$(loops_per "$n")" != "$STIME_LOOPS" ]; then
-            if start_server on-serial "$n"; then
+            if start_server on "$n" "$STIME_LOOPS"; then
                 SPORT_ON=$SRV_PORT; serial_pid=$SRV_PID
             else
                 [ -n "$SRV_PID" ] && stop_pid "$SRV_PID"
                 SPORT_ON=""
+                for proto in tls12 tls13; do for mode in reuse new; do
+                    emit "{\"section\":\"s_time\",\"rep\":1,\"variant\":\"on\",\"n\":$n,\"proto\":\"$proto\",\"mode\":\"$mode\",\"data\":{\"error\":\"server with $STIME_LOOPS loop(s) per worker did not start\"}}"
+                done; done
             fi
         fi
         log "N=$n  s_time, $STIME_REPS repetitions"

@@ -94,7 +94,7 @@
 #define MAX_THREADS 256
 #define REQUEST_MAX 8192
 #define LISTEN_BACKLOG 128
-/* How long the master waits for every worker to listen. */
+/* How long the master waits for every worker to be ready to accept. */
 #define READY_TIMEOUT_MS 30000
 
 /* Each connection's whole budget, from its accept to its close (--deadline-ms). The sockets'
@@ -658,7 +658,7 @@ static void serve_connection(SSL_CTX *ctx, int fd)
     char body[1024];
     char resp[1536];
 
-    /* The socket's timeouts and TCP_NODELAY come from the listening socket (worker_main). */
+    /* The socket's timeouts and TCP_NODELAY come from the listening socket (start_listening). */
     io.fd = fd;
     io.deadline = mono_ms() + conn_deadline_ms;
     io.eof = 0;
@@ -744,8 +744,9 @@ out:
  *   accept4, and the kernel wakes the loop that has waited longest: a connection never waits
  *   while a loop idles, and a client's consecutive connections go round the loops, hence
  *   mostly to other workers. Measured against the in-process ideal (one worker with the same
- *   4 loops in all, 8 clients, interleaved): 0.98-1.00 of its resumed handshakes/s at N=4
- *   and 0.97-0.99 at N=2, against 0.92-0.95 for 2 loops per worker on --reuseport sockets.
+ *   4 loops in all, 8 clients, interleaved): 0.98-1.00 (TLS 1.2) and 0.98 (TLS 1.3) of its
+ *   resumed handshakes/s at N=4, 0.97-0.99 at N=2, against 0.92-0.95 with 2 loops per worker
+ *   on --reuseport sockets; in four full benchmark runs 0.96-1.00 (docs/PERFORMANCE.md).
  * - With --reuseport one loop blocks in accept4 on the worker's own socket, and several wait
  *   in epoll_wait on one epoll instance that watches the (non-blocking) socket with
  *   EPOLLONESHOT: a connection wakes one loop, which accepts it and re-arms the watch (which
@@ -1003,9 +1004,12 @@ int main(int argc, char **argv)
             signal(SIGCHLD, SIG_DFL);
             sigprocmask(SIG_SETMASK, &orig, NULL);
             close(ready[0]);
-            if (o.reuseport)
+            int shared_lfd = reserve;
+            if (o.reuseport) {
                 close(reserve);
-            worker_main(&o, o.reuseport ? -1 : reserve, port, ready[1]);
+                shared_lfd = -1;
+            }
+            worker_main(&o, shared_lfd, port, ready[1]);
             _exit(1);
         }
         pids[alive++] = pid;
@@ -1013,7 +1017,7 @@ int main(int argc, char **argv)
     close(ready[1]);
 
     /* Wait until every worker is ready (one byte each); EOF first means one failed, and a
-     * worker that is not up within READY_TIMEOUT_MS (stuck before it listens) counts as
+     * worker that is not up within READY_TIMEOUT_MS (stuck before its accept loops) counts as
      * failed too: the stop signals are blocked until the loop below, so the master must not
      * wait for it for ever. */
     int up = 0;
