@@ -23,7 +23,11 @@
  * Flag for `cts_share_sessions_ex`: keep the session id context already set on the
  * `SSL_CTX` instead of deriving one from the namespace. The namespace still keeps sessions
  * apart: each has its own cache entries, and the cluster's tickets are sealed with an HMAC key
- * derived for the namespace, so a ticket opens only in the namespace that issued it.
+ * derived for the namespace of the context whose ticket callback OpenSSL calls, so a ticket
+ * opens only in the namespace that issued it. OpenSSL opens a ticket before a servername
+ * callback runs, with the context the connection arrived on: a ticket issued after such a
+ * callback moved the connection to a context of another namespace does not resume (share
+ * those contexts under one namespace to resume across them).
  */
 #define CTS_SHARE_KEEP_SESSION_ID_CONTEXT 1
 
@@ -515,7 +519,8 @@ cts_result cts_config_init(struct cts_config *cfg);
 /**
  * `cts_config_init` for a `cts_config` of `size` bytes: the header's `cts_config_init`
  * macro passes `sizeof(cts_config)` as the caller's code was compiled with it, so a library
- * whose `cts_config` grew since never writes past the caller's. Fills the fields that fit.
+ * whose `cts_config` grew since never writes past the caller's. Fills the fields that fit;
+ * fields of a newer header than this library's read 0.
  *
  * # Safety
  * `cfg` must be NULL or point to `size` writable bytes.
@@ -566,7 +571,9 @@ cts_result cts_master_setup_sized(const struct cts_config *cfg, size_t size);
  * `SSL_SESS_CACHE_SERVER | SSL_SESS_CACHE_NO_INTERNAL` (the shared cache is the only cache)
  * and sets a session id context derived from the namespace (OpenSSL 3.0 cannot report one
  * the host set; use `cts_share_sessions_ex` with `CTS_SHARE_KEEP_SESSION_ID_CONTEXT` to keep
- * yours). The library keeps no reference to `ctx`; its state is freed with the context.
+ * yours). The library keeps no reference to `ctx`; its state is freed with the context
+ * (that of an earlier share of the same context is kept until the process exits: a
+ * handshake in flight may still use it).
  *
  * Returns `CTS_ERR_NO_MASTER` (or `CTS_ERR_NOT_CHANNEL_OWNER`) with `ctx` left untouched when
  * this process cannot reach a master, and `CTS_ERR_INVALID_CONFIG`, `ctx` untouched, when
@@ -584,7 +591,10 @@ cts_result cts_share_sessions(SSL_CTX *ctx,
 
 /**
  * `cts_share_sessions` with flags (`CTS_SHARE_KEEP_SESSION_ID_CONTEXT`,
- * `CTS_SHARE_KEEP_TICKET_KEYS`); unknown flag bits are ignored.
+ * `CTS_SHARE_KEEP_TICKET_KEYS`); unknown flag bits are ignored. Sharing a context again is
+ * allowed, with one exception: a context already shared with the cluster's ticket keys is
+ * refused `CTS_SHARE_KEEP_TICKET_KEYS` (`CTS_ERR_INVALID_CONFIG`, `ctx` untouched), since its own
+ * keys are gone.
  *
  * # Safety
  * As for `cts_share_sessions`.
@@ -629,7 +639,8 @@ cts_result cts_get_stats(struct cts_stats *out);
  * `cts_master_stats` or of `cts_worker_stats`, so the caller's `worker` member starts
  * `master_size` bytes after `master`: each member gets the counters that fit in it, and a
  * library whose structs grew since the caller was compiled never writes past them or
- * shifts them. `CTS_ERR_INVALID_CONFIG` if the sizes cannot be such a layout.
+ * shifts them; counters of a newer header than this library's read 0.
+ * `CTS_ERR_INVALID_CONFIG` if the sizes cannot be such a layout.
  *
  * # Safety
  * `out` must be NULL or point to `size` writable bytes.

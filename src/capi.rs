@@ -49,7 +49,11 @@ pub enum cts_result {
 /// Flag for `cts_share_sessions_ex`: keep the session id context already set on the
 /// `SSL_CTX` instead of deriving one from the namespace. The namespace still keeps sessions
 /// apart: each has its own cache entries, and the cluster's tickets are sealed with an HMAC key
-/// derived for the namespace, so a ticket opens only in the namespace that issued it.
+/// derived for the namespace of the context whose ticket callback OpenSSL calls, so a ticket
+/// opens only in the namespace that issued it. OpenSSL opens a ticket before a servername
+/// callback runs, with the context the connection arrived on: a ticket issued after such a
+/// callback moved the connection to a context of another namespace does not resume (share
+/// those contexts under one namespace to resume across them).
 pub const CTS_SHARE_KEEP_SESSION_ID_CONTEXT: u32 = 1;
 
 /// Flag for `cts_share_sessions_ex`: keep this `SSL_CTX`'s own ticket keys or ticket key
@@ -304,9 +308,28 @@ unsafe fn copy_prefix<T>(from: *const T, to: *mut T, size: usize) {
     unsafe { std::ptr::copy_nonoverlapping(from.cast::<u8>(), to.cast::<u8>(), size.min(std::mem::size_of::<T>())) }
 }
 
+/// Hand `from` to a caller's struct of `size` bytes: `copy_prefix`, then zeroes whatever the
+/// caller's struct has past ours (fields of a newer header, which this library does not know
+/// and the caller then reads as 0 instead of what its memory held).
+///
+/// # Safety
+/// `to` writable for `size` bytes.
+unsafe fn copy_out<T>(from: &T, to: *mut T, size: usize) {
+    let ours = std::mem::size_of::<T>();
+    // SAFETY: `from` is a whole T; `to` is writable for `size` bytes, and the zeroed range
+    // `ours..size` (empty unless `size > ours`) lies inside them.
+    unsafe {
+        copy_prefix(from, to, size);
+        if size > ours {
+            std::ptr::write_bytes(to.cast::<u8>().add(ours), 0, size - ours);
+        }
+    }
+}
+
 /// `cts_config_init` for a `cts_config` of `size` bytes: the header's `cts_config_init`
 /// macro passes `sizeof(cts_config)` as the caller's code was compiled with it, so a library
-/// whose `cts_config` grew since never writes past the caller's. Fills the fields that fit.
+/// whose `cts_config` grew since never writes past the caller's. Fills the fields that fit;
+/// fields of a newer header than this library's read 0.
 ///
 /// # Safety
 /// `cfg` must be NULL or point to `size` writable bytes.
@@ -318,7 +341,7 @@ pub unsafe extern "C" fn cts_config_init_sized(cfg: *mut cts_config, size: usize
         }
         let defaults = cts_config::from(&Config::default());
         // SAFETY: checked non-NULL; the caller gives `size` writable bytes.
-        unsafe { copy_prefix(&defaults, cfg, size) };
+        unsafe { copy_out(&defaults, cfg, size) };
         Ok(())
     })
 }
@@ -385,7 +408,9 @@ unsafe fn config_from_sized(cfg: *const cts_config, size: usize) -> Config {
 /// `SSL_SESS_CACHE_SERVER | SSL_SESS_CACHE_NO_INTERNAL` (the shared cache is the only cache)
 /// and sets a session id context derived from the namespace (OpenSSL 3.0 cannot report one
 /// the host set; use `cts_share_sessions_ex` with `CTS_SHARE_KEEP_SESSION_ID_CONTEXT` to keep
-/// yours). The library keeps no reference to `ctx`; its state is freed with the context.
+/// yours). The library keeps no reference to `ctx`; its state is freed with the context
+/// (that of an earlier share of the same context is kept until the process exits: a
+/// handshake in flight may still use it).
 ///
 /// Returns `CTS_ERR_NO_MASTER` (or `CTS_ERR_NOT_CHANNEL_OWNER`) with `ctx` left untouched when
 /// this process cannot reach a master, and `CTS_ERR_INVALID_CONFIG`, `ctx` untouched, when
@@ -404,7 +429,10 @@ pub unsafe extern "C" fn cts_share_sessions(ctx: *mut SSL_CTX, ns: *const c_char
 }
 
 /// `cts_share_sessions` with flags (`CTS_SHARE_KEEP_SESSION_ID_CONTEXT`,
-/// `CTS_SHARE_KEEP_TICKET_KEYS`); unknown flag bits are ignored.
+/// `CTS_SHARE_KEEP_TICKET_KEYS`); unknown flag bits are ignored. Sharing a context again is
+/// allowed, with one exception: a context already shared with the cluster's ticket keys is
+/// refused `CTS_SHARE_KEEP_TICKET_KEYS` (`CTS_ERR_INVALID_CONFIG`, `ctx` untouched), since its own
+/// keys are gone.
 ///
 /// # Safety
 /// As for `cts_share_sessions`.
@@ -475,7 +503,8 @@ pub unsafe extern "C" fn cts_get_stats(out: *mut Stats) -> cts_result {
 /// `cts_master_stats` or of `cts_worker_stats`, so the caller's `worker` member starts
 /// `master_size` bytes after `master`: each member gets the counters that fit in it, and a
 /// library whose structs grew since the caller was compiled never writes past them or
-/// shifts them. `CTS_ERR_INVALID_CONFIG` if the sizes cannot be such a layout.
+/// shifts them; counters of a newer header than this library's read 0.
+/// `CTS_ERR_INVALID_CONFIG` if the sizes cannot be such a layout.
 ///
 /// # Safety
 /// `out` must be NULL or point to `size` writable bytes.
@@ -501,7 +530,7 @@ pub unsafe extern "C" fn cts_get_stats_sized(out: *mut Stats, size: usize, maste
 
 /// Write `s` into a caller's `cts_stats` at `out`, of `size` bytes with a `master` member of
 /// `master_size` bytes (checked by the caller to be such a layout): each member gets the
-/// counters that fit in it.
+/// counters that fit in it, and counters of a newer header that this library lacks read 0.
 ///
 /// # Safety
 /// `out` writable for `size` bytes; `size >= offset_of!(Stats, master) + master_size`.
@@ -512,8 +541,8 @@ unsafe fn write_stats(s: &Stats, out: *mut u8, size: usize, master_size: usize) 
     unsafe {
         copy_prefix(&s.role, out.cast(), std::mem::size_of::<u32>());
         copy_prefix(&s.master_valid, out.add(std::mem::size_of::<u32>()).cast(), std::mem::size_of::<u32>());
-        copy_prefix(&s.master, out.add(HEAD).cast(), master_size);
-        copy_prefix(&s.worker, out.add(HEAD + master_size).cast(), size - HEAD - master_size);
+        copy_out(&s.master, out.add(HEAD).cast(), master_size);
+        copy_out(&s.worker, out.add(HEAD + master_size).cast(), size - HEAD - master_size);
     }
 }
 
@@ -658,6 +687,38 @@ mod tests {
                 cts_result::CTS_OK
             );
         }
+    }
+
+    #[test]
+    fn a_newer_larger_stats_layout_reads_zero_in_the_counters_this_library_lacks() {
+        let s = Stats {
+            role: 2,
+            master_valid: 1,
+            master: MasterStats { hits: 11, ..MasterStats::default() },
+            worker: WorkerStats { gets: 22, ..WorkerStats::default() },
+        };
+        // A caller compiled when each member was 16 bytes longer, its memory not zeroed.
+        let ours_master = std::mem::size_of::<MasterStats>();
+        let master_size = ours_master + 16;
+        let size = std::mem::size_of::<Stats>() + 32;
+        let mut buf = vec![0xCDu8; size + 64];
+        // SAFETY: `buf` holds `size` bytes and more; a valid layout.
+        unsafe { write_stats(&s, buf.as_mut_ptr(), size, master_size) };
+        let u64_at = |off: usize| u64::from_ne_bytes(buf[off..off + 8].try_into().unwrap());
+        assert_eq!(u64_at(8 + std::mem::offset_of!(MasterStats, hits)), 11);
+        assert!(buf[8 + ours_master..8 + master_size].iter().all(|&b| b == 0), "the master's newer counters");
+        assert_eq!(u64_at(8 + master_size + std::mem::offset_of!(WorkerStats, gets)), 22);
+        let worker_end = 8 + master_size + std::mem::size_of::<WorkerStats>();
+        assert!(buf[worker_end..size].iter().all(|&b| b == 0), "the worker's newer counters");
+        assert!(buf[size..].iter().all(|&b| b == 0xCD), "written past the caller's struct");
+
+        // cts_config_init likewise: a newer caller's fields past ours read 0.
+        let ours = std::mem::size_of::<cts_config>();
+        let mut cfg = vec![0xCDu8; ours + 24 + 8];
+        // SAFETY: `cfg` holds `ours + 24` bytes and more.
+        assert_eq!(unsafe { cts_config_init_sized(cfg.as_mut_ptr().cast(), ours + 24) }, cts_result::CTS_OK);
+        assert!(cfg[ours..ours + 24].iter().all(|&b| b == 0));
+        assert!(cfg[ours + 24..].iter().all(|&b| b == 0xCD));
     }
 
     #[test]
