@@ -153,12 +153,15 @@ fn tls13_stateless_tickets_are_not_stored() {
 
 #[test]
 fn sessions_expire_at_their_timeout() {
-    let s = Server::start(&["--workers", "4", "--tls12", "--no-tickets", "--session-timeout", "1"]);
+    // Session times are whole seconds: with a 1 s timeout a session made just before a
+    // second turns could expire before the immediate resumption below (seen once in CI), so
+    // 2 s, and a sleep past 3 whole seconds.
+    let s = Server::start(&["--workers", "4", "--tls12", "--no-tickets", "--session-timeout", "2"]);
     let mut c = Client::new(true);
     c.request(s.addr(), "/").expect("full");
     assert!(c.request(s.addr(), "/").expect("resume").reused);
     let saved = c.session.clone();
-    std::thread::sleep(Duration::from_millis(2600));
+    std::thread::sleep(Duration::from_millis(3600));
     c.session = saved;
     let o = c.request(s.addr(), "/").expect("after expiry");
     assert!(!o.reused, "an expired session must not resume");
