@@ -640,6 +640,8 @@ struct KeyState {
     /// Ticket HMAC keys derived for a namespace (`namespace_mac`), cached: at most
     /// `MAX_DERIVED`, emptied when the keys are replaced.
     derived: Vec<DerivedMac>,
+    /// Where the next derived key goes once `derived` is full (it replaces the oldest).
+    derived_next: usize,
 }
 
 /// A ticket key's HMAC key for one namespace. Wiped when dropped.
@@ -696,15 +698,22 @@ impl KeyState {
         let len = [namespace.len() as u8];
         let mac =
             hmac_sha256(&k.hmac[..usize::from(k.hmac_len)], &[b"cluster-tls-store ticket mac\0", &len, namespace]);
+        let fresh = DerivedMac { namespace: namespace.into(), name: k.name, mac };
         if self.derived.len() >= MAX_DERIVED {
-            self.derived.clear();
+            // Full (more namespace and key pairs in use than it holds): replace the oldest in
+            // place, which drops (wipes) it, rather than emptying the cache and deriving every
+            // pair again.
+            let i = self.derived_next % MAX_DERIVED;
+            self.derived[i] = fresh;
+            self.derived_next = i + 1;
+            return mac;
         }
         // Its whole capacity at once: a vector that grows moves its entries and frees the old
         // allocation unwiped.
         if self.derived.capacity() < MAX_DERIVED {
             self.derived.reserve_exact(MAX_DERIVED);
         }
-        self.derived.push(DerivedMac { namespace: namespace.into(), name: k.name, mac });
+        self.derived.push(fresh);
         mac
     }
 }
@@ -778,6 +787,7 @@ impl LocalKeys {
                 st.refresh_at = now + (period / 2).clamp(1, 10);
                 st.keys = keys;
                 st.derived.clear();
+                st.derived_next = 0;
             }
             // Master unreachable: keep the copy we have (tickets keep working across the
             // workers that share it) and try again in a second.
@@ -982,6 +992,14 @@ mod tests {
         assert!(a != b && a != empty && b != empty && a != k.hmac);
         assert_eq!(st.namespace_mac(&k, b"alpha"), a, "cached, and the same");
         assert_eq!(st.derived.len(), 3);
+        // Past MAX_DERIVED pairs the oldest is replaced, the rest kept (not all dropped).
+        for i in 0..MAX_DERIVED {
+            st.namespace_mac(&k, format!("ns{i}").as_bytes());
+        }
+        assert_eq!(st.derived.len(), MAX_DERIVED);
+        assert!(!st.derived.iter().any(|d| &*d.namespace == b"alpha"), "the oldest went");
+        assert!(st.derived.iter().any(|d| &*d.namespace == b"ns0"), "the others stayed");
+        assert_eq!(st.namespace_mac(&k, b"alpha"), a, "derived again, the same");
     }
 
     #[test]
