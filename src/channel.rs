@@ -626,11 +626,7 @@ impl Channel {
         // EOF: read the socket as a lookup does (at least every `DRAIN_EVERY_MS`), or a
         // worker that only makes new sessions would feed the ring after the master died.
         // Without the ring the store's own send finds a dead master.
-        if !self.is_dead() && crate::ring::get().is_some() {
-            self.drain_now();
-        }
-        if self.is_dead() {
-            self.while_dead();
+        if !self.master_alive(crate::ring::get().is_some()) {
             return;
         }
         // Capped now, where the session is made: a worker reading the record from the ring
@@ -716,17 +712,27 @@ impl Channel {
         Some(decode(&der).map_or(Found::Undecodable, |(s, _)| Found::Session(s)))
     }
 
+    /// Whether to go on with a store or lookup: reads what the master sent first when `read`
+    /// (which is how a worker notices its EOF), then, once the master is known dead, does
+    /// `while_dead` and says no.
+    fn master_alive(&self, read: bool) -> bool {
+        if read && !self.is_dead() {
+            self.drain_now();
+        }
+        if self.is_dead() {
+            self.while_dead();
+            return false;
+        }
+        true
+    }
+
     /// The start of every lookup (counted in `gets`): with replicas on, apply what the master
     /// pushed since the last look (one non-blocking recv when nothing is there) and hand back
     /// the locked replica with the time to look it up at; `None` when replicas are off.
     fn replica_for_lookup(&self) -> Option<(MutexGuard<'_, Replica>, u64)> {
         bump(&WORKER.gets);
         self.replica.as_ref()?;
-        if !self.is_dead() {
-            self.drain_now();
-        }
-        if self.is_dead() {
-            self.while_dead();
+        if !self.master_alive(true) {
             return None;
         }
         let mut r = self.replica()?;
