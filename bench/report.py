@@ -3,7 +3,7 @@
 
     python3 bench/report.py --raw RAW.jsonl --out bench/results/latest [--meta k=v ...]
 
-RAW.jsonl has one object per line: {"section": channel|handshakes|s_time|memory, ...,
+RAW.jsonl has one object per line: {"section": channel|handshakes|s_time|cost|codec|memory, ...,
 "data": {...}}. Standard library only. Nothing is invented: a measurement that failed or
 is missing is "error", a variant that was not run is "not run".
 """
@@ -78,6 +78,9 @@ class Data:
         self.channel_error = None
         self.memory = {}
         self.memory_error = None
+        # proto -> the codec bench's line
+        self.codec = {}
+        self.codec_error = None
         # (variant, proto) -> {"ir": per connection, "syscalls": per connection, ...} or {"error": ...}
         self.cost = {}
         self.cost_error = None
@@ -103,6 +106,12 @@ class Data:
                     continue
                 d = r.get("data", {})
                 self.memory[d.get("sessions")] = d
+            elif sec == "codec":
+                if "error" in r:
+                    self.codec_error = r["error"]
+                    continue
+                d = r.get("data", {})
+                self.codec[d.get("proto")] = d
             elif sec == "cost":
                 if "error" in r:
                     self.cost_error = r["error"]
@@ -439,6 +448,40 @@ def build_md(D, targets):
             L.append("")
             L.append("Resumption rate below 99.9 % in a counted run (its full handshakes inflate the cost): "
                      + "; ".join(low))
+    L.append("")
+    L.append("## What a shared cache adds per session: OpenSSL's encode and decode (benches/codec.rs)")
+    L.append("")
+    L.append(
+        "OpenSSL's own cache keeps the `SSL_SESSION` object; a cache shared between processes keeps bytes, so each "
+        "new session is encoded (`i2d_SSL_SESSION` for its length, then for its bytes, as the store's callback and "
+        "nginx's do) and each hit decoded (`d2i_SSL_SESSION`; the copy is freed when its connection ends). Real "
+        "server-side sessions from real resumed handshakes on loopback, timed right after each handshake (the "
+        "caches as a worker's are when its callbacks run), beside the server thread's CPU time for the handshake "
+        "itself; \"hot\": one session in a tight loop. A TLS 1.3 resumption makes a new session (its ticket), so it "
+        "pays all three; a TLS 1.2 resumption only the decode and free (the store also keeps TLS 1.2 sessions "
+        "decoded in the worker that has one). µs, p50 (p90)."
+    )
+    L.append("")
+    if D.codec_error is not None:
+        L.append(f"error: {D.codec_error}")
+    elif not D.codec:
+        L.append(ERROR)
+    else:
+        rows = []
+        for p in PROTOS:
+            d = D.codec.get(p)
+            if d is None:
+                rows.append([PROTO_NAMES[p]] + [ERROR] * 7)
+                continue
+            pair = lambda k, dg=2: f"{fmt(d.get(k + '_p50'), dg)} ({fmt(d.get(k + '_p90'), dg)})"
+            rows.append([
+                PROTO_NAMES[p], fmt(d.get("der_bytes")), pair("handshake_cpu_us", 1), pair("encode_us"),
+                pair("decode_us"), pair("free_us"),
+                f"{fmt(d.get('codec_us_p50'), 2)} ({fmt((d.get('codec_share_of_handshake') or 0) * 100, 1)} %)",
+                f"{fmt(d.get('hot_encode_us'), 2)} / {fmt(d.get('hot_decode_us'), 2)} / {fmt(d.get('hot_free_us'), 2)}",
+            ])
+        L.append(md_table(["protocol", "DER bytes", "resumed handshake, server CPU", "encode", "decode", "free",
+                           "per resumed connection (share of the handshake)", "hot: encode / decode / free"], rows))
     L.append("")
     L.append("## Memory (benches/memory.rs)")
     L.append("")

@@ -4,8 +4,9 @@
 #   bench/run.sh [--with-nginx] [--quick]
 #
 # Runs the channel bench, the handshake benchmarks (C example prefork server: store on, store
-# off, in-process ideal, and nginx with --with-nginx), openssl s_time and the memory bench,
-# then writes bench/results/latest.{md,json,svg} (bench/report.py) and prints the markdown.
+# off, in-process ideal, and nginx with --with-nginx), openssl s_time, the codec bench (OpenSSL's
+# encode and decode of real sessions) and the memory bench, then writes
+# bench/results/latest.{md,json,svg} (bench/report.py) and prints the markdown.
 # Every variant's server runs at once (one set per N); the load generator turns between them
 # in short slices, so the variants it compares are measured seconds apart, not minutes.
 # Every process it starts is stopped on exit, on error and on Ctrl-C.
@@ -20,7 +21,7 @@ for a in "$@"; do
     case "$a" in
         --with-nginx) WITH_NGINX=1 ;;
         --quick) QUICK=1 ;;
-        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
         *) echo "unknown option: $a" >&2; exit 2 ;;
     esac
 done
@@ -120,7 +121,7 @@ emit() { printf '%s\n' "$1" >>"$RAW"; }
 # ---- build -------------------------------------------------------------------------------
 log "building (release lib, loadgen, benches, C example)"
 cargo build --release --lib --example loadgen >&2
-cargo bench --no-run --bench channel --bench memory >"$TMP/bench-build.log" 2>&1 || { cat "$TMP/bench-build.log" >&2; exit 1; }
+cargo bench --no-run --bench channel --bench memory --bench codec >"$TMP/bench-build.log" 2>&1 || { cat "$TMP/bench-build.log" >&2; exit 1; }
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 # Always rebuilt against the release library: a binary left by `make PROFILE=debug` (whose
 # rpath points at the debug library) would otherwise be measured.
@@ -451,7 +452,15 @@ else
     emit "{\"section\":\"cost\",\"error\":\"valgrind (callgrind) not installed\"}"
 fi
 
-# ---- 6. memory -----------------------------------------------------------------------------------
+# ---- 6. codec: OpenSSL's encode and decode of real sessions (what any shared cache adds) --------
+log "codec bench"
+if run_bounded 60 "$TMP/codec.out" "$TMP/codec.err" cargo bench -q --bench codec; then
+    grep '^{"bench":"codec"' "$TMP/codec.out" | while IFS= read -r l; do emit "{\"section\":\"codec\",\"data\":$l}"; done
+else
+    emit "{\"section\":\"codec\",\"error\":$(json_str "$(tail -c 300 "$TMP/codec.err")")}"
+fi
+
+# ---- 7. memory -----------------------------------------------------------------------------------
 log "memory bench"
 if run_bounded 120 "$TMP/memory.out" "$TMP/memory.err" cargo bench -q --bench memory; then
     grep '^{"bench":"memory"' "$TMP/memory.out" | while IFS= read -r l; do emit "{\"section\":\"memory\",\"data\":$l}"; done
