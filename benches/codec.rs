@@ -24,6 +24,7 @@ mod cert;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,18 @@ use openssl::ssl::{
 };
 
 type Latest = Arc<Mutex<Option<SslSession>>>;
+
+/// How long either side waits for the other before the bench fails (instead of hanging).
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// The next connection, or a panic once `limit` passes without one (the client thread died).
+fn accept_within(listener: &TcpListener, limit: Duration) -> TcpStream {
+    let mut pfd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    let ready = unsafe { libc::poll(&mut pfd, 1, limit.as_millis() as libc::c_int) };
+    assert_eq!(ready, 1, "no connection within {limit:?}: the client thread failed");
+    listener.accept().expect("accept").0
+}
 
 /// This thread's CPU time.
 fn thread_cpu() -> Duration {
@@ -134,6 +147,7 @@ fn run(
         for _ in 0..connections {
             let tcp = TcpStream::connect(addr).expect("connect");
             tcp.set_nodelay(true).ok();
+            tcp.set_read_timeout(Some(DEADLINE)).ok();
             let mut cfg = connector.configure().expect("configure");
             cfg.set_verify_hostname(false);
             cfg.set_use_server_name_indication(false);
@@ -157,8 +171,9 @@ fn run(
     let mut new_per_resumption = false;
     let mut last: Option<SslSession> = None;
     for _ in 0..connections {
-        let (tcp, _) = listener.accept().expect("accept");
+        let tcp = accept_within(&listener, DEADLINE);
         tcp.set_nodelay(true).ok();
+        tcp.set_read_timeout(Some(DEADLINE)).ok();
         let c0 = thread_cpu();
         let mut stream = acceptor.accept(tcp).expect("server handshake");
         let handshake = thread_cpu() - c0;
