@@ -1283,8 +1283,8 @@ impl Master {
     /// Handle one frame, leaving the reply, if any, in `out` (`handle_guarded` sends it). With
     /// `hit_only`, the fast path for GETs: `handler::answer_hit` answers one the cache can
     /// answer now, and anything else is left (`None`, nothing built or counted) for a call
-    /// without it after the catch-up `serve` does before a miss. The fast path is off while debug logging is on, so that every
-    /// frame is logged below.
+    /// without it after the catch-up `serve` does before a miss. The fast path is off while
+    /// debug logging is on, so that every frame is logged below.
     fn handle(&self, fd: RawFd, frame: &[u8], out: &mut Vec<u8>, hit_only: bool) -> Option<Handled> {
         let handled = if hit_only {
             if crate::log::enabled() || !answer_hit(&mut self.cache(), frame, now_secs(), out) {
