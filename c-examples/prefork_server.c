@@ -740,13 +740,20 @@ out:
 }
 
 /* A worker's accept loops.
- * - On the shared listening socket (the default) every loop of every worker blocks in
- *   accept4, and the kernel wakes the loop that has waited longest: a connection never waits
- *   while a loop idles, and a client's consecutive connections go round the loops, hence
- *   mostly to other workers. Measured against the in-process ideal (one worker with the same
- *   4 loops in all, 8 clients, interleaved): 0.98-1.00 (TLS 1.2) and 0.98 (TLS 1.3) of its
- *   resumed handshakes/s at N=4, 0.97-0.99 at N=2, against 0.92-0.95 with 2 loops per worker
- *   on --reuseport sockets; in four full benchmark runs 0.96-1.00 (docs/PERFORMANCE.md).
+ * - On the shared listening socket (the default) one loop of each worker at a time waits in
+ *   accept4, the worker's acceptor; its other idle loops wait for their turn (struct
+ *   accept_turn). The kernel hands a connection to the acceptor that has waited longest, so a
+ *   client's consecutive connections go round the workers, and a client that resumes usually
+ *   lands on a worker that did not make its session. The acceptor gives up its turn as it
+ *   accepts, and wakes an idle loop of its worker only when more connections wait; otherwise
+ *   the loop that finishes a connection first takes the turn back, most often the one that
+ *   just served. So a serial client's connections are served by one warm loop per worker,
+ *   and under load every idle loop is soon in accept4 again.
+ *   Measured (docs/PERFORMANCE.md), against every loop of every worker blocked in accept4
+ *   (the kernel then wakes the loop that waited longest, a cold one each time): `openssl
+ *   s_time -reuse`, TLS 1.3, 2 workers of 4 loops, 14 rounds against nginx: 1.008 of its
+ *   connections/s against 0.964 (one loop per worker: 1.007); loadgen, 8 clients, 1.00-1.02
+ *   of it at N=2 and N=4, TLS 1.2 and 1.3; 3 clients, 1.03-1.07; 32 clients, 1.00.
  * - With --reuseport one loop blocks in accept4 on the worker's own socket, and several wait
  *   in epoll_wait on one epoll instance that watches the (non-blocking) socket with
  *   EPOLLONESHOT: a connection wakes one loop, which accepts it and re-arms the watch (which
@@ -756,21 +763,112 @@ out:
  *   rounds against nginx): 0.898 of nginx's connections/s in turn, 0.941 most-recent-first,
  *   0.961 with one loop per worker (docs/PERFORMANCE.md). The shared socket must not be
  *   made non-blocking: its flags are the master's and every worker's. */
+
+/* How often an idle loop that is not the acceptor checks the turn (accept_turn_take): an
+ * acceptor that took a connection with none waiting behind it wakes nobody, and if that
+ * connection then holds it (a silent client, up to the connection's deadline), the worker's
+ * other loops take over within two checks instead of leaving the worker deaf. */
+#ifndef TURN_RECHECK_MS
+#define TURN_RECHECK_MS 20
+#endif
+
+/* Whose turn it is to wait in accept4, among one worker's loops on the shared socket. */
+struct accept_turn {
+    pthread_mutex_t lock;
+    pthread_cond_t vacant; /* signalled when the acceptor leaves connections waiting */
+    int taken;              /* a loop is the acceptor */
+    int idle;               /* loops waiting for the turn */
+    unsigned long accepts;  /* turns left so far */
+};
+
 struct accept_loop {
     SSL_CTX *ctx;
     int lfd;
-    int ep; /* the worker's epoll instance, or -1: every loop blocks in accept4 */
+    int ep; /* the worker's epoll instance, or -1: the shared socket, one acceptor at a time */
+    struct accept_turn turn;
 };
+
+/* 0, or an error number. */
+static int accept_turn_init(struct accept_turn *t)
+{
+    pthread_condattr_t attr;
+    int err = pthread_condattr_init(&attr);
+    if (err != 0)
+        return err;
+    err = pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    if (err == 0)
+        err = pthread_cond_init(&t->vacant, &attr);
+    pthread_condattr_destroy(&attr);
+    if (err == 0)
+        err = pthread_mutex_init(&t->lock, NULL);
+    t->taken = 0;
+    t->idle = 0;
+    t->accepts = 0;
+    return err;
+}
+
+/* Waits for the worker's turn to wait in accept4, and takes it. A loop that is done with a
+ * connection takes a vacant turn at once: an acceptor that woke nobody as it accepted (none
+ * waiting behind) comes back for the turn itself after serving. An idle loop takes a turn
+ * left vacant only when woken for it (connections wait), or when two of its checks in a row
+ * found it vacant with no accept in between: the acceptor's connection holds it (a silent
+ * client, up to the connection's deadline). So the loops do not trade the turn in a
+ * connection's ordinary time, and a held acceptor is taken over within 2 * TURN_RECHECK_MS. */
+static void accept_turn_take(struct accept_turn *t)
+{
+    pthread_mutex_lock(&t->lock);
+    int strikes = 0; /* checks in a row that found the turn vacant, since accept `seen` */
+    unsigned long seen = t->accepts;
+    while (t->taken || strikes == 1) {
+        struct timespec until;
+        clock_gettime(CLOCK_MONOTONIC, &until);
+        until.tv_sec += TURN_RECHECK_MS / 1000;
+        until.tv_nsec += TURN_RECHECK_MS % 1000 * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec += 1;
+            until.tv_nsec -= 1000000000L;
+        }
+        t->idle++;
+        int r = pthread_cond_timedwait(&t->vacant, &t->lock, &until);
+        t->idle--;
+        if (r != ETIMEDOUT || t->taken) {
+            strikes = 0; /* woken (connections wait: take the turn if vacant), or taken */
+        } else if (strikes == 1 && t->accepts == seen) {
+            strikes = 2;
+        } else {
+            strikes = 1;
+            seen = t->accepts;
+        }
+    }
+    t->taken = 1;
+    pthread_mutex_unlock(&t->lock);
+}
+
+/* Leaves the turn (the acceptor has accepted, or failed to), waking an idle loop of the
+ * worker only when more connections are waiting to be accepted. */
+static void accept_turn_leave(struct accept_turn *t, int lfd)
+{
+    pthread_mutex_lock(&t->lock);
+    t->taken = 0;
+    t->accepts++;
+    int idle = t->idle;
+    pthread_mutex_unlock(&t->lock);
+    struct pollfd p = {.fd = lfd, .events = POLLIN};
+    if (idle > 0 && poll(&p, 1, 0) > 0)
+        pthread_cond_signal(&t->vacant);
+}
 
 static void *accept_loop(void *arg)
 {
-    const struct accept_loop *al = arg;
+    struct accept_loop *al = arg;
     for (;;) {
         if (al->ep >= 0) {
             struct epoll_event ev;
             int n = epoll_wait(al->ep, &ev, 1, -1);
             if (n <= 0)
                 continue; /* EINTR */
+        } else {
+            accept_turn_take(&al->turn);
         }
         /* Blocking or not, accepted sockets are blocking (Linux does not pass O_NONBLOCK
          * on) and inherit the listening socket's timeouts and TCP_NODELAY. */
@@ -782,6 +880,8 @@ static void *accept_loop(void *arg)
                 perror("epoll_ctl"); /* no loop would ever be woken again */
                 exit(1);
             }
+        } else {
+            accept_turn_leave(&al->turn, al->lfd);
         }
         if (cfd < 0) {
             if (err == EINTR || err == ECONNABORTED || err == EAGAIN)
@@ -904,9 +1004,14 @@ static void worker_main(const struct options *o, int shared_lfd, int port, int r
         perror("epoll");
         exit(1);
     }
+    int err = accept_turn_init(&al.turn);
+    if (err != 0) {
+        fprintf(stderr, "[%ld] accept turn: %s\n", (long)getpid(), strerror(err));
+        exit(1);
+    }
     for (int t = 1; t < o->threads; t++) {
         pthread_t tid;
-        int err = pthread_create(&tid, NULL, accept_loop, &al);
+        err = pthread_create(&tid, NULL, accept_loop, &al);
         if (err != 0) {
             fprintf(stderr, "[%ld] pthread_create: %s\n", (long)getpid(), strerror(err));
             exit(1);

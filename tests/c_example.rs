@@ -4,8 +4,8 @@
 //! the cdylib that `cargo test` builds, generates a throwaway P-256 certificate, starts the
 //! server (port 0, 4 workers) as a child process in its own process group, and drives it
 //! with real clients: `openssl s_client` and Python's `ssl` module. The workers take
-//! connections from one listening socket, each from the accept loop that has waited longest,
-//! so consecutive connections spread across them: a resumption that works
+//! connections from one listening socket, each worker from the acceptor that has waited
+//! longest, so consecutive connections spread across them: a resumption that works
 //! proves the session travelled through the shared cache. Every test that proves sharing
 //! works is paired with a `--no-share` run that shows resumption failing without it.
 //!
@@ -547,29 +547,78 @@ fn openssl_cli_resumes_across_workers_tls12() {
 
 #[test]
 fn one_listening_socket_hands_a_serial_client_round_every_worker() {
-    // The default layout: one listening socket, made by the master and inherited, with every
-    // accept loop blocked in accept4 on it. The kernel wakes the loop that has waited longest,
-    // and a loop that has served a connection waits again behind the others, so one client's
-    // connections, one after another, go round the loops: with one loop per worker, every
-    // worker within a few connections. With a worker drawn at random per connection (the
-    // --reuseport layout), all 4 are reached in 16 about 96 % of the time, so the test rests
-    // on the repeats below: no two consecutive connections on one worker, which random
-    // landing gives about 1.3 % of the time (15 draws, each repeating with probability 1/4).
+    // The default layout: one listening socket, made by the master and inherited. One accept
+    // loop of each worker at a time waits in accept4 on it (the worker's acceptor), and the
+    // kernel wakes the acceptor that has waited longest; the one that just took a connection
+    // waits again behind the others, so one client's connections, one after another, go round
+    // the workers, whatever the loops per worker: every worker within a few connections. With a
+    // worker drawn at random per connection (the --reuseport layout), all 4 are reached in 16
+    // about 96 % of the time, so the test rests on the repeats below: no two consecutive
+    // connections on one worker, which random landing gives about 1.3 % of the time (15 draws,
+    // each repeating with probability 1/4).
     let fx = Fixture::new("shared-listener");
-    let server = fx.start(&["--tls12", "--no-tickets", "--threads", "1"]);
-    let mut seen = Vec::new();
-    for _ in 0..16 {
-        seen.push(server.s_client(HTTP_GET, &[]).worker().0);
+    for flags in [&["--tls12", "--no-tickets", "--threads", "1"][..], &["--tls12", "--no-tickets", "--threads", "3"]] {
+        let server = fx.start(flags);
+        let mut seen = Vec::new();
+        for _ in 0..16 {
+            seen.push(server.s_client(HTTP_GET, &[]).worker().0);
+        }
+        let pids: BTreeSet<u32> = seen.iter().copied().collect();
+        assert_eq!(
+            pids.len(),
+            WORKERS,
+            "{flags:?}: 16 connections reached only {pids:?} of {:?}: {seen:?}",
+            server.workers
+        );
+        // Consecutive connections go to different workers (the acceptor just used waits last).
+        let repeats = seen.windows(2).filter(|w| w[0] == w[1]).count();
+        assert_eq!(repeats, 0, "{flags:?}: connections went to the worker of the one before: {seen:?}");
+        // And every session resumes wherever it lands.
+        let series = resume_series(&server, &fx.dir, 12);
+        series.assert_all_resumed();
+        assert!(series.resumed_pids().len() >= 3, "{flags:?}: {:?}", series.resumed_pids());
     }
-    let pids: BTreeSet<u32> = seen.iter().copied().collect();
-    assert_eq!(pids.len(), WORKERS, "16 connections reached only {pids:?} of {:?}: {seen:?}", server.workers);
-    // Consecutive connections go to different workers (the loop just used waits last).
-    let repeats = seen.windows(2).filter(|w| w[0] == w[1]).count();
-    assert_eq!(repeats, 0, "connections went to the worker of the one before: {seen:?}");
-    // And every session resumes wherever it lands.
-    let series = resume_series(&server, &fx.dir, 12);
-    series.assert_all_resumed();
-    assert!(series.resumed_pids().len() >= 3, "{:?}", series.resumed_pids());
+}
+
+/// Each worker's acceptor wakes no other loop when it takes a connection with none waiting
+/// behind it. If that connection then holds it (here: a client that trickles its ClientHello,
+/// held up to the connection's deadline), the worker's idle loops must take the turn over on
+/// their own (`TURN_RECHECK_MS`), or the server goes deaf. One such client per worker, each
+/// arriving alone, holds every worker's acceptor; a normal client must still be served at
+/// once, not after the 8 s deadline.
+#[test]
+fn clients_holding_every_workers_acceptor_do_not_make_the_server_deaf() {
+    let fx = Fixture::new("held-acceptors");
+    let server = fx.start(&["--tls12", "--no-tickets", "--threads", "2", "--deadline-ms", "8000"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut held = Vec::new();
+    for _ in 0..WORKERS {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+        // A handshake record header announcing 255 bytes; its body follows a byte at a time.
+        s.write_all(&[0x16, 0x03, 0x01, 0x00, 0xff]).expect("header");
+        held.push(s);
+        // Each arrives alone: its acceptor sees nothing waiting and wakes nobody.
+        thread::sleep(Duration::from_millis(100));
+    }
+    let trickle = {
+        let stop = std::sync::Arc::clone(&stop);
+        thread::spawn(move || {
+            // One byte each every 500 ms keeps each read well inside the server's 2 s timeout.
+            while !stop.load(Ordering::Relaxed) {
+                for s in &mut held {
+                    let _ = s.write_all(&[0x01]);
+                }
+                thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    let start = Instant::now();
+    let c = server.s_client(HTTP_GET, &["-tls1_2".as_ref()]);
+    let took = start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    trickle.join().expect("trickle thread");
+    assert!(c.body.is_some_and(|b| b.starts_with("worker ")), "not served:\n{}", c.output);
+    assert!(took < Duration::from_secs(3), "served only after {took:?}: the acceptors were not taken over");
 }
 
 #[test]
