@@ -267,6 +267,15 @@ def build_targets(D):
     return t
 
 
+def stime_server(m):
+    """How the C example ran for s_time (bench/run.sh's STIME_LOOPS)."""
+    loops = m.get('stime_loops', '?')
+    if loops == 'default':
+        return ("the C example as it starts without `--threads`: 4 accept loops per CPU in all, "
+                "one loop of each worker at a time in accept4")
+    return f"the C example with {loops} accept loop(s) per worker"
+
+
 def md_table(header, rows):
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:
@@ -291,12 +300,12 @@ def build_md(D, targets):
         f"resumed handshakes ({m.get('full_ms')} ms for full ones); {D.reps} slices at N=2 and 4, "
         f"{D.reps_minor} at N=1 and for full handshakes{' (--quick)' if m.get('quick') == '1' else ''}; "
         f"loadgen K={m.get('clients')} clients, one {m.get('warmup_ms')} ms warm-up turn per server first; s_time -reuse {m.get('s_time_s')} s, -new {m.get('s_time_new_s')} s "
-        f"(one client: the C example with {m.get('stime_loops', '?')} accept loop(s) per worker, one per two clients in flight at least one per worker, as for the load generator), "
+        f"(one client: {stime_server(m)}), "
         f"{D.stime_reps} repetitions (-new: {D.stime_new_reps}); "
         f"channel bench `{m.get('channel_args')}`; servers with `--no-tickets` / `ssl_session_tickets off`; "
         f"C example: {m.get('loops', '?')} accept loops in all, split evenly over the workers (N=2: "
-        f"{max(int(m.get('loops', '0')) // 2, 1)} each, N=4: {max(int(m.get('loops', '0')) // 4, 1)}), all blocked in accept4 on one "
-        f"listening socket inherited by every worker (the kernel hands a connection to the loop waiting longest); "
+        f"{max(int(m.get('loops', '0')) // 2, 1)} each, N=4: {max(int(m.get('loops', '0')) // 4, 1)}), on one listening socket inherited by every worker, "
+        f"one loop of each worker at a time blocked in accept4 on it (the kernel hands a connection to the worker whose loop waited longest); "
         f"nginx likewise (its default `listen`, no `reuseport`); the ideal: one process with "
         f"{m.get('ideal_loops', m.get('loops', '?'))} loops, its best (fewer loops than clients keep one process's loops busy). "
         f"Store off, clients pinned: the C example with `--no-share --sticky` (a SO_REUSEPORT socket per worker) and the same loops, each client "

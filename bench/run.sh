@@ -30,10 +30,11 @@ done
 CLIENTS=8
 # Accept loops of the C example (--threads), LOOPS in all for every multi-process variant,
 # split evenly over its worker processes. Store on and store off take connections from one
-# listening socket inherited by every worker (the example's default), each loop blocked in
-# accept4: the kernel gives a connection to the loop that has waited longest, so none waits
-# while a loop idles, and fewer loops than clients keep them busy with the connections queued
-# behind them, as in one process. Measured interleaved (8 clients, TLS 1.2, N=4, one run): 4
+# listening socket inherited by every worker (the example's default), one loop of each worker
+# at a time blocked in accept4: the kernel gives a connection to the worker whose loop has
+# waited longest, a loop that leaves connections waiting wakes another of its worker, and
+# fewer loops than clients keep them busy with the connections queued behind them, as in one
+# process. Measured interleaved (8 clients, TLS 1.2, N=4, one run): 4
 # loops in all 1.04x the resumed handshakes/s of 8. The pinned control (--sticky) needs a
 # SO_REUSEPORT socket per worker to steer each client; it runs the same loops.
 # The in-process ideal runs at its own best, IDEAL_LOOPS: 4 loops 1.02-1.06x the resumed
@@ -43,12 +44,13 @@ CLIENTS=8
 # (without `reuseport`, which read 0.93-0.98x of that, interleaved, TLS 1.2 and 1.3, N=2 and 4).
 LOOPS=$((CLIENTS / 2))
 IDEAL_LOOPS=$((CLIENTS / 2))
-# s_time is one client, one connection at a time: by the same rule (a loop per two clients in
-# flight, at least one per worker) the example runs one loop per worker for it. With 2 per
-# worker at N=2 a serial client goes round four threads, which read 0.955-0.975 of nginx in
-# TLS 1.3 against 0.998-1.032 with one (rotating rounds; on one CPU both 1.05, so it is the
-# cross-CPU wake-ups of more threads, not their work: docs/PERFORMANCE.md).
-STIME_LOOPS=1
+# s_time (one client, one connection at a time) runs against the example as it starts
+# without --threads: 4 loops per CPU in all, as anyone would first try it. One loop of each
+# worker at a time waits in accept4 there, and the one that served comes back for the turn,
+# so a serial client is served by one warm loop per worker however many there are (with
+# every loop in accept4, 4 per worker at N=2 read 0.964 of nginx in TLS 1.3 against 1.007
+# for one: docs/PERFORMANCE.md).
+STIME_LOOPS=default
 loops_per() { local n=$1; echo $((LOOPS / n > 0 ? LOOPS / n : 1)); }
 WORKERS_LIST="1 2 4"
 STIME_WORKERS="2 4"
@@ -193,12 +195,14 @@ SRV_PID=""; SRV_PORT=""
 WRAP=()      # a command the servers run under (valgrind, in the cost section)
 C_EXTRA=()   # extra flags for the C example with the store on
 READY_TICKS=100  # how long start_server waits for "ready", in 0.1 s
-start_server() { # variant n [loops per worker, store on only] ; sets SRV_PID, SRV_PORT; returns 1 on failure
+start_server() { # variant n [loops per worker, or "default": no --threads; store on only] ; sets SRV_PID, SRV_PORT; returns 1 on failure
     local variant=$1 n=$2 i out="$TMP/server-$1-$2${3:+-l$3}.out" err="$TMP/server-$1-$2${3:+-l$3}.err"
+    local loops=(--threads "${3:-$(loops_per "$n")}")
+    [ "${3:-}" = default ] && loops=()
     SRV_PID=""; SRV_PORT=""
     : >"$out"
     case "$variant" in
-        on)    "${WRAP[@]}" "$SERVER" "${C_EXTRA[@]}" --port 0 --workers "$n" --threads "${3:-$(loops_per "$n")}" --cert "$CERT" --key "$KEY" --no-tickets >"$out" 2>"$err" & ;;
+        on)    "${WRAP[@]}" "$SERVER" "${C_EXTRA[@]}" --port 0 --workers "$n" "${loops[@]}" --cert "$CERT" --key "$KEY" --no-tickets >"$out" 2>"$err" & ;;
         off)   "${WRAP[@]}" "$SERVER" --port 0 --workers "$n" --threads "$(loops_per "$n")" --cert "$CERT" --key "$KEY" --no-tickets --no-share >"$out" 2>"$err" & ;;
         # The layout control: store off, each client steered to one worker by its address.
         pinned) "${WRAP[@]}" "$SERVER" --port 0 --workers "$n" --threads "$(loops_per "$n")" --cert "$CERT" --key "$KEY" --no-tickets --no-share --sticky >"$out" 2>"$err" & ;;
@@ -354,7 +358,8 @@ for n in $WORKERS_LIST; do
     done
     if [[ " $STIME_WORKERS " == *" $n "* ]]; then
         # The store-on server for s_time: the one above when it already has STIME_LOOPS per
-        # worker, else one more (reported as "on"; the loadgen never sees it).
+        # worker, else one more (reported as "on"; the loadgen never sees it). With
+        # STIME_LOOPS=default, always one more: the example without --threads.
         SPORT_ON=${VPORT[on]:-}; serial_pid=""
         if [[ " $up " == *" on "* ]] && [ "$(loops_per "$n")" != "$STIME_LOOPS" ]; then
             if start_server on "$n" "$STIME_LOOPS"; then

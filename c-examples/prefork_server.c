@@ -7,11 +7,12 @@
  *                  [--sticky] [--deadline-ms MS] [--switch-ns NAME]
  *
  * The master opens the listening socket (port 0 picks a free one), sets up the shared cache,
- * and forks N workers, which inherit the socket. Every accept loop of every worker blocks in
- * accept4 on it, and the kernel hands each connection to the loop that has waited longest:
- * no connection waits while a loop idles, and consecutive connections go to different loops,
- * so a client that resumes usually lands on a worker that did not make its session. (This
- * is nginx's default too: one listening socket, inherited by every worker.)
+ * and forks N workers, which inherit the socket. One accept loop of each worker at a time
+ * blocks in accept4 on it, and the kernel hands each connection to the worker whose loop has
+ * waited longest: consecutive connections go to different workers, so a client that resumes
+ * usually lands on a worker that did not make its session. (One listening socket inherited by
+ * every worker is nginx's default too.) A loop that leaves connections waiting as it accepts
+ * wakes another loop of its worker, so none waits while a loop idles (see accept_loop).
  *
  * --reuseport gives each worker its own SO_REUSEPORT listening socket on the port instead
  * (the master reserves the port with a bound, non-listening one): the kernel draws a worker
@@ -160,7 +161,9 @@ static int parse_long(const char *s, long min, long max, long *out)
  * (docs/PERFORMANCE.md). With --reuseport, each worker draws connections at random, so a
  * worker whose loops are all busy queues one while another idles; there with 8 clients at
  * N=2 the example made 0.88 (TLS 1.2) and 0.91 (TLS 1.3) of nginx's resumed handshakes/s
- * with one loop per worker, 1.10 and 1.06 with 4. */
+ * with one loop per worker, 1.10 and 1.06 with 4. (Those counts were measured with every loop
+ * in accept4; since one loop per worker waits there at a time, a serial client is served by
+ * one warm loop per worker whatever the count, and more loops cost it nothing.) */
 #define LOOPS_PER_CPU 4
 
 static int default_loops(int workers)
