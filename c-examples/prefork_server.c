@@ -752,11 +752,12 @@ out:
  *   the loop that finishes a connection first takes the turn back, most often the one that
  *   just served. So a serial client's connections are served by one warm loop per worker,
  *   and under load every idle loop is soon in accept4 again.
- *   Measured (docs/PERFORMANCE.md), against every loop of every worker blocked in accept4
+ *   Measured (docs/PERFORMANCE.md) against every loop of every worker blocked in accept4
  *   (the kernel then wakes the loop that waited longest, a cold one each time): `openssl
- *   s_time -reuse`, TLS 1.3, 2 workers of 4 loops, 14 rounds against nginx: 1.008 of its
- *   connections/s against 0.964 (one loop per worker: 1.007); loadgen, 8 clients, 1.00-1.02
- *   of it at N=2 and N=4, TLS 1.2 and 1.3; 3 clients, 1.03-1.07; 32 clients, 1.00.
+ *   s_time -reuse`, TLS 1.3, 2 workers of 4 loops, rotating rounds against nginx: 1.013 of
+ *   its connections/s (30 rounds) against 0.964-0.988 (one loop per worker: 1.007); loadgen,
+ *   new / previous: 8 clients 1.007-1.031 at N=2 and N=4, TLS 1.2 and 1.3; 3 clients 1.066;
+ *   32 clients 1.035.
  * - With --reuseport one loop blocks in accept4 on the worker's own socket, and several wait
  *   in epoll_wait on one epoll instance that watches the (non-blocking) socket with
  *   EPOLLONESHOT: a connection wakes one loop, which accepts it and re-arms the watch (which
