@@ -771,7 +771,8 @@ out:
 /* How often an idle loop that is not the acceptor checks the turn (accept_turn_take): an
  * acceptor that took a connection with none waiting behind it wakes nobody, and if that
  * connection then holds it (a silent client, up to the connection's deadline), the worker's
- * other loops take over within two checks instead of leaving the worker deaf. */
+ * other loops take over within two checks instead of leaving the worker deaf. The price is
+ * each idle loop waking 50 times a second, a few microseconds of CPU each time. */
 #ifndef TURN_RECHECK_MS
 #define TURN_RECHECK_MS 20
 #endif
