@@ -754,10 +754,10 @@ out:
  *   and under load every idle loop is soon in accept4 again.
  *   Measured (docs/PERFORMANCE.md) against every loop of every worker blocked in accept4
  *   (the kernel then wakes the loop that waited longest, a cold one each time): `openssl
- *   s_time -reuse`, TLS 1.3, 2 workers of 4 loops, rotating rounds against nginx: 1.013 of
- *   its connections/s (30 rounds) against 0.964-0.988 (one loop per worker: 1.007); loadgen,
- *   new / previous: 8 clients 1.007-1.031 at N=2 and N=4, TLS 1.2 and 1.3; 3 clients 1.066;
- *   32 clients 1.035.
+ *   s_time -reuse`, TLS 1.3, 2 workers of 4 loops, rotating rounds against nginx: 1.022 of
+ *   its connections/s (20 rounds) against 0.964-0.988 (one loop per worker: 1.007-1.021);
+ *   loadgen, new / previous: 8 clients 0.990-1.027 at N=2 and N=4, TLS 1.2 and 1.3; 3
+ *   clients 1.051; 32 clients 0.976-0.986 at N=4.
  * - With --reuseport one loop blocks in accept4 on the worker's own socket, and several wait
  *   in epoll_wait on one epoll instance that watches the (non-blocking) socket with
  *   EPOLLONESHOT: a connection wakes one loop, which accepts it and re-arms the watch (which
@@ -771,10 +771,13 @@ out:
 /* How often an idle loop that is not the acceptor checks the turn (accept_turn_take): an
  * acceptor that took a connection with none waiting behind it wakes nobody, and if that
  * connection then holds it (a silent client, up to the connection's deadline), the worker's
- * other loops take over within two checks instead of leaving the worker deaf. The price is
- * each idle loop waking 50 times a second, a few microseconds of CPU each time. */
+ * other loops take over within two checks instead of leaving the worker deaf. One idle loop
+ * of each worker makes the checks, so an idle worker wakes 10 times a second. Measured idle,
+ * 2 workers of 4 loops, CPU time a second in all: 1.0 ms; 3.5 ms with checks every 20 ms,
+ * 6.9 ms with every idle loop checking every 20 ms, 0.3 ms with every loop in accept4 (whose
+ * 2 s timeout wakes each loop). */
 #ifndef TURN_RECHECK_MS
-#define TURN_RECHECK_MS 20
+#define TURN_RECHECK_MS 100
 #endif
 
 /* Whose turn it is to wait in accept4, among one worker's loops on the shared socket. */
@@ -784,6 +787,7 @@ struct accept_turn {
     int taken;              /* a loop is the acceptor */
     int idle;               /* loops waiting for the turn */
     unsigned long accepts;  /* turns left so far */
+    int watched;            /* an idle loop checks the turn every TURN_RECHECK_MS */
 };
 
 struct accept_loop {
@@ -809,6 +813,7 @@ static int accept_turn_init(struct accept_turn *t)
     t->taken = 0;
     t->idle = 0;
     t->accepts = 0;
+    t->watched = 0;
     return err;
 }
 
@@ -818,23 +823,34 @@ static int accept_turn_init(struct accept_turn *t)
  * left vacant only when woken for it (connections wait), or when two of its checks in a row
  * found it vacant with no accept in between: the acceptor's connection holds it (a silent
  * client, up to the connection's deadline). So the loops do not trade the turn in a
- * connection's ordinary time, and a held acceptor is taken over within 2 * TURN_RECHECK_MS. */
+ * connection's ordinary time, and a held acceptor is taken over within 2 * TURN_RECHECK_MS.
+ * One idle loop at a time makes the checks (the watch); the others sleep until woken. */
 static void accept_turn_take(struct accept_turn *t)
 {
     pthread_mutex_lock(&t->lock);
     int strikes = 0; /* checks in a row that found the turn vacant, since accept `seen` */
     unsigned long seen = t->accepts;
+    int watching = 0;
     while (t->taken || strikes == 1) {
-        struct timespec until;
-        clock_gettime(CLOCK_MONOTONIC, &until);
-        until.tv_sec += TURN_RECHECK_MS / 1000;
-        until.tv_nsec += TURN_RECHECK_MS % 1000 * 1000000L;
-        if (until.tv_nsec >= 1000000000L) {
-            until.tv_sec += 1;
-            until.tv_nsec -= 1000000000L;
+        if (!t->watched) {
+            t->watched = 1;
+            watching = 1;
         }
         t->idle++;
-        int r = pthread_cond_timedwait(&t->vacant, &t->lock, &until);
+        int r;
+        if (watching) {
+            struct timespec until;
+            clock_gettime(CLOCK_MONOTONIC, &until);
+            until.tv_sec += TURN_RECHECK_MS / 1000;
+            until.tv_nsec += TURN_RECHECK_MS % 1000 * 1000000L;
+            if (until.tv_nsec >= 1000000000L) {
+                until.tv_sec += 1;
+                until.tv_nsec -= 1000000000L;
+            }
+            r = pthread_cond_timedwait(&t->vacant, &t->lock, &until);
+        } else {
+            r = pthread_cond_wait(&t->vacant, &t->lock);
+        }
         t->idle--;
         if (r != ETIMEDOUT || t->taken) {
             strikes = 0; /* woken (connections wait: take the turn if vacant), or taken */
@@ -846,7 +862,13 @@ static void accept_turn_take(struct accept_turn *t)
         }
     }
     t->taken = 1;
+    /* The watch passes to another idle loop, which wakes and takes it up. */
+    int pass_watch = watching && t->idle > 0;
+    if (watching)
+        t->watched = 0;
     pthread_mutex_unlock(&t->lock);
+    if (pass_watch)
+        pthread_cond_signal(&t->vacant);
 }
 
 /* Leaves the turn (the acceptor has accepted, or failed to), waking an idle loop of the
