@@ -337,14 +337,22 @@ fn blocking_with_timeout(fd: RawFd, timeout: Duration) -> Option<Duration> {
 /// Monotonic time in nanoseconds (`clock_gettime` itself: `Instant`'s checked arithmetic cost
 /// a request more than the clock, callgrind).
 fn mono_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(ts.tv_nsec as u64)
+    clock_ns(libc::CLOCK_MONOTONIC)
 }
 
+/// Monotonic milliseconds for what is counted in them (the breaker's backoff, the drain
+/// interval): the coarse clock, the time of the last timer tick (one to a few ms behind).
+/// Every lookup the replica answers reads it once; it costs 5 ns here against 19 ns for
+/// `CLOCK_MONOTONIC`, a tenth of such a lookup.
 fn mono_ms() -> u64 {
-    mono_ns() / 1_000_000
+    clock_ns(libc::CLOCK_MONOTONIC_COARSE) / 1_000_000
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    (ts.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(ts.tv_nsec as u64)
 }
 
 /// The lookup deadline, `get_timeout`, in nanoseconds: how long a request waits for its
@@ -536,9 +544,13 @@ impl Channel {
                 let rc = unsafe {
                     libc::send(self.fd, buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
                 };
+                if rc >= 0 {
+                    break (rc, None);
+                }
+                // Only a full socket reads the clock: a send that went through needs no time.
                 let err = std::io::Error::last_os_error().raw_os_error();
                 let left = Duration::from_nanos(deadline_ns.map_or(0, |d| d.saturating_sub(mono_ns())));
-                if rc >= 0 || err != Some(libc::EAGAIN) || left.is_zero() {
+                if err != Some(libc::EAGAIN) || left.is_zero() {
                     break (rc, err);
                 }
                 let mut pfd = libc::pollfd { fd: self.fd, events: libc::POLLOUT, revents: 0 };

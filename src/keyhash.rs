@@ -32,12 +32,28 @@ fn fold(a: u64, b: u64) -> u64 {
 }
 
 /// Up to 8 bytes as a little-endian word (short input zero-padded).
+///
+/// A copy into a zeroed array would do, but for a length not known at compile time (the
+/// key's last bytes) it is a call to `memcpy`: two per hash, a third of its cost. Two
+/// overlapping loads of 4 bytes (or 2, or 1) give the same word without a call.
 #[inline]
 fn word(b: &[u8]) -> u64 {
-    let mut w = [0u8; 8];
-    let n = b.len().min(8);
-    w[..n].copy_from_slice(&b[..n]);
-    u64::from_le_bytes(w)
+    let n = b.len();
+    if n >= 8 {
+        return u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+    }
+    if n >= 4 {
+        let lo = u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        // Bytes n-4..n; the first 8-n of them are already in `lo`.
+        let hi = u64::from(u32::from_le_bytes([b[n - 4], b[n - 3], b[n - 2], b[n - 1]]));
+        return lo | (hi >> (8 * (8 - n)) << 32);
+    }
+    if n >= 2 {
+        let lo = u64::from(u16::from_le_bytes([b[0], b[1]]));
+        let hi = u64::from(u16::from_le_bytes([b[n - 2], b[n - 1]]));
+        return lo | (hi >> (8 * (4 - n)) << 16);
+    }
+    b.first().map_or(0, |&x| u64::from(x))
 }
 
 /// A seeded hash of byte strings; see the module notes. No `Debug`: it would print the seed.
@@ -124,6 +140,20 @@ mod tests {
         k.extend_from_slice(ns);
         k.extend_from_slice(id);
         k
+    }
+
+    #[test]
+    fn a_short_word_is_its_bytes_zero_padded() {
+        let bytes: Vec<u8> = (1..=12).map(|i| 0x10 * i + i).collect();
+        for start in 0..4 {
+            for n in 0..=8 {
+                let b = &bytes[start..start + n];
+                let mut padded = [0u8; 8];
+                padded[..n].copy_from_slice(b);
+                assert_eq!(word(b), u64::from_le_bytes(padded), "{n} bytes from {start}");
+            }
+        }
+        assert_eq!(word(&bytes[..12]), u64::from_le_bytes(bytes[..8].try_into().unwrap()), "longer: its first 8");
     }
 
     #[test]
