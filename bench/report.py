@@ -73,6 +73,7 @@ class Data:
         self.reps_minor = int(meta.get("reps_minor", meta.get("reps", "1")))
         self.stime_reps = int(meta.get("stime_reps", meta.get("reps", "1")))
         self.stime_new_reps = int(meta.get("stime_new_reps", self.stime_reps))
+        self.stime_tls12_reps = int(meta.get("stime_tls12_reps", self.stime_reps))
         self.with_nginx = meta.get("with_nginx") == "1"
         self.channel = {}
         self.channel_error = None
@@ -128,9 +129,11 @@ class Data:
                     d["server_per_client_cpu"] = cpu / ccpu
                 self.runs.setdefault(key, {})[r["rep"]] = d
 
-    def expected_reps(self, sec, n, mode):
+    def expected_reps(self, sec, n, mode, proto=None):
         if sec == "s_time":
-            return self.stime_new_reps if mode == "new" else self.stime_reps
+            if mode == "new":
+                return self.stime_new_reps
+            return self.stime_tls12_reps if proto == "tls12" else self.stime_reps
         return self.reps if (mode == "resume" and n != 1) else self.reps_minor
 
     def ran(self, variant):
@@ -301,7 +304,7 @@ def build_md(D, targets):
         f"{D.reps_minor} at N=1 and for full handshakes{' (--quick)' if m.get('quick') == '1' else ''}; "
         f"loadgen K={m.get('clients')} clients, one {m.get('warmup_ms')} ms warm-up turn per server first; s_time -reuse {m.get('s_time_s')} s, -new {m.get('s_time_new_s')} s "
         f"(one client: {stime_server(m)}), "
-        f"{D.stime_reps} repetitions (-new: {D.stime_new_reps}); "
+        f"{D.stime_reps} repetitions of TLS 1.3 -reuse, {D.stime_tls12_reps} of TLS 1.2 (-new: {D.stime_new_reps}); "
         f"channel bench `{m.get('channel_args')}`; servers with `--no-tickets` / `ssl_session_tickets off`; "
         f"C example: {m.get('loops', '?')} accept loops in all, split evenly over the workers (N=2: "
         f"{max(int(m.get('loops', '0')) // 2, 1)} each, N=4: {max(int(m.get('loops', '0')) // 4, 1)}), on one listening socket inherited by every worker, "
@@ -387,9 +390,9 @@ def build_md(D, targets):
             for n in (2, 4):
                 rows.append([f"-{mode}", PROTO_NAMES[p], n,
                              fmt_stats(D.value("s_time", "on", n, p, mode, "connections_per_s"), 0,
-                                       reps=D.expected_reps("s_time", n, mode)),
+                                       reps=D.expected_reps("s_time", n, mode, p)),
                              fmt_stats(D.value("s_time", "nginx", n, p, mode, "connections_per_s"), 0,
-                                       reps=D.expected_reps("s_time", n, mode)),
+                                       reps=D.expected_reps("s_time", n, mode, p)),
                              fmt_stats(D.ratio("s_time", "on", "nginx", n, p, mode, "connections_per_s"), 3)])
     L.append(md_table(["mode", "protocol", "N", "C example, store on", "nginx", "C / nginx"], rows))
     L.append("")
