@@ -870,7 +870,9 @@ impl Channel {
             return None;
         }
         // The first pass reads no clock: the request was just sent, all of its time is left.
+        // A later one reads it only when the reply is not there yet.
         let mut left_ns = timeout_ns;
+        let mut waited = false;
         loop {
             if let Some(i) = w.slots.iter().position(|s| s.id == rid && s.reply.is_some()) {
                 let reply = w.slots.swap_remove(i).reply;
@@ -878,6 +880,10 @@ impl Channel {
                 self.close_breaker();
                 return reply;
             }
+            if waited {
+                left_ns = deadline.saturating_sub(mono_ns());
+            }
+            waited = true;
             if left_ns == 0 || self.is_dead() {
                 w.slots.retain(|s| s.id != rid);
                 drop(w);
@@ -902,7 +908,6 @@ impl Channel {
                 w = self.cond.wait_timeout(w, wait).map(|r| r.0).unwrap_or_else(|e| e.into_inner().0);
                 w.sleepers -= 1;
             }
-            left_ns = deadline.saturating_sub(mono_ns());
         }
     }
 
