@@ -132,6 +132,9 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 # Always rebuilt against the release library: a binary left by `make PROFILE=debug` (whose
 # rpath points at the debug library) would otherwise be measured.
 make -s -B -C c-examples PROFILE=release TARGET_DIR="$TARGET_DIR" >&2
+# The build just wrote hundreds of megabytes (all of it from a clean checkout): flush them now,
+# not in kernel threads during the first measurements.
+sync
 LOADGEN="$TARGET_DIR/release/examples/loadgen"
 SERVER="$ROOT/c-examples/prefork_server"
 

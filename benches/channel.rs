@@ -7,10 +7,12 @@
 //!   (`cluster_tls_store::bench::get_from_master`: the round trip; the library's atfork
 //!   handlers give each worker its channel), and W client processes send requests of the same
 //!   sizes over raw `SOCK_SEQPACKET` pairs to one echo process with a poll loop without
-//!   timeout (the physical limit of this design). Both groups run through the same stretch of
-//!   time in alternating 10 ms turns, so the ratio of the two is not at the mercy of the
-//!   machine's speed of the moment (A/A, both groups asking the master, 7 reps of 1 s:
-//!   medians 0.97–1.04). With `--pin` both groups also get the same CPU layout: the master's
+//!   timeout (the physical limit of this design). Each such phase starts from a master that
+//!   holds the hot sessions alone (`bench::reset_master_cache`; the store phases' sessions
+//!   would otherwise fill the cache rep by rep, and the GETs slowed with it). Both groups run
+//!   through the same stretch of time in alternating 10 ms turns, so the ratio of the two is
+//!   not at the mercy of the machine's speed of the moment (A/A, both groups asking the
+//!   master, 7 reps of 1 s: medians 0.97–1.04). With `--pin` both groups also get the same CPU layout: the master's
 //!   cache thread and the echo process on the first CPU this process may use, worker /
 //!   client w on the (w mod CPUs)-th.
 //!   Left to the scheduler, each repetition places the two groups' processes anew and apart
@@ -718,6 +720,10 @@ fn main() {
     let mut failures = 0usize;
     for rep in 0..o.reps {
         for &w in &o.workers {
+            // Every round-trip phase asks a master that holds the hot sessions alone: each
+            // store phase leaves tens of thousands behind, and a cache left to fill up to its
+            // budget over the repetitions made the GETs slower rep by rep (see the notes).
+            bench::reset_master_cache();
             let (get, echo, f1) = round_trip_phase(&sh, &o, w);
             let (replica, put, put_rt, f2) = store_phase(&sh, &o, w, rep);
             let hash = hash_phase(&o, w);

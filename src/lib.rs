@@ -185,6 +185,19 @@ pub mod bench {
         }
     }
 
+    /// Empty the master's cache and give back the memory it grew to (its counters kept), so
+    /// that each repetition of a benchmark starts from the same state. False outside the
+    /// master.
+    pub fn reset_master_cache() -> bool {
+        match master::get() {
+            Some(m) => {
+                m.cache().reset();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Hold the cache thread (see `CacheThreadHold`). In the master only.
     pub fn hold_cache_thread() -> CacheThreadHold {
         fork::gate_lock();
