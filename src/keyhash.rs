@@ -34,8 +34,9 @@ fn fold(a: u64, b: u64) -> u64 {
 /// Up to 8 bytes as a little-endian word (short input zero-padded).
 ///
 /// A copy into a zeroed array would do, but for a length not known at compile time (the
-/// key's last bytes) it is a call to `memcpy`: two per hash, a third of its cost. Two
-/// overlapping loads of 4 bytes (or 2, or 1) give the same word without a call.
+/// key's last bytes) it is a call to `memcpy`, two per hash. Two overlapping loads of 4 bytes
+/// (or 2, or 1) give the same word without a call (callgrind: the master's lookup of a
+/// 38-byte key, 199 → 191 instructions).
 #[inline]
 fn word(b: &[u8]) -> u64 {
     let n = b.len();
