@@ -12,9 +12,9 @@
 //!   would otherwise fill the cache rep by rep, and the GETs slowed with it). Both groups run
 //!   through the same stretch of time in alternating 10 ms turns, so the ratio of the two is
 //!   not at the mercy of the machine's speed of the moment (A/A, both groups asking the
-//!   master, 7 reps of 1 s: medians 0.97–1.04). With `--pin` both groups also get the same CPU layout: the master's
-//!   cache thread and the echo process on the first CPU this process may use, worker /
-//!   client w on the (w mod CPUs)-th.
+//!   master, 7 reps of 1 s: medians 0.97–1.04). With `--pin` both groups also get the same
+//!   CPU layout: the master's cache thread and the echo process on the first CPU this process
+//!   may use, worker / client w on the (w mod CPUs)-th.
 //!   Left to the scheduler, each repetition places the two groups' processes anew and apart
 //!   (five processes on two CPUs at W=4), and the per-repetition ratio of the two scattered
 //!   0.50–1.25 at W=4; pinned, 0.77–0.84.

@@ -319,22 +319,15 @@ impl Cache {
         self.slots[slot as usize].as_ref().map(|e| (e.der(), u64::from(e.expiry)))
     }
 
-    /// Drop (and wipe) every entry and give back the memory the table grew to: the cache as
-    /// new, its counters kept. `clear` leaves the index and slot table at the size they grew
-    /// to; this is for a benchmark whose repetitions must each start from the same state.
-    pub fn reset(&mut self) {
+    /// Drop (and wipe) every entry and give back the memory the tables grew to: the cache as
+    /// new, its counters kept. (A replica that must forget everything, or whose master is
+    /// gone, needs none of that memory; a benchmark's repetitions each start from the same
+    /// state.)
+    pub fn clear(&mut self) {
         let counters = self.counters;
         // The old cache is dropped here, which wipes every DER it held.
         *self = Cache::new(self.budget, self.max_session);
         self.counters = counters;
-    }
-
-    /// Drop (and wipe) every entry; counters stay.
-    pub fn clear(&mut self) {
-        while self.tail != NIL {
-            self.remove_slot(self.tail);
-        }
-        self.expiries.clear();
     }
 
     /// Whether a live entry exists for (namespace, id) at `now`; touches neither recency nor
@@ -666,16 +659,17 @@ mod tests {
     }
 
     #[test]
-    fn a_reset_empties_the_cache_keeps_its_counters_and_leaves_it_usable() {
+    fn a_clear_empties_the_cache_gives_back_its_memory_keeps_its_counters_and_leaves_it_usable() {
         let mut c = Cache::new(1 << 20, 4096);
         for n in 0..100 {
             c.put(b"ns", &id(n), &[7u8; 100], NOW + 60, NOW);
         }
         assert!(c.get(b"ns", &id(3), NOW).is_some());
         let before = c.counters();
-        c.reset();
+        c.clear();
         assert_eq!((c.len(), c.bytes()), (0, 0));
-        assert_eq!(c.counters(), before, "counters survive a reset");
+        assert_eq!((c.index.capacity(), c.slots.capacity(), c.expiries.capacity()), (0, 0, 0), "memory given back");
+        assert_eq!(c.counters(), before, "counters survive a clear");
         assert!(c.get(b"ns", &id(3), NOW).is_none());
         assert_eq!(c.put(b"ns", &id(3), b"again", NOW + 60, NOW), PutOutcome::Stored);
         assert_eq!(c.get(b"ns", &id(3), NOW), Some(&b"again"[..]));

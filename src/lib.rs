@@ -191,7 +191,7 @@ pub mod bench {
     pub fn reset_master_cache() -> bool {
         match master::get() {
             Some(m) => {
-                m.cache().reset();
+                m.cache().clear();
                 true
             }
             None => false,
